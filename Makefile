@@ -1,0 +1,60 @@
+# heatmapbench — two commands from a fresh clone:  make demo   and   make test
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 5000
+STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: help setup data demo test test-fast bench ui clean
+
+help:
+	@echo "make demo   set up .venv, get Fashion-MNIST, train the small CNN with AOPC tracking"
+	@echo "make test   set up .venv, get Fashion-MNIST, run the test suite"
+	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT)"
+	@echo "make bench  run the benchmarks in benches/ (installs the peers first)"
+
+setup: $(VENV)/.installed
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml; pip takes them from disk.
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3.x"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,zoo]'
+	touch $@
+
+# Offline source of the default data: Debian's dataset-fashion-mnist (needs root + apt-get).
+# Online users without it get torchvision's download (data.download=true).
+data:
+	@if [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FASHION_MNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	  echo "warning: could not install dataset-fashion-mnist; will try torchvision's download"; \
+	else \
+	  echo "note: no Debian Fashion-MNIST; the demo will download it (data.download=true)"; \
+	fi
+
+demo: setup data
+	$(BIN)/python -m heatmapbench.train experiment=demo $(ARGS)
+
+test: setup data
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup data
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	for f in benches/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+ui: setup
+	@mkdir -p mlruns/artifacts
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --default-artifact-root $(CURDIR)/mlruns/artifacts \
+	  --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

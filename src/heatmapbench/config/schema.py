@@ -1,0 +1,185 @@
+"""Structured-config schemas for the groups heatmapbench owns.
+
+The YAML files of these groups list their schema first in their defaults list, so a
+mistyped key or a value of the wrong type fails while Hydra composes the config. Ranges
+are checked by ``validate`` (``__post_init__`` runs when the node is turned into its
+dataclass), before any data is read or any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from heatmapbench.registry import conf_dir
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {what}")
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    mlruns_dir: str = MISSING
+
+
+@dataclass
+class TorchvisionDataConfig:
+    _target_: str = MISSING
+    data_dir: str = MISSING
+    download: bool = False
+    batch_size: int = 128
+    num_workers: int = 0
+    val_size: int = 5000
+    eval_subset_size: int = 256
+    seed: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _require(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0")
+        _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size,
+                 "must be >= 0")
+
+
+@dataclass
+class ImageFolderDataConfig:
+    _target_: str = "heatmapbench.data.ImageFolderDataModule"
+    path: str = MISSING
+    train_path: Optional[str] = None
+    image_size: int = 224
+    resize: int = 256
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = 32
+    num_workers: int = 0
+    val_size: int = 0
+    eval_subset_size: int = 256
+    seed: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _require(Path(self.path).is_dir(), "data.path", self.path,
+                 "no such folder; point it at images laid out as <path>/<class>/<image>")
+        _require(len(self.mean) == len(self.std), "data.mean", self.mean,
+                 "needs one value per channel, like data.std")
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "pytorch_lightning.Trainer"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 3
+    min_epochs: Optional[int] = None
+    max_steps: int = -1
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    limit_test_batches: Optional[float] = None
+    val_check_interval: Optional[float] = None
+    check_val_every_n_epoch: Optional[int] = 1
+    num_sanity_val_steps: Optional[int] = None
+    log_every_n_steps: Optional[int] = 50
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    enable_checkpointing: bool = False
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    default_root_dir: Optional[str] = None
+    fast_dev_run: Any = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
+                 "must be >= 1 (training runs a fixed number of epochs)")
+        _require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "must be >= 1")
+        _require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+                 self.accumulate_grad_batches, "must be >= 1")
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            value = getattr(self, key)
+            _require(value is None or value >= 0, f"trainer.{key}", value, "must be >= 0")
+
+
+@dataclass
+class MLflowLoggerConfig:
+    _target_: str = "pytorch_lightning.loggers.MLFlowLogger"
+    experiment_name: str = "heatmapbench"
+    run_name: Optional[str] = None
+    tracking_uri: str = MISSING
+    artifact_location: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = False
+    prefix: str = ""
+    save_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment_name), "logger.experiment_name", self.experiment_name,
+                 "must be a non-empty name")
+        scheme = self.tracking_uri.split(":", 1)[0]
+        _require(scheme in ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file"),
+                 "logger.tracking_uri", self.tracking_uri,
+                 "use sqlite:///<path>/mlflow.db (default) or http://host:port of an MLflow server")
+
+
+#: group -> (schema name, dataclass)
+SCHEMAS: dict[str, dict[str, type]] = {
+    "paths": {"paths_schema": PathsConfig},
+    "data": {"torchvision_data_schema": TorchvisionDataConfig,
+             "imagefolder_data_schema": ImageFolderDataConfig},
+    "trainer": {"trainer_schema": TrainerConfig},
+    "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
+}
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (group/name), once per process."""
+    cs = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+
+
+def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger")) -> None:
+    """Check types and ranges of every typed group in ``cfg``; raise ``ConfigError`` on the first problem."""
+    for group in groups:
+        node = cfg.get(group)
+        if node is None or not isinstance(node, DictConfig):
+            continue
+        if OmegaConf.get_type(node) is dict:
+            continue  # a user's own config without a schema: nothing to check here
+        missing = sorted(k for k in node.keys() if OmegaConf.is_missing(node, k))
+        if missing:
+            raise ConfigError(f"{group}.{missing[0]} is required but not set; pass {group}.{missing[0]}=...")
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError:
+            raise
+        except Exception as err:  # omegaconf validation errors carry the key
+            raise ConfigError(f"{group}: {err}") from err
+
+
+def repo_root() -> str:
+    """The repository root (the folder holding ``conf/``)."""
+    return str(conf_dir().parent)
+
+
+if not OmegaConf.has_resolver("hb_root"):
+    OmegaConf.register_new_resolver("hb_root", repo_root)

@@ -1,0 +1,12 @@
+"""LightningDataModules; each exposes ``mean``, ``std``, ``value_range`` and ``eval_subset()``."""
+
+from heatmapbench.data.base import DataNotFoundError, ImageDataModule
+from heatmapbench.data.imagefolder import ImageFolderDataModule
+from heatmapbench.data.torchvision_sets import (
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+)
+
+__all__ = ["CIFAR10DataModule", "DataNotFoundError", "FashionMNISTDataModule",
+           "ImageDataModule", "ImageFolderDataModule", "MNISTDataModule"]

@@ -1,0 +1,69 @@
+"""Images in class folders (ILSVRC2012 val, SUN397, Places365): ``root/<class>/<image>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from heatmapbench.data.base import DataNotFoundError, ImageDataModule
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """An ImageFolder tree for evaluation; every split is the same folder unless ``train_path`` is set.
+
+    Images are resized (shorter side ``resize``), centre-cropped to ``image_size`` and
+    normalised with ``mean``/``std`` (ImageNet's by default), pixel range [0, 1].
+    """
+
+    name = "imagefolder"
+    in_channels = 3
+
+    def __init__(self, path: str, train_path: str | None = None, image_size: int = 224,
+                 resize: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, data_dir: str = "", val_size: int = 0,
+                 **kwargs) -> None:
+        super().__init__(data_dir=data_dir or path, val_size=val_size, **kwargs)
+        self.path = Path(path)
+        self.train_path = Path(train_path) if train_path else None
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.transform = transforms.Compose([
+            transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std)])
+        self._check(self.path)
+        if self.train_path is not None:
+            self._check(self.train_path)
+
+    @staticmethod
+    def _check(path: Path) -> None:
+        if not path.is_dir():
+            raise DataNotFoundError(
+                f"imagefolder: no folder at {path}. Set data.path to a folder laid out as "
+                "<path>/<class_name>/<image>.jpg (e.g. ILSVRC2012 val sorted into class folders).")
+
+    def load_split(self, train: bool) -> Dataset:
+        root = self.train_path if (train and self.train_path is not None) else self.path
+        ds = datasets.ImageFolder(str(root), transform=self.transform)
+        self.num_classes = len(ds.classes)
+        self.classes = tuple(ds.classes)
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate") and self.train_path is None:
+            raise ValueError("imagefolder: training needs data.train_path (a second class-folder tree)")
+        super().setup(stage)
+
+
+def stack_dataset(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise the first ``limit`` items of an image dataset as ``(x, y)`` tensors."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])

@@ -1,0 +1,137 @@
+"""The MLflow run lifecycle, in one place, for every entry point.
+
+``tracked_run`` logs the resolved config (YAML artifact and flattened params), the Hydra
+overrides, the git commit and the package version, and marks the run FAILED when the body
+raises. The sqlite store is made safe for concurrent sweep jobs (WAL, busy timeout, retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+import heatmapbench
+
+T = TypeVar("T")
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    cwd = str(cwd or Path(heatmapbench.__file__).resolve().parent)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping into ``{"a.b.c": value}`` strings (MLflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(cfg, (list, tuple)) and any(isinstance(v, (dict, list)) for v in cfg):
+        for i, value in enumerate(cfg):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = str(cfg)[:6000]
+    return out
+
+
+def retry_locked(fn: Callable[..., T], attempts: int = 12, base_delay: float = 0.2) -> Callable[..., T]:
+    """Retry ``fn`` with jittered exponential backoff while sqlite says the database is locked."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # MLflow wraps sqlite errors in several exception types
+                text = str(err).lower()
+                if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
+                    raise
+                time.sleep(base_delay * (2 ** min(attempt, 5)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create the sqlite store's folder and switch it to WAL with a busy timeout.
+
+    WAL lets readers and one writer work at once; the busy timeout makes a writer wait for
+    the lock instead of failing, which is what concurrent sweep jobs need.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(20):
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=60)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app
+        return []
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers with interpolations resolved (without Hydra's own node)."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+            else cfg[key] for key in cfg if key != "hydra"}
+
+
+def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> None:
+    """Log the resolved config as params and a ``config.yaml`` artifact, plus provenance tags."""
+    client, run_id = logger.experiment, logger.run_id
+    resolved = resolved_config(cfg)
+    params = flatten(resolved)
+    retry_locked(logger.log_hyperparams)(params)
+    overrides = _overrides()
+    tags = {"git_commit": git_commit(), "heatmapbench_version": heatmapbench.__version__,
+            "hydra_overrides": " ".join(overrides) or "(none)", **(extra_tags or {})}
+    for key, value in tags.items():
+        retry_locked(client.set_tag)(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(resolved))
+        (Path(tmp) / "overrides.txt").write_text("\n".join(overrides) + "\n")
+        retry_locked(client.log_artifact)(run_id, str(path))
+        retry_locked(client.log_artifact)(run_id, str(Path(tmp) / "overrides.txt"))
+
+
+@contextlib.contextmanager
+def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Open the logger's MLflow run, log the config, and close it FINISHED or FAILED."""
+    prepare_sqlite_store(str(getattr(logger, "_tracking_uri", "") or ""))
+    retry_locked(lambda: logger.experiment)()  # creates experiment + run
+    log_config(logger, cfg, extra_tags)
+    try:
+        yield logger
+    except BaseException:
+        retry_locked(logger.finalize)("failed")
+        raise
+    retry_locked(logger.finalize)("success")

@@ -1,0 +1,78 @@
+"""``heatmapbench-train``: fit a classifier with Lightning, tracked in MLflow.
+
+    python -m heatmapbench.train data=fashion_mnist model=small_cnn trainer.max_epochs=3
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from heatmapbench.cli import instantiate_callbacks, user_errors_exit
+from heatmapbench.config import validate
+from heatmapbench.registry import conf_dir
+from heatmapbench.tracking import tracked_run
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, build, fit (and test) from a composed ``train`` config; return the final metrics.
+
+    Everything that can be wrong with the config or the data fails before an MLflow run exists.
+    """
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    model: pl.LightningModule = instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+
+    def fit_and_test() -> dict[str, Any]:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if cfg.get("test"):
+            for results in trainer.test(model, datamodule=datamodule, verbose=False):
+                metrics.update({k: float(v) for k, v in results.items()})
+        return metrics
+
+    if logger is None:
+        metrics = fit_and_test()
+        run_id = None
+    else:
+        with tracked_run(logger, cfg):
+            metrics = fit_and_test()
+        run_id = logger.run_id
+    _print_summary(cfg, metrics, logger, run_id)
+    return {"run_id": run_id, **metrics}
+
+
+def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id: str | None) -> None:
+    lines = ["", "== heatmapbench-train summary =="]
+    for key in ("val/acc", "test/acc", "val/loss", "test/loss"):
+        if key in metrics:
+            lines.append(f"{key:>10}: {metrics[key]:.4f}")
+    lines.append(f"outputs   : {cfg.paths.output_dir}")
+    if run_id is not None:
+        uri = logger._tracking_uri
+        lines.append(f"MLflow run: {run_id} (experiment {cfg.logger.experiment_name!r})")
+        lines.append(f"store     : {uri}")
+        lines.append(f"artifacts : {cfg.logger.artifact_location}")
+        lines.append("open the UI: make ui  (then http://127.0.0.1:5000)")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the test (or validation) accuracy for sweepers."""
+    metrics = run_train(cfg)
+    return metrics.get("test/acc", metrics.get("val/acc"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Data modules: offline Fashion-MNIST, normalisation, the seeded evaluation subset, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from heatmapbench.data import (DataNotFoundError, FashionMNISTDataModule, ImageFolderDataModule,
+                               MNISTDataModule)
+from heatmapbench.data.torchvision_sets import DEBIAN_FASHION_MNIST
+
+needs_fmnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
+                                  reason="Debian's dataset-fashion-mnist is not installed (make data)")
+
+
+@needs_fmnist
+def test_fashion_mnist_offline_splits_and_normalisation(data_dir):
+    dm = FashionMNISTDataModule(str(data_dir), val_size=5000, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
+    x, y = dm.test_set.tensors
+    px = dm.denormalize(x)
+    assert px.min() >= 0 and px.max() <= 1 and px.max() > 0.99
+    # the published per-channel statistics of the training images
+    train_px = dm.denormalize(dm.train_set.dataset.tensors[0])
+    assert train_px.mean().item() == pytest.approx(dm.mean[0], abs=2e-3)
+    assert train_px.std().item() == pytest.approx(dm.std[0], abs=2e-3)
+    assert set(y.unique().tolist()) == set(range(10))
+    # the split is disjoint and seeded
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+
+
+@needs_fmnist
+def test_eval_subset_is_fixed_and_seeded(data_dir):
+    a = FashionMNISTDataModule(str(data_dir), eval_subset_size=32, seed=1)
+    b = FashionMNISTDataModule(str(data_dir), eval_subset_size=32, seed=1)
+    c = FashionMNISTDataModule(str(data_dir), eval_subset_size=32, seed=2)
+    xa, ya = a.eval_subset()
+    xb, yb = b.eval_subset()
+    xc, _ = c.eval_subset()
+    assert xa.shape == (32, 1, 28, 28) and ya.shape == (32,)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, xc)
+    assert torch.equal(a.eval_subset()[0], xa)
+
+
+def test_missing_data_names_dataset_paths_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(FashionMNISTDataModule, "offline_sources", (tmp_path / "debian",))
+    dm = FashionMNISTDataModule(str(tmp_path / "data"), download=False)
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    text = str(err.value)
+    assert "fashion_mnist" in text and str(tmp_path / "data") in text and str(tmp_path / "debian") in text
+    assert "data.download=true" in text and "dataset-fashion-mnist" in text
+    with pytest.raises(DataNotFoundError, match="mnist"):
+        MNISTDataModule(str(tmp_path / "data")).prepare_data()
+
+
+def test_bad_batch_size_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="data.batch_size"):
+        FashionMNISTDataModule(str(tmp_path), batch_size=0)
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=24, resize=24, eval_subset_size=4)
+    dm.setup("test")
+    x, y = dm.eval_subset()
+    assert x.shape == (4, 3, 24, 24)
+    assert dm.num_classes == 2 and dm.classes == ("cat", "dog")
+    px = dm.denormalize(x)
+    red = px[y == 0][:, 0].mean() if (y == 0).any() else px[y == 1][:, 2].mean()
+    assert red.item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(DataNotFoundError, match="data.path"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"))

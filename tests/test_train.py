@@ -1,0 +1,96 @@
+"""End-to-end ``train`` runs on real Fashion-MNIST, read back from MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import pytorch_lightning as pl
+import yaml
+from mlflow import MlflowClient
+
+from heatmapbench.train import run_train
+from tests.conftest import REPO, store_uri
+from tests.test_data import needs_fmnist
+
+pytestmark = needs_fmnist
+
+
+def _only_run(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_one_epoch_run_is_tracked(train_cfg):
+    cfg = train_cfg("logger.experiment_name=t-track")
+    result = run_train(cfg)
+    client, run = _only_run(store_uri(cfg), "t-track")
+    assert run.info.run_id == result["run_id"]
+    assert run.info.status == "FINISHED"
+    # flattened, resolved params
+    assert run.data.params["data._target_"] == "heatmapbench.data.FashionMNISTDataModule"
+    assert run.data.params["trainer.max_epochs"] == "1"
+    assert run.data.params["model.optimizer.lr"] == "0.001"
+    # per-epoch metrics
+    for key in ("val/acc", "train/loss", "val/loss", "test/acc"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert len(history) == 1, key
+    acc = client.get_metric_history(run.info.run_id, "val/acc")[0].value
+    assert 0.0 <= acc <= 1.0 and acc == pytest.approx(result["val/acc"])
+    # provenance
+    assert len(run.data.tags["git_commit"]) >= 7
+    assert run.data.tags["heatmapbench_version"]
+    # the config artifact is the resolved config
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
+                                               tracking_uri=store_uri(cfg))
+    saved = yaml.safe_load(Path(path).read_text())
+    assert saved["trainer"]["max_epochs"] == 1
+    assert saved["paths"]["mlruns_dir"] == cfg.paths.mlruns_dir
+
+
+class _Boom(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise RuntimeError("boom")
+
+
+def test_run_that_raises_is_marked_failed(train_cfg):
+    cfg = train_cfg("logger.experiment_name=t-fail",
+                    "+callbacks.boom._target_=tests.test_train._Boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        run_train(cfg)
+    _, run = _only_run(store_uri(cfg), "t-fail")
+    assert run.info.status == "FAILED"
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "heatmapbench.train", f"paths.mlruns_dir={tmp_path}/mlruns",
+            f"hydra.run.dir={tmp_path}/out", "trainer.max_epochs=1", *overrides]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data=nope", "Could not find 'data/nope'"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1 is invalid"),
+    ("data.batch_size=0", "data.batch_size=0 is invalid"),
+    ("data=imagefolder", "data.path is required"),
+    ("data.path=/no/such/folder", "data.path"),
+])
+def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, override, message):
+    overrides = [override] if override != "data.path=/no/such/folder" else ["data=imagefolder", override]
+    proc = _cli(tmp_path, *overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert runs == []
