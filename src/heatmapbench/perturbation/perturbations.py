@@ -1,0 +1,299 @@
+"""Perturbations g(x, r): what a removed region is replaced with (Samek et al., Sec. 3 and appendix).
+
+Each perturbation is a small class registered by a YAML file in ``conf/perturbation/``.
+The engine calls it in two phases, so that a repeat's random draw is made once and a
+perturbed pixel keeps its value across the steps:
+
+``prepare(x, space, generator)``
+    once per repeat, on the clean images ``x`` (B, C, H, W) in model space; returns a
+    per-repeat *state*, for most perturbations the fully perturbed image (B, C, H, W).
+``apply(x, mask, state, out)``
+    for a chunk of (step, image) pairs: ``x`` (..., C, H, W), ``mask`` (..., 1, H, W) true
+    where the pixel has been removed, ``state`` broadcastable to ``x``. Writes into ``out``.
+
+All values live in *model space* (what the model is fed); :class:`PixelSpace` maps the
+paper's [0, 1]-scaled pixel intensities into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PixelSpace",
+    "Perturbation",
+    "Uniform",
+    "Mean",
+    "Constant",
+    "Blur",
+    "Road",
+    "road_impute",
+]
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    """How pixels map into model space: ``model = (px - mean) / std`` per channel.
+
+    ``value_range`` = (lo, hi) is the pixel range (``(0, 1)`` for torchvision data, ``(0, 255)``
+    for EfficientNet-Lite0). ``mean`` and ``std`` are tensors of shape (C,) (identity when the
+    data has no normalisation).
+    """
+
+    mean: Tensor  # (C,)
+    std: Tensor  # (C,)
+    lo: float
+    hi: float
+
+    @classmethod
+    def build(cls, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+              value_range: tuple[float, float], device: torch.device,
+              dtype: torch.dtype) -> "PixelSpace":
+        m = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float64)
+        s = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float64)
+        return cls(m.to(device=device, dtype=dtype), s.to(device=device, dtype=dtype),
+                   float(value_range[0]), float(value_range[1]))
+
+    def _c(self, t: Tensor) -> Tensor:
+        return t.view(-1, 1, 1)  # (C, 1, 1) broadcasts over (..., C, H, W)
+
+    def to_model(self, px: Tensor) -> Tensor:
+        """Pixel space → model space."""
+        return (px - self._c(self.mean)) / self._c(self.std)
+
+    def unit_to_model(self, u: Tensor) -> Tensor:
+        """The paper's [0, 1]-scaled intensity ``u`` → pixel ``lo + u (hi - lo)`` → model space."""
+        return self.to_model(self.lo + u * (self.hi - self.lo))
+
+    def unit_scale(self) -> Tensor:
+        """Model-space size of one unit of [0, 1]-scaled intensity, per channel: (C, 1, 1)."""
+        return (self.hi - self.lo) / self._c(self.std)
+
+
+class Perturbation:
+    """Base class: a fill image drawn once per repeat, pasted where the mask is set.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``conf/perturbation/<name>.yaml``).
+    random : bool
+        Whether :meth:`prepare` draws from the generator (so repeats differ).
+    """
+
+    name = "base"
+    random = False
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        """Return the per-repeat state (here: the fully perturbed image, (B, C, H, W))."""
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, mask: Tensor, state: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x`` where ``mask`` is false, ``state`` where it is true (broadcasting; into ``out``)."""
+        return torch.where(mask, state, x, out=out) if out is not None else torch.where(mask, state, x)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Uniform(Perturbation):
+    """The paper's perturbation: each removed pixel gets an independent U(0, 1) value per channel.
+
+    Drawn in the paper's [0, 1]-scaled pixel intensities (appendix: "RGB value drawn from
+    U[0,1]^3", mean 0.5), mapped to ``value_range`` and then into model space with the data's
+    mean/std. One draw per repeat, shape (B, C, H, W).
+    """
+
+    name = "uniform"
+    random = True
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return space.unit_to_model(u)
+
+
+class Mean(Perturbation):
+    """Per-channel dataset mean.
+
+    ``pixel_mean`` (pixel space, one value per channel) if given; otherwise the data's ``mean``
+    passed to the engine, which is 0 in model space; when neither is known, the per-channel
+    mean of the batch being evaluated (model space).
+    """
+
+    name = "mean"
+
+    def __init__(self, pixel_mean: Sequence[float] | None = None) -> None:
+        self.pixel_mean = None if pixel_mean is None else [float(v) for v in pixel_mean]
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        c = x.shape[1]
+        if self.pixel_mean is not None:
+            if len(self.pixel_mean) not in (1, c):
+                raise ValueError(f"Mean(pixel_mean=...) needs 1 or {c} values, got {len(self.pixel_mean)}")
+            px = torch.as_tensor(self.pixel_mean, device=x.device, dtype=x.dtype).expand(c)
+            fill = space.to_model(px.view(c, 1, 1))
+        elif bool((space.mean != 0).any() or (space.std != 1).any()):
+            fill = torch.zeros(c, 1, 1, device=x.device, dtype=x.dtype)
+        else:
+            fill = x.mean(dim=(0, 2, 3)).view(c, 1, 1)
+        return fill.expand(x.shape)
+
+
+class Constant(Perturbation):
+    """A constant ``value`` in [0, 1]-scaled intensity (0 = the bottom of ``value_range``)."""
+
+    name = "constant"
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = float(value)
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        u = torch.full((x.shape[1], 1, 1), self.value, device=x.device, dtype=x.dtype)
+        return space.unit_to_model(u).expand(x.shape)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float, device=None, dtype=None) -> Tensor:
+    """Normalised 1-D Gaussian of radius ``int(truncate * sigma + 0.5)`` (as scipy.ndimage)."""
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype)
+
+
+class Blur(Perturbation):
+    """Gaussian blur of the clean image, σ = 3 (paper appendix), pasted into removed regions.
+
+    Separable, radius ``int(truncate·σ + 0.5)`` (9 for the defaults), borders replicated
+    (scipy.ndimage's ``mode='nearest'``). The blur is linear with weights summing to one, so
+    blurring in model space equals blurring in pixel space.
+    """
+
+    name = "blur"
+
+    def __init__(self, sigma: float = 3.0, truncate: float = 3.0) -> None:
+        if sigma <= 0:
+            raise ValueError(f"Blur needs sigma > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.truncate = float(truncate)
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        b, c, h, w = x.shape
+        k = gaussian_kernel1d(self.sigma, self.truncate, x.device, x.dtype)
+        r = (k.numel() - 1) // 2
+        y = x.reshape(b * c, 1, h, w)
+        y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        return y.view(b, c, h, w)
+
+
+# Rong et al. (2022), ROAD: the 8 neighbours, 1/6 for sides and 1/12 for diagonals.
+_ROAD_KERNEL = [[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]]
+
+
+def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int | None = None,
+                check_every: int = 8) -> Tensor:
+    """Noise-free linear imputation of ROAD (Rong et al. 2022), batched, on ``x``'s device.
+
+    Every removed pixel i takes the weighted mean of its in-image 8-neighbours:
+    ``D_i v_i − Σ_{n removed} w_in v_n = Σ_{n kept} w_in x_n`` with w = 1/6 (sides), 1/12
+    (diagonals) and ``D_i`` the sum of the weights of i's neighbours inside the image — the
+    system of pytorch-grad-cam's ``NoisyLinearImputer``. The matrix ``D − W_MM`` is symmetric and
+    positive definite whenever a removed region touches a kept pixel, so it is solved by
+    conjugate gradients with the Jacobi preconditioner ``D``, for all images and channels at once.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) images.
+    removed : (N, 1, H, W) or (N, C, H, W) bool, true for the pixels to impute.
+    tol : relative residual ‖r‖/‖b‖ at which every system counts as solved.
+    max_iter : default ``4 (H + W) + 64``.
+    check_every : iterations between convergence checks (each check is one host sync).
+
+    Returns
+    -------
+    (N, C, H, W): ``x`` with the removed pixels imputed.
+    """
+    n, c, h, w = x.shape
+    dt = x.dtype
+    if max_iter is None:
+        max_iter = 4 * (h + w) + 64
+    kern = torch.tensor(_ROAD_KERNEL, device=x.device, dtype=dt).view(1, 1, 3, 3)
+
+    def nb(v: Tensor) -> Tensor:  # Σ_n w_in v_n over in-image neighbours (zero padding)
+        return F.conv2d(v, kern, padding=1)
+
+    m = removed.expand(n, c, h, w).reshape(n * c, 1, h, w).to(dt)  # (NC, 1, H, W)
+    xs = x.reshape(n * c, 1, h, w)
+    d = nb(torch.ones(1, 1, h, w, device=x.device, dtype=dt))  # (1, 1, H, W) neighbour weight sums
+    b = nb(xs * (1 - m)) * m  # right-hand side, zero off the removed pixels
+
+    def A(v: Tensor) -> Tensor:
+        return (d * v - nb(v)) * m
+
+    def dot(a: Tensor, bb: Tensor) -> Tensor:
+        return (a * bb).sum(dim=(1, 2, 3), keepdim=True)  # (NC, 1, 1, 1)
+
+    v = b / d  # one Jacobi step as the start
+    r = b - A(v)
+    z = r / d
+    p = z
+    rz = dot(r, z)
+    bb = dot(b, b).clamp_min(torch.finfo(dt).tiny)
+    tol2 = tol * tol
+    for it in range(max_iter):
+        ap = A(p)
+        pap = dot(p, ap)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(pap))
+        v = v + alpha * p
+        r = r - alpha * ap
+        if (it + 1) % check_every == 0 and bool(((dot(r, r) / bb) <= tol2).all()):
+            break
+        z = r / d
+        rz_new = dot(r, z)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    out = torch.where(m.bool(), v, xs)
+    return out.view(n, c, h, w)
+
+
+class Road(Perturbation):
+    """ROAD noisy linear imputation (Rong et al., ICML 2022).
+
+    Removed pixels are imputed from their 8 neighbours (:func:`road_impute`), then Gaussian
+    noise of σ = ``noise`` in [0, 1]-scaled intensity is added (σ·(hi − lo)/std in model space).
+    The imputation depends on which pixels are removed, so it is solved for every step; the
+    noise is drawn once per repeat (B, C, H, W) and reused, as for the other perturbations.
+    Works for any number of channels (RGB included).
+    """
+
+    name = "road"
+    random = True
+
+    def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None) -> None:
+        self.noise = float(noise)
+        self.tol = float(tol)
+        self.max_iter = max_iter
+
+    def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return eps * (self.noise * space.unit_scale())
+
+    def apply(self, x: Tensor, mask: Tensor, state: Tensor, out: Tensor | None = None) -> Tensor:
+        shape = torch.broadcast_shapes(x.shape, mask.shape, state.shape)
+        c, h, w = shape[-3:]
+        x4 = x.expand(shape).reshape(-1, c, h, w)
+        m4 = mask.expand(*shape[:-3], 1, h, w).reshape(-1, 1, h, w)
+        y = road_impute(x4, m4, tol=self.tol, max_iter=self.max_iter)
+        y = y + state.expand(shape).reshape(-1, c, h, w) * m4
+        y = y.view(shape)
+        if out is None:
+            return y
+        return out.copy_(y)
+
