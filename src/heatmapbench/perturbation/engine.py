@@ -232,7 +232,10 @@ def region_perturbation(
                                            repeats=repeats, generator=g_order)
     bs = b if batch_size is None else batch_size
     n_pairs = (steps + 1) * b  # step-major: pair i is (step i // B, image i % B)
-    ks = torch.arange(steps + 1, device=dev, dtype=torch.int32).view(-1, 1, 1, 1, 1)  # (L+1,1,1,1,1)
+    # Masks are 0/1 weights in a float type: clamp(k + 1 − step, 0, 1) = [step ≤ k].
+    wdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    ks1 = torch.arange(1, steps + 2, device=dev, dtype=wdt).view(-1, 1, 1, 1, 1)  # (L+1,1,1,1,1) k+1
+    pixel_step = pixel_step.to(wdt)
 
     def read(out: Tensor, tgt: Tensor) -> Tensor:  # (n, classes) → (n,)
         if out.ndim != 2:
@@ -254,7 +257,7 @@ def region_perturbation(
         buf = torch.empty((min(bs, n_pairs - b), c, h, w), device=dev, dtype=x.dtype)
         xs = x.unsqueeze(0)  # (1, B, C, H, W)
         for r in range(repeats):
-            state = pert.prepare(x, space, g_pert).unsqueeze(0)  # (1, B, C, H, W)
+            state = pert.prepare(x, space, g_pert).contiguous().unsqueeze(0)  # (1, B, C, H, W)
             ps = pixel_step[r].unsqueeze(1).unsqueeze(0)  # (1, B, 1, H, W)
             flat = scores[r].view(-1)
             for s in range(b, n_pairs, bs):
@@ -263,7 +266,7 @@ def region_perturbation(
                 for k0, k1, b0, b1 in _segments(s, e, b):
                     n = (k1 - k0) * (b1 - b0)
                     out = buf[pos:pos + n].view(k1 - k0, b1 - b0, c, h, w)
-                    mask = ps[:, b0:b1] <= ks[k0:k1]  # (K, Bs, 1, H, W)
+                    mask = (ks1[k0:k1] - ps[:, b0:b1]).clamp_(0, 1).to(x.dtype)  # (K, Bs, 1, H, W)
                     pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
                     pos += n
                 flat[s:e] = read(model(buf[:pos]), tgt_flat[s:e])

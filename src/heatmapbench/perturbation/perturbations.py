@@ -8,8 +8,9 @@ perturbed pixel keeps its value across the steps:
     once per repeat, on the clean images ``x`` (B, C, H, W) in model space; returns a
     per-repeat *state*, for most perturbations the fully perturbed image (B, C, H, W).
 ``apply(x, mask, state, out)``
-    for a chunk of (step, image) pairs: ``x`` (..., C, H, W), ``mask`` (..., 1, H, W) true
-    where the pixel has been removed, ``state`` broadcastable to ``x``. Writes into ``out``.
+    for a chunk of (step, image) pairs: ``x`` (..., C, H, W), ``mask`` (..., 1, H, W) in x's
+    dtype, exactly 1 where the pixel has been removed and 0 elsewhere, ``state`` broadcastable
+    to ``x``. Writes into ``out``.
 
 All values live in *model space* (what the model is fed); :class:`PixelSpace` maps the
 paper's [0, 1]-scaled pixel intensities into it.
@@ -94,8 +95,12 @@ class Perturbation:
         raise NotImplementedError
 
     def apply(self, x: Tensor, mask: Tensor, state: Tensor, out: Tensor | None = None) -> Tensor:
-        """``x`` where ``mask`` is false, ``state`` where it is true (broadcasting; into ``out``)."""
-        return torch.where(mask, state, x, out=out) if out is not None else torch.where(mask, state, x)
+        """``x`` where ``mask`` is 0, ``state`` where it is 1 (broadcasting; into ``out``).
+
+        ``lerp`` with weights exactly 0 or 1 returns ``x`` or ``state`` bit for bit, and is several
+        times faster than ``torch.where`` with a broadcast boolean mask.
+        """
+        return torch.lerp(x, state, mask, out=out) if out is not None else torch.lerp(x, state, mask)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -289,8 +294,8 @@ class Road(Perturbation):
         shape = torch.broadcast_shapes(x.shape, mask.shape, state.shape)
         c, h, w = shape[-3:]
         x4 = x.expand(shape).reshape(-1, c, h, w)
-        m4 = mask.expand(*shape[:-3], 1, h, w).reshape(-1, 1, h, w)
-        y = road_impute(x4, m4, tol=self.tol, max_iter=self.max_iter)
+        m4 = mask.expand(*shape[:-3], 1, h, w).reshape(-1, 1, h, w).to(x.dtype)
+        y = road_impute(x4, m4 > 0.5, tol=self.tol, max_iter=self.max_iter)
         y = y + state.expand(shape).reshape(-1, c, h, w) * m4
         y = y.view(shape)
         if out is None:
