@@ -1,0 +1,181 @@
+"""Layer-wise relevance propagation (Bach et al. 2015; paper Sec. 2) through Zennit rules.
+
+Relevance starts at the pre-softmax target score ``f(x)`` and is propagated layer by layer;
+relevance passes unchanged through nonlinearities, and the pixel score is the sum over colour
+channels. The rules per layer type are tables (:data:`RULE_TABLES`); canonizers fold BatchNorm
+and expose residual adds first (:mod:`.canonizers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from zennit.canonizers import Canonizer
+from zennit.composites import LayerMapComposite
+from zennit.core import Hook
+from zennit.layer import Sum
+from zennit.rules import AlphaBeta, Epsilon, Flat, Norm, Pass, ZPlus
+from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear, MaxPool
+
+from .base import Explainer, backprop
+from .canonizers import default_canonizers
+
+try:
+    from efficientnet_lite_pytorch.utils import Identity as _EfficientNetIdentity
+except ImportError:  # pragma: no cover
+    _EfficientNetIdentity = nn.Identity
+
+LayerMap = list[tuple[tuple[type, ...] | type, Hook]]
+
+#: Leaf modules that need no rule: they move or select values without mixing them, so the
+#: plain gradient redistributes relevance correctly (max pooling: winner takes all).
+PASS_THROUGH = (
+    nn.Identity,
+    _EfficientNetIdentity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.padding._ConstantPadNd,
+    MaxPool,
+)
+
+
+def _base_map(stabilizer: float) -> LayerMap:
+    """Rules shared by every table: relevance passes through nonlinearities (paper Sec. 2) and
+    (folded, identity) BatchNorm; sums and average pools redistribute in proportion to inputs."""
+    return [
+        (Activation, Pass()),
+        (BatchNorm, Pass()),
+        (Sum, Norm(stabilizer=stabilizer)),
+        (AvgPool, Norm(stabilizer=stabilizer)),
+    ]
+
+
+def _epsilon(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+    # R_i = sum_j z_ij / (z_j + eps * sign(z_j)) R_j  (paper, eps-rule)
+    return [(Linear, Epsilon(epsilon=p["epsilon"]))], []
+
+
+def _alpha_beta(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+    # R_i = sum_j (alpha z+_ij / z+_j - beta z-_ij / z-_j) R_j, alpha - beta = 1 (paper: alpha=2, beta=1)
+    return [(Linear, AlphaBeta(alpha=p["alpha"], beta=p["beta"], stabilizer=p["stabilizer"]))], []
+
+
+def _epsilon_plus_flat(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+    # Kohlbrenner et al. 2020: flat rule for the first layer, z+ for convolutions, eps for dense layers
+    return (
+        [(Convolution, ZPlus(stabilizer=p["stabilizer"])), (nn.Linear, Epsilon(epsilon=p["epsilon"]))],
+        [(Linear, Flat(stabilizer=p["stabilizer"]))],
+    )
+
+
+#: composite name -> function(params) -> (layer map, first-layer map)
+RULE_TABLES: dict[str, Callable[[dict[str, Any]], tuple[LayerMap, LayerMap]]] = {
+    "epsilon": _epsilon,
+    "alpha_beta": _alpha_beta,
+    "epsilon_plus_flat": _epsilon_plus_flat,
+}
+
+
+class RuleComposite(LayerMapComposite):
+    """Zennit layer-map composite that finds the first linear layer in registration order (also
+    when it is not a leaf module) and refuses models with a leaf layer that has no rule."""
+
+    def __init__(self, layer_map: LayerMap, first_map: LayerMap, canonizers: Sequence[Canonizer]):
+        super().__init__(layer_map=layer_map, canonizers=list(canonizers))
+        self.first_map = first_map
+        self.module_map = self._map
+
+    def _lookup(self, ctx: dict, module: nn.Module) -> Hook | None:
+        if isinstance(module, Linear) and not ctx.get("first_seen"):
+            ctx["first_seen"] = True
+            hook = next((h for types, h in self.first_map if isinstance(module, types)), None)
+            if hook is not None:
+                return hook
+        return next((h for types, h in self.layer_map if isinstance(module, types)), None)
+
+    def _map(self, ctx: dict, name: str, module: nn.Module) -> Hook | None:
+        hook = self._lookup(ctx, module)
+        if hook is None and not any(True for _ in module.children()) and not isinstance(module, PASS_THROUGH):
+            ctx.setdefault("missing", []).append((name, module))
+        return hook
+
+    def register(self, module: nn.Module) -> None:
+        self.remove()
+        for canonizer in self.canonizers:
+            self.handles += canonizer.apply(module)
+        ctx: dict = {}
+        for name, child in module.named_modules():
+            template = self.module_map(ctx, name, child)
+            if template is not None:
+                hook = template.copy()
+                self.hook_refs.add(hook)
+                self.handles.append(hook.register(child))
+        if ctx.get("missing"):
+            self.remove()  # undo canonizers and hooks before reporting
+            layers = ", ".join(f"{name!r} ({type(m).__name__})" for name, m in ctx["missing"])
+            raise ValueError(
+                f"LRP has no rule for layer {layers}. Add a (type, rule) pair to the rule table, "
+                "or replace the layer by a supported one (Linear, Conv, pooling, activations, BatchNorm)."
+            )
+
+
+class LRP(Explainer):
+    """Layer-wise relevance propagation with a named rule table.
+
+    Parameters
+    ----------
+    composite
+        ``"epsilon"`` (paper: eps = 0.01 and eps = 100), ``"alpha_beta"`` (paper: alpha=2, beta=1),
+        or ``"epsilon_plus_flat"`` (a modern composite); see :data:`RULE_TABLES`.
+    epsilon
+        The eps of the eps-rule, ``z_j + eps * sign(z_j)`` in the denominator.
+    alpha, beta
+        Weights of the positive and negative contributions in the alpha-beta rule.
+    stabilizer
+        Small constant keeping the denominators of the other rules away from 0.
+    canonize
+        Apply :func:`.canonizers.default_canonizers` (BatchNorm folding, residual ``Sum``
+        modules). Turning it off gives wrong relevance on BatchNorm / residual networks.
+    pooling
+        Channel pooling; the paper sums relevance over colour channels.
+    """
+
+    name = "lrp"
+    multiplies_by_input = True
+
+    def __init__(
+        self,
+        composite: str = "epsilon",
+        epsilon: float = 1e-6,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        stabilizer: float = 1e-6,
+        canonize: bool = True,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__(pooling=pooling)
+        if composite not in RULE_TABLES:
+            raise ValueError(f"Unknown LRP composite {composite!r}; choose one of {', '.join(RULE_TABLES)}.")
+        if alpha - beta != 1:
+            raise ValueError(f"The alpha-beta rule needs alpha - beta = 1 to conserve relevance, got {alpha}, {beta}.")
+        self.composite = composite
+        self.epsilon = float(epsilon)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.stabilizer = float(stabilizer)
+        self.canonize = canonize
+
+    def make_composite(self) -> RuleComposite:
+        """A fresh Zennit composite for one call (composites hold per-model state)."""
+        params = {"epsilon": self.epsilon, "alpha": self.alpha, "beta": self.beta, "stabilizer": self.stabilizer}
+        layer_map, first_map = RULE_TABLES[self.composite](params)
+        canonizers = default_canonizers() if self.canonize else []
+        return RuleComposite(layer_map + _base_map(self.stabilizer), first_map, canonizers)
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with self.make_composite().context(model):
+            return backprop(model, x, target, seed_with_score=True)  # (B, C, H, W) relevance

