@@ -2,6 +2,7 @@
 
 from heatmapbench.data.base import DataNotFoundError, ImageDataModule
 from heatmapbench.data.imagefolder import ImageFolderDataModule
+from heatmapbench.data.samples import ImageNetSamplesDataModule
 from heatmapbench.data.torchvision_sets import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -9,4 +10,4 @@ from heatmapbench.data.torchvision_sets import (
 )
 
 __all__ = ["CIFAR10DataModule", "DataNotFoundError", "FashionMNISTDataModule",
-           "ImageDataModule", "ImageFolderDataModule", "MNISTDataModule"]
+           "ImageDataModule", "ImageFolderDataModule", "ImageNetSamplesDataModule", "MNISTDataModule"]

@@ -2,5 +2,7 @@
 
 from heatmapbench.models.classifier import ClassifierModule
 from heatmapbench.models.nets import SmallCNN, VGGSmall
+from heatmapbench.models.zoo import Preprocessing, WeightsNotFoundError, preprocessing_of
 
-__all__ = ["ClassifierModule", "SmallCNN", "VGGSmall"]
+__all__ = ["ClassifierModule", "Preprocessing", "SmallCNN", "VGGSmall", "WeightsNotFoundError",
+           "preprocessing_of"]

