@@ -220,21 +220,23 @@ def _lrp_epsilon_dense_reference(x, weight, bias, target, eps):
     return (contributions / stab[:, None] * z[:, None]).view_as(x)  # (B, C, H, W)
 
 
+@pytest.mark.parametrize("engine", ["fast", "zennit"])
 @pytest.mark.parametrize("eps", [1e-9, 0.01, 100.0])
-def test_lrp_epsilon_equals_matrix_reference_on_linear(eps):
+def test_lrp_epsilon_equals_matrix_reference_on_linear(eps, engine):
     torch.manual_seed(0)
     layer = nn.Linear(3 * 5 * 4, 7).double()
     model = nn.Sequential(nn.Flatten(), layer)
     x = torch.randn(4, 3, 5, 4, dtype=torch.float64)
     target = torch.tensor([0, 3, 6, 2])
     reference = _lrp_epsilon_dense_reference(x, layer.weight.data, layer.bias.data, target, eps).sum(1)
-    got = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    got = LRP(composite="epsilon", epsilon=eps, engine=engine)(model, x, target)
     torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("eps", [1e-9, 0.01, 100.0])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_lrp_epsilon_equals_matrix_reference_on_conv(eps, groups):
+@pytest.mark.parametrize("groups", [1, 3])  # 3 = depthwise, as in EfficientNet
+@pytest.mark.parametrize("engine", ["fast", "zennit"])
+def test_lrp_epsilon_equals_matrix_reference_on_conv(eps, groups, engine):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=groups).double()
     model = nn.Sequential(conv, nn.Flatten())
@@ -248,7 +250,7 @@ def test_lrp_epsilon_equals_matrix_reference_on_conv(eps, groups):
         matrix = F.conv2d(basis, conv.weight, None, conv.stride, conv.padding, groups=groups).flatten(1).T
         bias = conv.bias[:, None, None].expand(out_shape[1:]).flatten()
     reference = _lrp_epsilon_dense_reference(x, matrix, bias, target, eps).sum(1)
-    got = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    got = LRP(composite="epsilon", epsilon=eps, engine=engine)(model, x, target)
     torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-7)
 
 
@@ -274,8 +276,9 @@ class PlainCNN(nn.Module):
         return self.fc2(self.relu3(self.fc1(x)))
 
 
+@pytest.mark.parametrize("engine", ["fast", "zennit"])
 @pytest.mark.parametrize("eps", [0.01, 100.0])
-def test_lrp_epsilon_equals_captum_lrp(eps):
+def test_lrp_epsilon_equals_captum_lrp(eps, engine):
     from captum.attr import LRP as CaptumLRP
     from captum.attr._utils.lrp_rules import EpsilonRule
 
@@ -283,7 +286,7 @@ def test_lrp_epsilon_equals_captum_lrp(eps):
     model = PlainCNN().double().eval()
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     target = torch.tensor([0, 1, 2, 3])
-    ours = LRP(composite="epsilon", epsilon=eps)(model, x, target)
+    ours = LRP(composite="epsilon", epsilon=eps, engine=engine)(model, x, target)
     theirs_model = copy.deepcopy(model)
     for module in theirs_model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -320,15 +323,30 @@ def _bias_free_efficientnet() -> nn.Module:
     ],
     ids=["small_cnn", "vgg_small", "resnet18", "efficientnet_lite0"],
 )
-def test_lrp_epsilon_conserves_relevance_on_bias_free_networks(make, shape):
+@pytest.mark.parametrize("engine", ["fast", "zennit"])
+def test_lrp_epsilon_conserves_relevance_on_bias_free_networks(make, shape, engine):
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randn(3, *shape)
     with torch.no_grad():
         logits = model(x)
     target = logits.argmax(1)
-    heatmap = LRP(composite="epsilon", epsilon=1e-9)(model, x, target)
+    heatmap = LRP(composite="epsilon", epsilon=1e-9, engine=engine)(model, x, target)
     torch.testing.assert_close(heatmap.sum(dim=(1, 2)), logits[torch.arange(3), target], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_epsilon_engine_equals_zennit(arch):
+    """Our one-pass epsilon-LRP (fast_epsilon.py) against Zennit's epsilon rule, per architecture."""
+    model, shape = arch_model(arch)
+    model.eval()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))
+    target = torch.tensor([3, 8])
+    for eps in (0.01, 1.0):
+        fast = LRP(composite="epsilon", epsilon=eps, engine="fast")(model, x, target)
+        reference = LRP(composite="epsilon", epsilon=eps, engine="zennit")(model, x, target)
+        scale = reference.abs().amax(dim=(1, 2), keepdim=True)
+        torch.testing.assert_close(fast / scale, reference / scale, rtol=1e-5, atol=1e-6)
 
 
 def test_without_residual_canonizer_relevance_is_not_conserved():
