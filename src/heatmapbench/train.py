@@ -12,8 +12,10 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import validate
+from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.registry import conf_dir
 from heatmapbench.tracking import tracked_run
 
@@ -48,6 +50,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             metrics = fit_and_test()
         run_id = logger.run_id
     _print_summary(cfg, metrics, logger, run_id)
+    for callback in callbacks:
+        if isinstance(callback, AOPCCallback) and callback.history:
+            _print_aopc(callback)
     return {"run_id": run_id, **metrics}
 
 
@@ -64,6 +69,17 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id
         lines.append(f"artifacts : {cfg.logger.artifact_location}")
         lines.append("open the UI: make ui  (then http://127.0.0.1:5000)")
     print("\n".join(lines), flush=True)
+
+
+def _print_aopc(callback: AOPCCallback) -> None:
+    history = callback.history_frame()
+    columns = ["epoch", "accuracy"] + [c for c in history.columns if c.startswith("aopc/")] + ["seconds"]
+    table = history[columns].rename(columns=lambda c: c.replace("aopc/", ""))
+    print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time ==")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    corr = correlations(history)
+    print("\n== correlation of accuracy and AOPC across epochs ==")
+    print(corr.to_string(index=False, float_format=lambda v: f"{v:+.3f}"), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from heatmapbench.evaluation.core import EvaluationSettings
 from heatmapbench.registry import conf_dir
 
 
@@ -146,6 +147,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
              "imagefolder_data_schema": ImageFolderDataConfig},
     "trainer": {"trainer_schema": TrainerConfig},
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
+    "evaluation": {"evaluation_schema": EvaluationSettings},
 }
 
 
@@ -157,7 +159,7 @@ def register_configs() -> None:
             cs.store(group=group, name=name, node=node)
 
 
-def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger")) -> None:
+def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger", "evaluation")) -> None:
     """Check types and ranges of every typed group in ``cfg``; raise ``ConfigError`` on the first problem."""
     for group in groups:
         node = cfg.get(group)

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from heatmapbench.callbacks.aopc import AOPCCallback
+
+__all__ = ["AOPCCallback"]

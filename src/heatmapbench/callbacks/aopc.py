@@ -1,0 +1,204 @@
+"""``AOPCCallback``: heatmap quality (AOPC) tracked against accuracy while a network trains.
+
+Paper Fig. 7: on CIFAR-10, AOPC rises with test accuracy during training, so heatmap
+quality can assess a network without labels. The callback measures AOPC once before
+training (epoch 0) and every ``every_n_epochs`` validation epochs on the data module's
+fixed evaluation subset, with the predicted classes as targets, and logs everything to the
+trainer's MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from heatmapbench.evaluation import (
+    EvaluationSettings,
+    build_explainers,
+    build_perturbation,
+    evaluate_batch,
+)
+from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
+
+
+class AOPCCallback(pl.Callback):
+    """Per-epoch region-perturbation evaluation of several explainers.
+
+    Parameters
+    ----------
+    settings
+        :class:`EvaluationSettings` or a mapping of its fields: the explainers (default:
+        random, sensitivity, deconvnet, two LRPs), region size, steps, orders, …
+    perturbation
+        A perturbation name, config node or instance (default: the paper's uniform noise).
+    every_n_epochs
+        Evaluate after every n-th validation epoch (epoch 0, before training, always).
+    subset_size
+        Images of the data module's ``eval_subset()``; ``None`` takes ``data.eval_subset_size``.
+    log_abpc, log_complexity
+        Also log ``abpc/<explainer>`` (runs LeRF too) and ``complexity_png/<explainer>``.
+    artifacts
+        Write the curves CSV, the Fig. 4 plot and the heatmap gallery per evaluation epoch.
+    gallery_size
+        Images in the gallery.
+    """
+
+    def __init__(self, settings: EvaluationSettings | Mapping[str, Any] | None = None,
+                 perturbation: Any = "uniform", every_n_epochs: int = 1, subset_size: int | None = None,
+                 log_abpc: bool = False, log_complexity: bool = True, artifacts: bool = True,
+                 gallery_size: int = 6) -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if isinstance(settings, Mapping):
+            settings = EvaluationSettings(**dict(settings))
+        self.settings = settings or EvaluationSettings()
+        if log_abpc and "lerf" not in self.settings.orders:
+            self.settings.orders = tuple(self.settings.orders) + ("lerf",)
+        self.settings.complexity = log_complexity
+        self.explainers = build_explainers(self.settings.explainers)  # before training starts
+        self.perturbation = build_perturbation(perturbation)
+        self.every_n_epochs = every_n_epochs
+        self.subset_size = subset_size
+        self.log_abpc = log_abpc
+        self.log_complexity = log_complexity
+        self.artifacts = artifacts
+        self.gallery_size = gallery_size
+        self.history: list[dict[str, float]] = []
+        self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch_start = 0.0
+
+    # -- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _net(pl_module: pl.LightningModule) -> nn.Module:
+        net = getattr(pl_module, "net", None)
+        return net if isinstance(net, nn.Module) else pl_module
+
+    @staticmethod
+    def _mlflow(trainer: pl.Trainer):
+        for logger in trainer.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
+                return logger
+        return None
+
+    def _accuracy(self, net: nn.Module, loader) -> float:
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in loader:
+                x, y = x.to(self._device), y.to(self._device)
+                correct += int((net(x).argmax(1) == y).sum())
+                total += len(y)
+        return correct / max(total, 1)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "eval_subset"):
+            raise ValueError("AOPCCallback needs a heatmapbench data module (with eval_subset(), mean, std)")
+        self._device = pl_module.device
+        x, y = dm.eval_subset(self.subset_size)
+        self._subset = (x.to(self._device), y.to(self._device))
+        self._norm = dm.normalization
+        self._classes = tuple(getattr(dm, "classes", ()))
+        if trainer.is_global_zero:
+            net = self._net(pl_module)
+            was_training = net.training
+            net.eval()
+            try:
+                with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+                    acc = self._accuracy(net, dm.val_dataloader())
+            finally:
+                net.train(was_training)
+            self._evaluate(trainer, pl_module, epoch=0, accuracy=acc)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_seconds = time.perf_counter() - self._epoch_start
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch + 1  # epochs of training behind these weights
+        if epoch % self.every_n_epochs:
+            return
+        acc = trainer.callback_metrics.get("val/acc")
+        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=None if acc is None else float(acc))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        history = self.history_frame()
+        corr = correlations(history)
+        logger = self._mlflow(trainer)
+        if logger is None:
+            return
+        metrics = {}
+        for _, row in corr.iterrows():
+            for kind in ("pearson", "spearman"):
+                if not math.isnan(row[kind]):
+                    metrics[f"corr_{kind}/{row.explainer}"] = row[kind]
+        if metrics:
+            logger.log_metrics(metrics, step=int(history.epoch.max()))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            history.to_csv(folder / "aopc_history.csv", index=False)
+            corr.to_csv(folder / "aopc_accuracy_correlation.csv", index=False)
+            plot_accuracy_vs_aopc(history, folder / "accuracy_vs_aopc.png")
+            for file in folder.iterdir():
+                logger.experiment.log_artifact(logger.run_id, str(file), artifact_path="aopc")
+
+    # -- the evaluation ------------------------------------------------------------------
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
+                  accuracy: float | None) -> None:
+        assert self._subset is not None
+        start = time.perf_counter()
+        x, y = self._subset
+        net = self._net(pl_module)
+        # the callback must not disturb training: its random draws use a forked RNG state
+        with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+            evaluation = evaluate_batch(net, x, self.explainers, self.settings, self.perturbation,
+                                        label=y, gallery_size=self.gallery_size if self.artifacts else 0,
+                                        **self._norm)
+        seconds = time.perf_counter() - start
+        subset_acc = float((evaluation.target == y.cpu()).double().mean())
+        row: dict[str, float] = {"epoch": epoch, "accuracy": accuracy if accuracy is not None else float("nan"),
+                                 "subset_accuracy": subset_acc, "seconds": seconds,
+                                 "epoch_seconds": getattr(self, "_epoch_seconds", float("nan")) if epoch else 0.0}
+        metrics = {"aopc/seconds": seconds, "aopc/subset_accuracy": subset_acc,
+                   "aopc/random_baseline": float(evaluation.random_aopc().mean())}
+        for name in evaluation.explainers:
+            aopc = float(evaluation.aopc(name).mean())
+            row[f"aopc/{name}"] = aopc
+            metrics[f"aopc/{name}"] = aopc
+            metrics[f"aopc_rel/{name}"] = float(evaluation.aopc_relative(name).mean())
+            if self.log_abpc:
+                metrics[f"abpc/{name}"] = float(evaluation.abpc(name).mean())
+            if self.log_complexity and name in evaluation.complexity:
+                metrics[f"complexity_png/{name}"] = float(evaluation.complexity[name]["png"].double().mean())
+        if accuracy is not None:
+            metrics["aopc/accuracy"] = accuracy
+        self.history.append(row)
+        logger = self._mlflow(trainer)
+        if logger is None:
+            return
+        logger.log_metrics(metrics, step=epoch)
+        if self.artifacts:
+            with tempfile.TemporaryDirectory() as tmp:
+                files = write_evaluation(evaluation, Path(tmp), self._classes,
+                                         title=f"epoch {epoch}, {evaluation.num_images} images", n_boot=500)
+                for path in files.values():
+                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"aopc/epoch_{epoch:03d}")
+
+    def history_frame(self) -> pd.DataFrame:
+        """One row per evaluation: epoch, accuracy, seconds and ``aopc/<explainer>``."""
+        return pd.DataFrame(self.history)

@@ -1,0 +1,13 @@
+"""Scoring several explainers on the same images, and the tables and figures of the result."""
+
+from heatmapbench.evaluation.core import (
+    Evaluation,
+    EvaluationSettings,
+    build_explainers,
+    build_perturbation,
+    evaluate_batch,
+    predicted_class,
+)
+
+__all__ = ["Evaluation", "EvaluationSettings", "build_explainers", "build_perturbation",
+           "evaluate_batch", "predicted_class"]

@@ -1,0 +1,322 @@
+"""Heatmaps plus region-perturbation curves for several explainers on the same images.
+
+Shared by the training callback (``AOPCCallback``) and ``heatmapbench-evaluate``: both
+compute one :class:`Evaluation` per batch of images, concatenate the batches and hand the
+result to :mod:`heatmapbench.evaluation.artifacts`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from heatmapbench.explain import Explainer, get_explainer
+from heatmapbench.perturbation import (
+    REGION_MODES,
+    Perturbation,
+    heatmap_entropy,
+    heatmap_jpeg_size,
+    heatmap_png_size,
+    mean_ci,
+    paired_bootstrap_test,
+    region_perturbation,
+)
+from heatmapbench.registry import available, build
+
+
+DEFAULT_EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+
+
+@dataclass
+class EvaluationSettings:
+    """What is scored and how (paper Sec. 3 defaults: 9×9 grid regions, L = 100, uniform noise).
+
+    Also the typed schema of the ``evaluation`` config group: a wrong key, type or value fails
+    before any work starts.
+
+    Parameters
+    ----------
+    explainers
+        Names of ``conf/explainer/*.yaml`` to compare.
+    region_size, steps, regions, score
+        Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
+    orders
+        Orders run for every explainer: ``morf`` (always), ``lerf`` (adds ABPC).
+    repeats
+        Repeats of each explainer's curve (new perturbation draws).
+    random_repeats
+        Repeats of the random-ordering baseline (paper: 10).
+    seed
+        Seed of every draw.
+    batch_size
+        Inputs per forward pass inside the engine.
+    complexity
+        Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
+    """
+
+    explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
+    region_size: int = 9
+    steps: int = 100
+    orders: list[str] = field(default_factory=lambda: ["morf"])
+    regions: str = "grid"
+    score: str = "logit"
+    repeats: int = 1
+    random_repeats: int = 10
+    seed: int = 0
+    batch_size: Optional[int] = 512
+    complexity: bool = True
+
+    def __post_init__(self) -> None:
+        self.orders = list(self.orders)
+        self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
+        bad = [o for o in self.orders if o not in ("morf", "lerf")]
+        if bad or "morf" not in self.orders:
+            raise ValueError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
+        for key in ("region_size", "steps", "repeats", "random_repeats"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"evaluation.batch_size={self.batch_size} is invalid: must be >= 1 or null")
+        if self.regions not in REGION_MODES:
+            raise ValueError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
+        if self.score not in ("logit", "probability"):
+            raise ValueError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
+        if not self.explainers:
+            raise ValueError("evaluation.explainers is empty: name at least one explainer")
+        known = available("explainer")
+        unknown = [n for n in self.explainers if n not in known]
+        if unknown:
+            raise ValueError(f"evaluation.explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``region_perturbation`` that these settings fix."""
+        return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
+                "score": self.score, "batch_size": self.batch_size}
+
+
+def build_explainers(names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> dict[str, Explainer]:
+    """Explainers by config name; unknown names fail at once, listing the known ones."""
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise ValueError("no explainers configured: set evaluation.explainers=[...] or explainer=<name>")
+    known = available("explainer")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown explainer(s) {unknown}; known: {', '.join(known)}")
+    overrides = overrides or {}
+    return {name: get_explainer(name, **dict(overrides.get(name, {}))) for name in names}
+
+
+def build_perturbation(perturbation: str | Perturbation | Mapping) -> Perturbation:
+    """A perturbation from its name, its config node (``_target_``) or an instance."""
+    if isinstance(perturbation, Perturbation):
+        return perturbation
+    if isinstance(perturbation, str):
+        return build("perturbation", perturbation)
+    from hydra.utils import instantiate
+
+    return instantiate(perturbation)
+
+
+@dataclass
+class Evaluation:
+    """Per-image results of several explainers on the same images.
+
+    Attributes
+    ----------
+    steps
+        L.
+    curves
+        ``curves[explainer][order]``: (N, L+1) f(x⁽⁰⁾) − f(x⁽ᵏ⁾), averaged over repeats.
+    random_curves
+        (N, L+1) the random-ordering baseline, averaged over ``random_repeats``.
+    complexity
+        ``complexity[explainer]``: {"png": (N,), "jpeg": (N,), "entropy": (N,)}.
+    target, label
+        (N,) the scored (predicted) class and, when known, the true label.
+    gallery_x, gallery_heatmaps
+        The first images in pixel space and their heatmaps, for the gallery figure.
+    """
+
+    steps: int
+    curves: dict[str, dict[str, Tensor]]
+    random_curves: Tensor
+    complexity: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    target: Tensor | None = None
+    label: Tensor | None = None
+    gallery_x: Tensor | None = None
+    gallery_heatmaps: dict[str, Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def explainers(self) -> list[str]:
+        return list(self.curves)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.random_curves.shape[0])
+
+    # -- per image ---------------------------------------------------------------------
+    @staticmethod
+    def _aopc(curves: Tensor) -> Tensor:
+        """(N,) AOPC = 1/(L+1) Σ_{k=0..L} curve_k (paper eq. 11, per image)."""
+        return curves.mean(dim=-1)
+
+    def aopc(self, name: str, order: str = "morf") -> Tensor:
+        return self._aopc(self.curves[name][order])
+
+    def random_aopc(self) -> Tensor:
+        return self._aopc(self.random_curves)
+
+    def aopc_relative(self, name: str) -> Tensor:
+        """(N,) MoRF AOPC minus the random ordering's AOPC on the same image (paper Fig. 4)."""
+        return self.aopc(name) - self.random_aopc()
+
+    def abpc(self, name: str) -> Tensor | None:
+        """(N,) ABPC = AOPC_MoRF − AOPC_LeRF (paper appendix eq. 13), when LeRF was run."""
+        if "lerf" not in self.curves[name]:
+            return None
+        return self.aopc(name, "morf") - self.aopc(name, "lerf")
+
+    # -- combining batches -------------------------------------------------------------
+    @classmethod
+    def concat(cls, parts: Sequence["Evaluation"], gallery_size: int = 8) -> "Evaluation":
+        """Join the evaluations of consecutive batches of images."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        cat = lambda ts: torch.cat(list(ts)) if all(t is not None for t in ts) else None  # noqa: E731
+        gx = cat([p.gallery_x for p in parts if p.gallery_x is not None])
+        return cls(
+            steps=first.steps,
+            curves={n: {o: torch.cat([p.curves[n][o] for p in parts]) for o in first.curves[n]}
+                    for n in first.curves},
+            random_curves=torch.cat([p.random_curves for p in parts]),
+            complexity={n: {k: torch.cat([p.complexity[n][k] for p in parts]) for k in first.complexity[n]}
+                        for n in first.complexity},
+            target=cat([p.target for p in parts]),
+            label=cat([p.label for p in parts]),
+            gallery_x=None if gx is None else gx[:gallery_size],
+            gallery_heatmaps={n: torch.cat([p.gallery_heatmaps[n] for p in parts])[:gallery_size]
+                              for n in first.gallery_heatmaps},
+            seconds=sum(p.seconds for p in parts),
+        )
+
+    # -- tables ------------------------------------------------------------------------
+    def summary(self, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """One row per explainer: means with 95% bootstrap CIs (Tomsett et al.) and Table I sizes."""
+        rows = []
+        for name in self.explainers:
+            row: dict[str, Any] = {"explainer": name, "images": self.num_images}
+            metrics = {"aopc": self.aopc(name), "aopc_rel": self.aopc_relative(name)}
+            if "lerf" in self.curves[name]:
+                metrics["aopc_lerf"] = self.aopc(name, "lerf")
+                metrics["abpc"] = self.abpc(name)
+            for key, values in metrics.items():
+                m, lo, hi = mean_ci(values, n_boot=n_boot, seed=seed)
+                row.update({key: m, f"{key}_lo": lo, f"{key}_hi": hi})
+            for key, values in self.complexity.get(name, {}).items():
+                row[key] = float(values.double().mean())
+            rows.append(row)
+        m, lo, hi = mean_ci(self.random_aopc(), n_boot=n_boot, seed=seed)
+        table = pd.DataFrame(rows)
+        table.attrs["aopc_random"] = (m, lo, hi)
+        return table
+
+    def pairwise(self, metric: str = "aopc_rel", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """Paired bootstrap tests of "A beats B" for every ordered pair of explainers."""
+        values = {n: self.aopc_relative(n) if metric == "aopc_rel" else self.abpc(n) for n in self.explainers}
+        rows = []
+        for a in self.explainers:
+            for b in self.explainers:
+                if a == b or values[a] is None or values[b] is None:
+                    continue
+                test = paired_bootstrap_test(values[a], values[b], n_boot=n_boot, seed=seed)
+                rows.append({"a": a, "b": b, "metric": metric, "mean_diff": test.mean_diff,
+                             "lo": test.lo, "hi": test.hi, "p_value": test.p_value,
+                             "significant": test.p_value < 0.05})
+        return pd.DataFrame(rows, columns=["a", "b", "metric", "mean_diff", "lo", "hi", "p_value", "significant"])
+
+    def curves_table(self) -> pd.DataFrame:
+        """Fig. 4 as numbers: per explainer and step L, AOPC_L and AOPC_L relative to random.
+
+        AOPC_L = 1/(L+1) Σ_{k=0..L} curve_k (the running mean); CIs are mean ± 1.96·s.e.m.
+        over images (a normal approximation: bootstrapping every step would dominate the cost).
+        """
+        steps = torch.arange(self.steps + 1, dtype=torch.float64)
+        running = lambda c: c.double().cumsum(dim=-1) / (steps + 1)  # noqa: E731  (N, L+1)
+        rand = running(self.random_curves)
+        frames = []
+        for name in self.explainers:
+            for order, curves in self.curves[name].items():
+                a = running(curves)
+                rel = a - rand
+                n = a.shape[0]
+                sem = lambda v: v.std(dim=0, unbiased=n > 1) / math.sqrt(n) if n > 1 else torch.zeros(v.shape[1])  # noqa: E731
+                frames.append(pd.DataFrame({
+                    "explainer": name, "order": order, "step": steps.long().numpy(),
+                    "aopc": a.mean(0).numpy(), "aopc_lo": (a.mean(0) - 1.96 * sem(a)).numpy(),
+                    "aopc_hi": (a.mean(0) + 1.96 * sem(a)).numpy(),
+                    "aopc_rel": rel.mean(0).numpy(), "aopc_rel_lo": (rel.mean(0) - 1.96 * sem(rel)).numpy(),
+                    "aopc_rel_hi": (rel.mean(0) + 1.96 * sem(rel)).numpy()}))
+        return pd.concat(frames, ignore_index=True)
+
+
+def predicted_class(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """(N,) argmax of the model's scores, in eval mode without autograd (no labels needed)."""
+    from heatmapbench.perturbation import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+
+
+def evaluate_batch(model: nn.Module, x: Tensor, explainers: Mapping[str, Explainer],
+                   settings: EvaluationSettings, perturbation: Perturbation, *,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   value_range: tuple[float, float] = (0.0, 1.0), target: Tensor | None = None,
+                   label: Tensor | None = None, gallery_size: int = 0, seed_offset: int = 0) -> Evaluation:
+    """Heatmaps of every explainer and their perturbation curves on one batch ``x`` (model space).
+
+    ``seed_offset`` makes the draws of consecutive batches differ while staying reproducible.
+    """
+    import time
+
+    start = time.perf_counter()
+    if target is None:
+        target = predicted_class(model, x)
+    common = dict(target=target, perturbation=perturbation, mean=mean, std=std, value_range=value_range,
+                  **settings.engine_kwargs())
+    seed = settings.seed + seed_offset
+    zeros = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
+    random_curves = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
+                                        seed=seed, **common).curves.mean(dim=0)
+    curves: dict[str, dict[str, Tensor]] = {}
+    complexity: dict[str, dict[str, Tensor]] = {}
+    gallery: dict[str, Tensor] = {}
+    for name, explainer in explainers.items():
+        heatmap = explainer(model, x, target)  # (B, H, W)
+        curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
+                                                   seed=seed, **common).curves.mean(dim=0).cpu()
+                        for order in settings.orders}
+        if settings.complexity:
+            complexity[name] = {"png": heatmap_png_size(heatmap), "jpeg": heatmap_jpeg_size(heatmap, quality=90),
+                                "entropy": heatmap_entropy(heatmap)}
+        if gallery_size:
+            gallery[name] = heatmap[:gallery_size].cpu()
+    gallery_x = None
+    if gallery_size:
+        m = torch.tensor(mean if mean is not None else [0.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std if std is not None else [1.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        lo, hi = value_range
+        gallery_x = ((x[:gallery_size] * s + m - lo) / (hi - lo)).clamp(0, 1).cpu()  # [0, 1] for display
+    return Evaluation(steps=settings.steps, curves=curves, random_curves=random_curves.cpu(),
+                      complexity=complexity, target=target.cpu(),
+                      label=None if label is None else label.cpu(), gallery_x=gallery_x,
+                      gallery_heatmaps=gallery, seconds=time.perf_counter() - start)

@@ -1,0 +1,104 @@
+"""The per-epoch AOPC callback: metrics, artifacts and correlations in MLflow; training undisturbed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from heatmapbench.train import run_train
+from tests.conftest import store_uri
+from tests.test_data import needs_fmnist
+
+pytestmark = [needs_fmnist, pytest.mark.slow]
+
+EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+SMALL = ["trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "data.eval_subset_size=12",
+         "evaluation.steps=6", "evaluation.random_repeats=2"]
+
+
+def _run(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id])
+    return run
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
+    cfg = train_cfg("trainer.max_epochs=2", "logger.experiment_name=t-aopc", *SMALL)
+    run_train(cfg)
+    client = MlflowClient(store_uri(cfg))
+    run = _run(client, "t-aopc")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    for name in EXPLAINERS:
+        assert _steps(client, run_id, f"aopc/{name}") == [0, 1, 2], name
+        assert _steps(client, run_id, f"aopc_rel/{name}") == [0, 1, 2], name
+        assert _steps(client, run_id, f"complexity_png/{name}") == [0, 1, 2], name
+        assert f"corr_pearson/{name}" in run.data.metrics and f"corr_spearman/{name}" in run.data.metrics
+        assert -1.0 <= run.data.metrics[f"corr_spearman/{name}"] <= 1.0
+    assert _steps(client, run_id, "aopc/seconds") == [0, 1, 2]
+    # epoch 0 is the untrained net, the later ones use val/acc of the same epoch
+    acc = {m.step: m.value for m in client.get_metric_history(run_id, "aopc/accuracy")}
+    val = client.get_metric_history(run_id, "val/acc")
+    assert acc[2] == pytest.approx(val[-1].value)
+    # artifacts of every evaluation epoch
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="aopc",
+                                                     tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
+    for epoch in (0, 1, 2):
+        folder = local / f"epoch_{epoch:03d}"
+        curves = pd.read_csv(folder / "aopc_curves.csv")
+        assert set(curves.explainer) == set(EXPLAINERS)
+        assert sorted(curves.step.unique()) == list(range(7))
+        assert (curves[curves.step == 0].aopc == 0).all()  # f(x0) − f(x0)
+        with Image.open(folder / "aopc_curves.png") as im:
+            assert im.size == (640, 420)
+        with Image.open(folder / "heatmap_gallery.png") as im:
+            assert im.size[0] > 500 and im.size[1] > 500
+    history = pd.read_csv(local / "aopc_history.csv")
+    assert history.epoch.tolist() == [0, 1, 2]
+    corr = pd.read_csv(local / "aopc_accuracy_correlation.csv")
+    assert set(corr.explainer) == set(EXPLAINERS)
+    assert corr.set_index("explainer").loc["lrp_epsilon_0.01", "pearson"] == pytest.approx(
+        run.data.metrics["corr_pearson/lrp_epsilon_0.01"])
+    with Image.open(local / "accuracy_vs_aopc.png") as im:
+        assert im.size == (640, 420)
+
+
+def test_every_n_epochs(train_cfg):
+    cfg = train_cfg("trainer.max_epochs=3", "callbacks.aopc.every_n_epochs=2", "callbacks.aopc.artifacts=false",
+                    "logger.experiment_name=t-every", "evaluation.explainers=[random,sensitivity_l2]", *SMALL)
+    run_train(cfg)
+    client = MlflowClient(store_uri(cfg))
+    run = _run(client, "t-every")
+    for name in ("random", "sensitivity_l2"):
+        assert _steps(client, run.info.run_id, f"aopc/{name}") == [0, 2]
+    assert "aopc/deconvnet_l2" not in run.data.metrics
+
+
+class CaptureWeights(pl.Callback):
+    weights: list[dict[str, torch.Tensor]] = []
+
+    def on_fit_end(self, trainer, pl_module):
+        CaptureWeights.weights.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def test_callback_does_not_disturb_training(train_cfg):
+    CaptureWeights.weights.clear()
+    capture = "+callbacks.capture._target_=tests.test_callback.CaptureWeights"
+    common = ["trainer.max_epochs=2", capture, *SMALL]
+    run_train(train_cfg(*common, "logger.experiment_name=t-with", "evaluation.explainers=[random,smoothgrad]"))
+    run_train(train_cfg(*common, "logger.experiment_name=t-without", "callbacks.aopc=null"))
+    with_cb, without_cb = CaptureWeights.weights
+    assert with_cb.keys() == without_cb.keys()
+    for key in with_cb:
+        assert torch.equal(with_cb[key], without_cb[key]), key
