@@ -14,6 +14,7 @@ from heatmapbench.config import ConfigError, validate
 from heatmapbench.data import ImageDataModule
 from heatmapbench.registry import available
 from heatmapbench.tracking import resolved_config
+from tests.conftest import compose_config
 
 DATA = available("data")
 MODELS = available("model")
@@ -75,10 +76,18 @@ def test_trainer_configs_compose(train_cfg, name):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiments_compose(train_cfg, name):
-    cfg = train_cfg(f"experiment={name}")
-    validate(cfg)
-    assert resolved_config(cfg)["trainer"]["max_epochs"] >= 1
+def test_experiments_compose(train_cfg, tmp_path, data_dir, name):
+    if name.startswith("samek2015"):  # recipes of heatmapbench-evaluate
+        extra = [f"data.path={tmp_path}"] if name == "samek2015_ilsvrc" else []
+        cfg = compose_config("evaluate", [f"experiment={name}", *extra], tmp_path, data_dir)
+        validate(cfg, groups=("paths", "data", "logger", "evaluation"))
+        assert cfg.evaluation.region_size == 9 and cfg.evaluation.steps == 100
+        assert cfg.evaluation.random_repeats == 10
+        assert resolved_config(cfg)["evaluation"]["explainers"]
+    else:
+        cfg = train_cfg(f"experiment={name}")
+        validate(cfg)
+        assert resolved_config(cfg)["trainer"]["max_epochs"] >= 1
 
 
 def test_logger_and_callbacks_instantiate(train_cfg):

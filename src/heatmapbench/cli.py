@@ -9,11 +9,14 @@ from typing import Any, Callable
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from omegaconf import open_dict
+
 from heatmapbench.config import ConfigError
 from heatmapbench.data import DataNotFoundError
+from heatmapbench.models.zoo import WeightsNotFoundError
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,3 +38,22 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def selected_explainer(cfg: DictConfig) -> tuple[str, DictConfig] | None:
+    """The explainer chosen with ``explainer=<name>`` (one per sweep job): its name and config node."""
+    node = cfg.get("explainer")
+    if node is None:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().runtime.choices.get("explainer") if HydraConfig.initialized() else None
+    return str(name or node.get("_target_", "explainer").rsplit(".", 1)[-1]), node
+
+
+def apply_explainer_shortcut(cfg: DictConfig) -> None:
+    """``explainer=<name>`` replaces ``evaluation.explainers`` with ``[<name>]``."""
+    chosen = selected_explainer(cfg)
+    if chosen is not None:
+        with open_dict(cfg):
+            cfg.evaluation.explainers = [chosen[0]]

@@ -104,6 +104,29 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
             else cfg[key] for key in cfg if key != "hydra"}
 
 
+def run_identity(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
+    """A run name from the Hydra overrides and, inside a sweep (``-m``), the sweep's tags.
+
+    Every job of one sweep gets the same ``sweep_id`` (its sweep directory) plus its job
+    number and overrides, so the runs can be filtered together in the UI and in ``report``.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        return None, {}
+    overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "paths.", "logger."))]
+    name = ",".join(overrides)[:250] or None
+    if hc.mode != RunMode.MULTIRUN:
+        return name, {}
+    sweep_dir = Path(str(hc.sweep.dir))
+    tags = {"sweep_id": f"{sweep_dir.parent.parent.name}/{sweep_dir.name}",
+            "sweep_job": str(hc.job.num), "sweep_overrides": " ".join(overrides) or "(none)"}
+    return name or f"job{hc.job.num}", tags
+
+
 def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> None:
     """Log the resolved config as params and a ``config.yaml`` artifact, plus provenance tags."""
     client, run_id = logger.experiment, logger.run_id

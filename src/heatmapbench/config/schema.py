@@ -65,6 +65,7 @@ class ImageFolderDataConfig:
     resize: int = 256
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     batch_size: int = 32
     num_workers: int = 0
     val_size: int = 0

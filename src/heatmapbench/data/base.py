@@ -10,6 +10,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 
+#: ImageNet statistics of torchvision's pretrained models (pixels in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset is not on disk and cannot be downloaded; the message says how to provide it."""
 

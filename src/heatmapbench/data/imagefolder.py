@@ -7,19 +7,18 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets, transforms
+from torchvision import datasets
 
-from heatmapbench.data.base import DataNotFoundError, ImageDataModule
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule
+from heatmapbench.data.samples import eval_transform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageFolderDataModule(ImageDataModule):
     """An ImageFolder tree for evaluation; every split is the same folder unless ``train_path`` is set.
 
-    Images are resized (shorter side ``resize``), centre-cropped to ``image_size`` and
-    normalised with ``mean``/``std`` (ImageNet's by default), pixel range [0, 1].
+    Images are resized (shorter side ``resize``), centre-cropped to ``image_size``, scaled to
+    ``value_range`` and normalised with ``mean``/``std`` (ImageNet's on [0, 1] by default).
     """
 
     name = "imagefolder"
@@ -27,17 +26,16 @@ class ImageFolderDataModule(ImageDataModule):
 
     def __init__(self, path: str, train_path: str | None = None, image_size: int = 224,
                  resize: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, data_dir: str = "", val_size: int = 0,
-                 **kwargs) -> None:
+                 std: Sequence[float] = IMAGENET_STD, value_range: Sequence[float] = (0.0, 1.0),
+                 data_dir: str = "", val_size: int = 0, **kwargs) -> None:
         super().__init__(data_dir=data_dir or path, val_size=val_size, **kwargs)
         self.path = Path(path)
         self.train_path = Path(train_path) if train_path else None
         self.image_size = image_size
         self.mean = tuple(mean)
         self.std = tuple(std)
-        self.transform = transforms.Compose([
-            transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std)])
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.transform = eval_transform(image_size, resize, self.mean, self.std, self.value_range)
         self._check(self.path)
         if self.train_path is not None:
             self._check(self.train_path)

@@ -18,7 +18,7 @@ from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 
 from heatmapbench.data.base import DataNotFoundError, ImageDataModule
-from heatmapbench.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
 
 #: The 1000 ImageNet class names, in index order (torchvision's metadata, no download).
 IMAGENET_CLASSES: tuple[str, ...] = tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

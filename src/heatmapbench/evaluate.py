@@ -1,0 +1,156 @@
+"""``heatmapbench-evaluate``: the paper's comparison of heatmap methods on a pretrained classifier.
+
+    heatmapbench-evaluate experiment=samek2015_samples
+    heatmapbench-evaluate model=vgg16 data=imagefolder data.path=/data/ilsvrc2012/val num_images=5040
+    heatmapbench-evaluate -m explainer=sensitivity_l2,lrp_epsilon_0.01 evaluation.region_size=4,9
+
+Heatmaps of every configured explainer are scored by region perturbation over the data's
+test split (or its first ``num_images``) in batches; one MLflow run holds the per-explainer
+metrics, the curves, plots, gallery and the paper-style tables, which are also printed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
+from heatmapbench.config import ConfigError, validate
+from heatmapbench.evaluation import Evaluation, EvaluationSettings, build_explainers, build_perturbation, evaluate_batch
+from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
+from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
+from heatmapbench.registry import conf_dir
+from heatmapbench.tracking import retry_locked, run_identity, tracked_run
+
+PREPROCESSING_KEYS = ("mean", "std", "value_range", "image_size", "resize")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} is invalid: no CUDA device here; use device=cpu or device=auto")
+    return device
+
+
+def build_inputs(cfg: DictConfig):
+    """Model, data, explainers and perturbation from the config; every user error surfaces here."""
+    apply_explainer_shortcut(cfg)
+    validate(cfg, groups=("paths", "data", "logger", "evaluation"))
+    if cfg.num_images is not None and cfg.num_images < 1:
+        raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
+    settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
+    device = _device(cfg.device)
+    module = instantiate(cfg.model)
+    net = getattr(module, "net", module)
+    if cfg.get("ckpt_path"):
+        from_checkpoint(cfg.ckpt_path, net)
+    net = net.to(device).eval()
+    data_kwargs: dict[str, Any] = {}
+    pre = preprocessing_of(net)
+    if pre is not None and cfg.preprocessing_from_model:
+        data_kwargs = {k: v for k, v in pre.data_kwargs().items() if k in cfg.data}
+        with open_dict(cfg):  # the logged config must show what was really used
+            for key, value in data_kwargs.items():
+                cfg.data[key] = value
+    datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset = datamodule.test_set
+    n = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
+    if n == 0:
+        raise ConfigError("the data's test split is empty: nothing to evaluate")
+    explainers = build_explainers(settings.explainers)
+    chosen = selected_explainer(cfg)
+    if chosen is not None:  # explainer=<name> with its (possibly overridden) parameters
+        explainers = {chosen[0]: instantiate(chosen[1], _convert_="all")}
+    perturbation = build_perturbation(cfg.perturbation)
+    return settings, device, net, datamodule, Subset(dataset, range(n)), explainers, perturbation
+
+
+def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device, *,
+                     gallery_size: int = 6, progress: bool = True) -> Evaluation:
+    """Evaluate ``subset`` in batches of ``data.batch_size`` and join the results."""
+    loader = DataLoader(subset, batch_size=datamodule.batch_size, shuffle=False,
+                        num_workers=getattr(datamodule, "num_workers", 0))
+    parts = []
+    start = 0
+    for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        parts.append(evaluate_batch(net, x, explainers, settings, perturbation, label=y,
+                                    gallery_size=gallery_size if start == 0 else 0, seed_offset=start,
+                                    **datamodule.normalization))
+        start += len(x)
+    return Evaluation.concat(parts, gallery_size=gallery_size)
+
+
+def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
+    """Per-explainer metrics of one evaluation, as logged to MLflow."""
+    metrics: dict[str, float] = {"images": float(evaluation.num_images), "seconds": evaluation.seconds,
+                                 "aopc_random": summary.attrs["aopc_random"][0]}
+    if evaluation.label is not None:
+        metrics["accuracy"] = float((evaluation.target == evaluation.label).double().mean())
+    for _, row in summary.iterrows():
+        for key in ("aopc", "aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "aopc_lerf", "abpc", "abpc_lo", "abpc_hi",
+                    "png", "jpeg", "entropy"):
+            if key in row and row[key] == row[key]:  # not NaN
+                metrics[f"{key}/{row.explainer}"] = float(row[key])
+    return metrics
+
+
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
+    settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
+    run_name, sweep_tags = run_identity(cfg)
+    logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None and run_name else {}
+    logger = instantiate(cfg.logger, **logger_kwargs)
+    tags = {"task": "evaluate", "model": str(cfg.model.net.get("_target_", "")).rsplit(".", 1)[-1],
+            "data": str(cfg.data._target_).rsplit(".", 1)[-1],
+            "perturbation": str(cfg.perturbation._target_).rsplit(".", 1)[-1].lower(),
+            "explainers": ",".join(settings.explainers), **sweep_tags}
+    print(f"evaluating {len(subset)} images × {len(explainers)} explainers "
+          f"({settings.steps} steps of {settings.region_size}×{settings.region_size} regions) on {device}", flush=True)
+    with tracked_run(logger, cfg, extra_tags=tags):
+        start = time.perf_counter()
+        evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
+                                      gallery_size=cfg.gallery_size, progress=cfg.progress)
+        seconds = time.perf_counter() - start
+        summary = evaluation.summary(n_boot=cfg.n_boot, seed=settings.seed)
+        metrics = evaluation_metrics(evaluation, summary)
+        metrics["seconds"] = seconds
+        retry_locked(logger.log_metrics)(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = write_evaluation(evaluation, Path(tmp), tuple(getattr(datamodule, "classes", ())),
+                                     title=f"{len(subset)} images, {settings.region_size}×{settings.region_size} "
+                                           f"regions", n_boot=cfg.n_boot)
+            for path in files.values():
+                retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
+            table = files["summary_md"].read_text()
+    print("\n" + table)
+    print(f"{len(subset)} images in {seconds:.1f} s; MLflow run {logger.run_id} "
+          f"(experiment {cfg.logger.experiment_name!r}, {cfg.logger.tracking_uri})", flush=True)
+    return {"run_id": logger.run_id, **metrics}
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the mean AOPC relative to random of the first explainer."""
+    metrics = run_evaluate(cfg)
+    first = cfg.evaluation.explainers[0]
+    return metrics.get(f"aopc_rel/{first}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""``heatmapbench-evaluate`` end to end: pretrained nets, bundled samples, MLflow read-back, clean failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from heatmapbench.evaluate import run_evaluate
+from heatmapbench.models import zoo
+from tests.conftest import REPO, compose_config, store_uri
+
+pytestmark = pytest.mark.slow
+
+FAST = ["evaluation.steps=4", "evaluation.random_repeats=2", "n_boot=200", "progress=false", "gallery_size=2"]
+
+
+@pytest.fixture
+def eval_cfg(tmp_path, data_dir):
+    def make(*overrides: str):
+        return compose_config("evaluate", FAST + list(overrides), tmp_path, data_dir)
+
+    return make
+
+
+def _single_run(cfg):
+    client = MlflowClient(store_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.logger.experiment_name)
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+def test_samples_with_efficientnet_lite0(eval_cfg, tmp_path):
+    explainers = ["sensitivity_l2", "lrp_epsilon_0.01"]
+    cfg = eval_cfg("experiment=samek2015_samples", "num_images=3", "data.batch_size=3",
+                   f"evaluation.explainers=[{','.join(explainers)}]", "evaluation.orders=[morf,lerf]")
+    result = run_evaluate(cfg)
+    client, run = _single_run(cfg)
+    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert m["images"] == 3
+    for name in explainers:
+        for key in ("aopc", "aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "abpc", "png", "jpeg", "entropy"):
+            assert f"{key}/{name}" in m, f"{key}/{name}"
+        assert m[f"aopc_rel_lo/{name}"] <= m[f"aopc_rel/{name}"] <= m[f"aopc_rel_hi/{name}"]
+        assert m[f"aopc_rel/{name}"] == pytest.approx(m[f"aopc/{name}"] - m["aopc_random"], abs=1e-6)
+    assert 0 <= m["accuracy"] <= 1
+    assert run.data.tags["model"] == "efficientnet_lite0"
+    assert run.data.params["data.value_range"] == "[0.0, 255.0]"  # the model's own preprocessing
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation",
+                                                     tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
+    summary = pd.read_csv(local / "summary.csv").set_index("explainer")
+    assert summary.loc["lrp_epsilon_0.01", "aopc_rel"] == pytest.approx(m["aopc_rel/lrp_epsilon_0.01"])
+    curves = pd.read_csv(local / "aopc_curves.csv")
+    assert len(curves) == len(explainers) * 2 * 5  # explainer × order × (L+1)
+    assert "| explainer |" in (local / "summary.md").read_text()
+    assert (local / "heatmap_gallery.png").stat().st_size > 0
+
+
+def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
+    torch.manual_seed(0)
+    net = zoo.alexnet(weights=None)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(net.state_dict(), weights)
+    cfg = eval_cfg("model=alexnet", f"model.net.weights_path={weights}", "num_images=2", "data.batch_size=2",
+                   "evaluation.explainers=[sensitivity_l2,lrp_epsilon_100]", "logger.experiment_name=t-alexnet")
+    result = run_evaluate(cfg)
+    _, run = _single_run(cfg)
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 2
+    assert run.data.metrics["aopc/lrp_epsilon_100"] == pytest.approx(result["aopc/lrp_epsilon_100"])
+    assert run.data.params["model.net.weights_path"] == str(weights)
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "heatmapbench.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
+            f"hydra.run.dir={tmp_path}/out", *FAST, *overrides]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def _no_runs(tmp_path: Path) -> None:
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=vgg16", "model.net.weights_path=/no/such/vgg16.pth"], "/no/such/vgg16.pth"),
+    (["model=alexnet", "data=imagefolder", "data.path=/no/such/folder"], "data.path"),
+    (["explainer=nope"], "Could not find 'explainer/nope'"),
+    (["evaluation.explainers=[sensitivity_l2,nope]"], "unknown explainer(s) ['nope']"),
+    (["num_images=0"], "num_images=0 is invalid"),
+])
+def test_bad_input_fails_clearly_and_creates_no_run(tmp_path, overrides, message):
+    proc = _cli(tmp_path, *overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    _no_runs(tmp_path)
