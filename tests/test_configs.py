@@ -123,3 +123,16 @@ def test_missing_imagefolder_path_fails_validation(train_cfg, tmp_path):
     cfg = train_cfg("data=imagefolder")
     with pytest.raises(ConfigError, match="data.path is required"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher"),
+                                              ("submitit_local", "LocalLauncher")])
+def test_scale_out_launchers_compose(tmp_path, data_dir, launcher, target):
+    cfg = compose_config("evaluate", [f"hydra/launcher={launcher}"], tmp_path, data_dir)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_ddp_trainer_config(train_cfg):
+    cfg = train_cfg("trainer=ddp", "trainer.devices=4")
+    validate(cfg)
+    assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "gpu", 4)

@@ -29,7 +29,7 @@ from heatmapbench.evaluation import Evaluation, EvaluationSettings, build_explai
 from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
 from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir
-from heatmapbench.tracking import retry_locked, run_identity, tracked_run
+from heatmapbench.tracking import make_logger, retry_locked, run_identity, tracked_run
 
 PREPROCESSING_KEYS = ("mean", "std", "value_range", "image_size", "resize")
 
@@ -114,7 +114,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
     run_name, sweep_tags = run_identity(cfg)
     logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None and run_name else {}
-    logger = instantiate(cfg.logger, **logger_kwargs)
+    logger = make_logger(cfg.logger, **logger_kwargs)
     tags = {"task": "evaluate", "model": str(cfg.model.net.get("_target_", "")).rsplit(".", 1)[-1],
             "data": str(cfg.data._target_).rsplit(".", 1)[-1],
             "perturbation": str(cfg.perturbation._target_).rsplit(".", 1)[-1].lower(),

@@ -147,10 +147,48 @@ def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None =
 
 
 @contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise creating a sqlite store, its experiment and a run across processes.
+
+    Concurrent sweep jobs otherwise race on the first schema migration and on creating the
+    same experiment (a UNIQUE constraint error for all but one). Other stores need no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate the MLflow logger from its config, safely for parallel jobs on one sqlite store.
+
+    The logger's client creates (and migrates) the store when it is built, so that happens
+    under :func:`store_lock`, in WAL mode.
+    """
+    from hydra.utils import instantiate
+
+    uri = str(logger_cfg.get("tracking_uri") or "")
+    with store_lock(uri):
+        prepare_sqlite_store(uri)
+        return retry_locked(instantiate)(logger_cfg, **kwargs)
+
+
+@contextlib.contextmanager
 def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Open the logger's MLflow run, log the config, and close it FINISHED or FAILED."""
-    prepare_sqlite_store(str(getattr(logger, "_tracking_uri", "") or ""))
-    retry_locked(lambda: logger.experiment)()  # creates experiment + run
+    uri = str(getattr(logger, "_tracking_uri", "") or "")
+    with store_lock(uri):
+        prepare_sqlite_store(uri)
+        retry_locked(lambda: logger.experiment)()  # creates the store, experiment and run
     log_config(logger, cfg, extra_tags)
     try:
         yield logger

@@ -17,7 +17,7 @@ from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import validate
 from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.registry import conf_dir
-from heatmapbench.tracking import tracked_run
+from heatmapbench.tracking import make_logger, tracked_run
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    logger = make_logger(cfg.logger) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
 
     def fit_and_test() -> dict[str, Any]:

@@ -7,7 +7,9 @@ Offline, Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package: it
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,10 +46,12 @@ class _TorchvisionDataModule(ImageDataModule):
             if all((source / f"{f}.gz").is_file() for f in _MNIST_FILES):
                 self.raw_folder.mkdir(parents=True, exist_ok=True)
                 for f in _MNIST_FILES:
-                    tmp = self.raw_folder / f"{f}.partial"
-                    with gzip.open(source / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    # a private temporary name, then an atomic rename: parallel sweep jobs may
+                    # unpack the same files at once, and none may see a half-written file
+                    fd, tmp = tempfile.mkstemp(dir=self.raw_folder, prefix=f"{f}.", suffix=".partial")
+                    with gzip.open(source / f"{f}.gz", "rb") as src, os.fdopen(fd, "wb") as dst:
                         shutil.copyfileobj(src, dst)
-                    tmp.replace(self.raw_folder / f)
+                    os.replace(tmp, self.raw_folder / f)
                 return True
         return False
 

@@ -192,7 +192,7 @@ class Evaluation:
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-        cat = lambda ts: torch.cat(list(ts)) if all(t is not None for t in ts) else None  # noqa: E731
+        cat = lambda ts: torch.cat(list(ts)) if ts and all(t is not None for t in ts) else None  # noqa: E731
         gx = cat([p.gallery_x for p in parts if p.gallery_x is not None])
         return cls(
             steps=first.steps,
