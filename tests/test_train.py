@@ -94,3 +94,19 @@ def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, override, messag
         client = MlflowClient(tracking_uri=f"sqlite:///{db}")
         runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
         assert runs == []
+
+
+def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
+    from heatmapbench.evaluate import run_evaluate
+    from tests.conftest import compose_config
+
+    cfg = train_cfg("logger.experiment_name=t-ckpt", "callbacks.aopc=null")
+    result = run_train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    ev = compose_config("evaluate", ["model=small_cnn", "data=fashion_mnist", f"ckpt_path={last}", "num_images=8",
+                                     "explainer=sensitivity_l2", "evaluation.steps=3", "evaluation.random_repeats=1",
+                                     "progress=false", "n_boot=100"], tmp_path / "ev", data_dir)
+    metrics = run_evaluate(ev)
+    # the trained weights were loaded: accuracy well above chance on the first test images
+    assert metrics["accuracy"] >= 0.5 and result["test/acc"] > 0.5

@@ -101,7 +101,7 @@ class TrainerConfig:
     log_every_n_steps: Optional[int] = 50
     enable_progress_bar: bool = True
     enable_model_summary: bool = True
-    enable_checkpointing: bool = False
+    enable_checkpointing: bool = True
     gradient_clip_val: Optional[float] = None
     accumulate_grad_batches: int = 1
     deterministic: Any = False
