@@ -57,6 +57,32 @@ def test_road_impute_float32_and_grad_cam_agree():
         torch.testing.assert_close(got[i], want, rtol=0, atol=2e-5)
 
 
+def test_road_impute_per_channel_masks_thin_and_border_holes():
+    # per-channel masks, a non-square image, holes touching every border and a 1-pixel-high image:
+    # the conv-free stencil (shifted slices of a zero-framed flat image) must not wrap across rows
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((7, 11), (1, 9), (12, 2)):
+        x = torch.rand(2, 3, h, w, dtype=torch.float64, generator=g)
+        m = torch.rand(2, 3, h, w, generator=g) < 0.4
+        m[0, 0, 0, :] = True
+        m[0, 1, :, -1] = True
+        m[1, 2, -1, :] = True
+        m[1, 0, :, 0] = True
+        m[:, :, 0, 0] = False  # keep one pixel per channel so every system is solvable
+        got = road_impute(x, m, tol=1e-12)
+        for i in range(2):
+            for ch in range(3):
+                want = ref_impute(x[i, ch:ch + 1].numpy(), m[i, ch].numpy())
+                np.testing.assert_allclose(got[i, ch:ch + 1].numpy(), want, rtol=0, atol=1e-9)
+
+
+def test_road_impute_rejects_bad_mask_shape():
+    with pytest.raises(ValueError, match=r"removed must have shape"):
+        road_impute(torch.rand(2, 3, 8, 8), torch.zeros(2, 2, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"removed must have shape"):
+        road_impute(torch.rand(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool))
+
+
 def test_road_edge_cases():
     x = torch.rand(2, 3, 6, 6)
     none = torch.zeros(2, 1, 6, 6, dtype=torch.bool)

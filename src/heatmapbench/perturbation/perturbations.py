@@ -300,7 +300,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         v.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
         rr_new = dot(r, r)
-        p.mul_(rr_new / rr.clamp_min(tiny)).add_(r)
+        torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
         rr = rr_new
     out = v.view(n, c, h + 2, e)[:, :, 1:-1, 1:-1]
     return torch.where(removed, out, x)
