@@ -202,24 +202,27 @@ _ROAD_KERNEL = [[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 
 
 
 def _road_ops(n: int, h: int, w: int, device, dtype):
-    """Flat, zero-framed layout for the ROAD operator, shared by every solve of one shape.
+    """Flat, zero-padded layout for the ROAD operator, shared by every solve of one shape.
 
-    An (H, W) image is stored with a one-pixel zero frame, row-major, as L = (H+2)(W+2) values
-    inside a buffer of L + 2g (g = W+3) values, so that every 3×3 neighbour of a framed pixel is
-    a constant offset (±1, ±(W+2), ±(W+2)±1) into the buffer: a stencil becomes a few additions
-    of contiguous slices — much faster on CPU than a single-channel ``conv2d``.
+    An (H, W) image is stored row-major with one zero column after each row (row stride
+    e = W+1), as L = H·e values inside a zero margin of g = e+1 values on either side. The zero
+    column is the right neighbour of one row's last pixel and the left neighbour of the next
+    row's first pixel; the margins are the rows above and below the image. So every 3×3
+    neighbour of a pixel is a constant offset (±1, ±e, ±e±1) into the buffer, and a stencil
+    becomes a few additions of contiguous slices — much faster on CPU than a single-channel
+    ``conv2d``, and no wrap-around across rows.
     """
-    e = w + 2
-    L = (h + 2) * e
+    e = w + 1
+    L = h * e
     g = e + 1
 
     def framed(t: Tensor) -> tuple[Tensor, Tensor]:  # (n', c', H, W) → buffer (n', c', L+2g), its image view
         buf = torch.zeros(t.shape[0], t.shape[1], L + 2 * g, device=device, dtype=dtype)
         img = buf[:, :, g:g + L]
-        img.view(t.shape[0], t.shape[1], h + 2, e)[:, :, 1:-1, 1:-1] = t
+        img.view(t.shape[0], t.shape[1], h, e)[:, :, :, :w] = t
         return buf, img
 
-    def box121(buf: Tensor) -> Tensor:  # ([1,2,1] ⊗ [1,2,1]) * framed image → (.., L)
+    def box121(buf: Tensor) -> Tensor:  # ([1,2,1] ⊗ [1,2,1]) * image in buf → (.., L)
         a = buf[:, :, g - 1 - e:g + L + 1 - e] + buf[:, :, g - 1 + e:g + L + 1 + e]
         a.add_(buf[:, :, g - 1:g + L + 1], alpha=2)
         s = a[:, :, :-2] + a[:, :, 2:]
@@ -242,7 +245,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     The stencil is applied without convolutions: the neighbour weights are
     ``W = ([1,2,1] ⊗ [1,2,1] − 4 δ) / 12``, so for v supported on the removed pixels
     ``A v = (D + 1/3) v − (m/12) · ([1,2,1] ⊗ [1,2,1]) v`` — four shifted additions of a
-    zero-framed, flattened image plus two fused multiply-adds (see :func:`_road_ops`).
+    zero-padded, flattened image plus two fused multiply-adds (see :func:`_road_ops`).
     ``D`` is 1 away from the image border, so CG runs unpreconditioned.
 
     Parameters
@@ -267,7 +270,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         max_iter = 4 * (h + w) + 64
     removed = removed.bool()
     e, L, g, framed, box121 = _road_ops(n, h, w, dev, dt)
-    _, m = framed(removed.to(dt))  # (N, 1|C, L) 0/1, zero on the frame
+    _, m = framed(removed.to(dt))  # (N, 1|C, L) 0/1, zero on the padding
     ob, oi = framed(torch.ones(1, 1, h, w, device=dev, dtype=dt))
     d = (box121(ob) - 4 * oi) / 12  # (1, 1, L) D: neighbour weight sums (1 inside, less at borders)
     c1 = d + 1 / 3  # A p = c1 p − (m/12) box121(p) for p supported on the removed pixels
@@ -275,7 +278,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     xb, xi = framed(x)
     xi.mul_(1 - m)  # kept pixels only
     b = box121(xb).sub_(xi, alpha=4).mul_(m / 12)  # (N, C, L) Σ_kept w x on the removed pixels
-    pb = torch.zeros(n, c, L + 2 * g, device=dev, dtype=dt)  # search direction, framed
+    pb = torch.zeros(n, c, L + 2 * g, device=dev, dtype=dt)  # search direction, zero-padded
     p = pb[:, :, g:g + L]
 
     def apply_a(v: Tensor) -> Tensor:  # A v, with v = p (lives in pb)
@@ -284,13 +287,16 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     def dot(a: Tensor, bb: Tensor) -> Tensor:
         return torch.linalg.vecdot(a, bb).unsqueeze(-1)  # (N, C, 1)
 
+    def sq(a: Tensor) -> Tensor:  # ‖a‖², one pass without a temporary: ~2× faster than vecdot(a, a)
+        return torch.linalg.vector_norm(a, dim=-1, keepdim=True).square_()
+
     tiny = torch.finfo(dt).tiny
     v = b / d  # one Jacobi step as the start
     p.copy_(v)
     r = b - apply_a(p)
     p.copy_(r)
-    rr = dot(r, r)
-    bb = dot(b, b).clamp_min(tiny)
+    rr = sq(r)
+    bb = sq(b).clamp_min(tiny)
     tol2 = tol * tol
     for it in range(max_iter):
         if it % check_every == 0 and bool((rr <= tol2 * bb).all()):
@@ -299,10 +305,10 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         alpha = rr / dot(p, ap).clamp_min(tiny)
         v.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
-        rr_new = dot(r, r)
+        rr_new = sq(r)
         torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
         rr = rr_new
-    out = v.view(n, c, h + 2, e)[:, :, 1:-1, 1:-1]
+    out = v.view(n, c, h, e)[:, :, :, :w]
     return torch.where(removed, out, x)
 
 
