@@ -68,6 +68,21 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
         assert f"aopc_rel/{name}" in run.data.metrics and f"aopc/{name}" in run.data.metrics
         assert run.info.run_name.startswith("explainer=")  # named from its overrides
         assert set(run.data.metrics) >= {"aopc_random", "images", "seconds"}
+    # the comparison report over this sweep: one row per job, with each run's own numbers
+    from heatmapbench.report import run_report
+    from tests.conftest import compose_config
+
+    sweep_id = runs[0].data.tags["sweep_id"]
+    cfg = compose_config("report", [f"sweep_id={sweep_id}", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"],
+                         tmp_path / "report", data_dir)
+    table = run_report(cfg)["report"].comparison
+    assert len(table) == 8
+    for run in runs:
+        name = run.data.tags["explainers"]
+        row = table[(table.explainer == name) & (table.region_size.astype(int) == int(run.data.params["evaluation.region_size"]))
+                    & (table.perturbation == run.data.tags["perturbation"])]
+        assert len(row) == 1
+        assert float(row.aopc_rel.iloc[0]) == pytest.approx(run.data.metrics[f"aopc_rel/{name}"])
 
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, data_dir):

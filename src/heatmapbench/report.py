@@ -44,7 +44,7 @@ from scipy import stats  # noqa: E402
 from heatmapbench.cli import user_errors_exit  # noqa: E402
 from heatmapbench.config import ConfigError, validate  # noqa: E402
 from heatmapbench.registry import conf_dir  # noqa: E402
-from heatmapbench.tracking import flatten, retry_locked, tracked_run  # noqa: E402
+from heatmapbench.tracking import flatten, make_logger, retry_locked, tracked_run  # noqa: E402
 
 #: The cell of the comparison; other parameters join it only when they split a cell.
 BASE_KEYS = ("explainer", "region_size", "perturbation")
@@ -474,7 +474,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
         if selection["sweep_id"]:
             tags["sweep_id"] = str(selection["sweep_id"])
         name = f"report {selection['sweep_id'] or query or ','.join(selection['experiments'] or ['all'])}"[:250]
-        logger = instantiate(cfg.logger, run_name=cfg.logger.get("run_name") or name)
+        logger = make_logger(cfg.logger, run_name=cfg.logger.get("run_name") or name)
         with tracked_run(logger, cfg, extra_tags=tags):
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "report")

@@ -17,7 +17,7 @@ from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import validate
 from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.registry import conf_dir
-from heatmapbench.tracking import make_logger, tracked_run
+from heatmapbench.tracking import make_logger, run_identity, tracked_run
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -31,7 +31,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    logger = make_logger(cfg.logger) if cfg.get("logger") else None
+    run_name = run_identity(cfg)[0] if cfg.get("logger") and cfg.logger.get("run_name") is None else None
+    logger = make_logger(cfg.logger, **({"run_name": run_name} if run_name else {})) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
 
     def fit_and_test() -> dict[str, Any]:
@@ -46,7 +47,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         metrics = fit_and_test()
         run_id = None
     else:
-        with tracked_run(logger, cfg):
+        with tracked_run(logger, cfg, extra_tags={"task": "train", **run_identity(cfg)[1]}):
             metrics = fit_and_test()
         run_id = logger.run_id
     _print_summary(cfg, metrics, logger, run_id)
