@@ -59,7 +59,7 @@ def bare_forward_fn(model, inputs: list[torch.Tensor]):
 
 
 def engine_inputs(x, res, bs):
-    """The same N·(L+1) inputs the engine feeds, materialised up front in plain batches."""
+    """The same N·(L+1) inputs the engine feeds, materialised up front in plain batches of its order."""
     b = x.shape[0]
     steps = res.steps
     # rebuild from the region order: constant 0 fill
@@ -74,8 +74,12 @@ def engine_inputs(x, res, bs):
             r, c = divmod(t, nw)
             xk[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0
             xs.append(xk.clone())
-    allx = torch.stack(xs)
-    return [allx[i:i + bs] for i in range(0, len(allx), bs)]
+    allx = torch.stack(xs)  # image-major: (B·(L+1), C, H, W)
+    # The engine's batch order is step-major (all images at step k, then k+1). Convolutions on
+    # this CPU run measurably faster on image-major batches of near-identical inputs (6% in one
+    # run), so "bare" uses the engine's order: the same inputs, batched the same way.
+    allx = allx.view(b, steps + 1, *allx.shape[1:]).transpose(0, 1).reshape(-1, *allx.shape[1:])
+    return [allx[i:i + bs].contiguous() for i in range(0, len(allx), bs)]
 
 
 def quantus_run(model, x, hm, tgt, steps, p, bs):

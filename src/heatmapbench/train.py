@@ -74,9 +74,9 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id
 
 def _print_aopc(callback: AOPCCallback) -> None:
     history = callback.history_frame()
-    columns = ["epoch", "accuracy"] + [c for c in history.columns if c.startswith("aopc/")] + ["seconds"]
+    columns = ["epoch", "accuracy"] + [c for c in history.columns if c.startswith("aopc/")] + ["seconds", "epoch_seconds"]
     table = history[columns].rename(columns=lambda c: c.replace("aopc/", ""))
-    print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time ==")
+    print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time, epoch_seconds = training epoch time ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     corr = correlations(history)
     print("\n== correlation of accuracy and AOPC across epochs ==")
