@@ -69,11 +69,12 @@ def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
     net = zoo.alexnet(weights=None)
     weights = tmp_path / "alexnet.pth"
     torch.save(net.state_dict(), weights)
-    cfg = eval_cfg("model=alexnet", f"model.net.weights_path={weights}", "num_images=2", "data.batch_size=2",
+    # 3 images in batches of 2: results of several batches are joined (the gallery comes from the first)
+    cfg = eval_cfg("model=alexnet", f"model.net.weights_path={weights}", "num_images=3", "data.batch_size=2",
                    "evaluation.explainers=[sensitivity_l2,lrp_epsilon_100]", "logger.experiment_name=t-alexnet")
     result = run_evaluate(cfg)
     _, run = _single_run(cfg)
-    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 2
+    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 3
     assert run.data.metrics["aopc/lrp_epsilon_100"] == pytest.approx(result["aopc/lrp_epsilon_100"])
     assert run.data.params["model.net.weights_path"] == str(weights)
 
@@ -104,3 +105,31 @@ def test_bad_input_fails_clearly_and_creates_no_run(tmp_path, overrides, message
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     _no_runs(tmp_path)
+
+
+def test_batches_join_into_the_whole_evaluation():
+    """Evaluating in two batches gives the per-image results of evaluating each batch alone."""
+    from heatmapbench.evaluation import EvaluationSettings, build_explainers, build_perturbation, evaluate_batch
+    from heatmapbench.evaluation.core import Evaluation
+    from heatmapbench.models import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    x = torch.randn(5, 1, 28, 28)
+    settings = EvaluationSettings(explainers=["sensitivity_l2", "lrp_epsilon_0.01"], region_size=7, steps=4,
+                                  random_repeats=2, orders=["morf", "lerf"])
+    explainers = build_explainers(settings.explainers)
+    pert = build_perturbation("constant")
+    parts = [evaluate_batch(net, x[:3], explainers, settings, pert, gallery_size=2),
+             evaluate_batch(net, x[3:], explainers, settings, pert, gallery_size=0, seed_offset=3)]
+    joined = Evaluation.concat(parts, gallery_size=2)
+    assert joined.num_images == 5 and joined.gallery_x.shape[0] == 2
+    for name in settings.explainers:
+        assert joined.gallery_heatmaps[name].shape == (2, 28, 28)
+        for order in settings.orders:
+            assert torch.equal(joined.curves[name][order][3:], parts[1].curves[name][order])
+        assert torch.equal(joined.complexity[name]["png"][:3], parts[0].complexity[name]["png"])
+    # a deterministic perturbation gives the same curves whatever the batching
+    whole = evaluate_batch(net, x, explainers, settings, pert)
+    for name in settings.explainers:
+        torch.testing.assert_close(joined.curves[name]["morf"], whole.curves[name]["morf"], rtol=1e-5, atol=1e-5)

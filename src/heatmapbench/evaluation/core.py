@@ -204,8 +204,8 @@ class Evaluation:
             target=cat([p.target for p in parts]),
             label=cat([p.label for p in parts]),
             gallery_x=None if gx is None else gx[:gallery_size],
-            gallery_heatmaps={n: torch.cat([p.gallery_heatmaps[n] for p in parts])[:gallery_size]
-                              for n in first.gallery_heatmaps},
+            gallery_heatmaps={n: torch.cat([p.gallery_heatmaps[n] for p in parts if n in p.gallery_heatmaps])
+                              [:gallery_size] for n in first.gallery_heatmaps},
             seconds=sum(p.seconds for p in parts),
         )
 
