@@ -86,7 +86,7 @@ def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None
         m, lo, hi = summary.attrs["aopc_random"]
         lines.append(f"\nRandom ordering: AOPC {m:.4g} [{lo:.4g}, {hi:.4g}].")
     if pairwise is not None and len(pairwise):
-        lines += ["", "| A | B | mean(A − B) [95% CI] | p (A beats B) | significant |", "|---|---|---|---|---|"]
+        lines += ["", "| A | B | mean(A − B) [95% CI] | one-sided p (A beats B) | significant (p < 0.05) |", "|---|---|---|---|---|"]
         for _, r in pairwise.iterrows():
             if r.mean_diff > 0:
                 lines.append(f"| {r.a} | {r.b} | {r.mean_diff:.4g} [{r.lo:.4g}, {r.hi:.4g}] | {r.p_value:.4f} | "
