@@ -71,9 +71,10 @@ def build_inputs(cfg: DictConfig):
     n = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
     if n == 0:
         raise ConfigError("the data's test split is empty: nothing to evaluate")
-    explainers = build_explainers(settings.explainers)
     chosen = selected_explainer(cfg)
-    if chosen is not None:  # explainer=<name> with its (possibly overridden) parameters
+    if chosen is None:
+        explainers = build_explainers(settings.explainers)
+    else:  # explainer=<name> with its (possibly overridden) parameters
         explainers = {chosen[0]: instantiate(chosen[1], _convert_="all")}
     perturbation = build_perturbation(cfg.perturbation)
     return settings, device, net, datamodule, Subset(dataset, range(n)), explainers, perturbation

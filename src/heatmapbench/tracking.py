@@ -185,10 +185,8 @@ def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
 @contextlib.contextmanager
 def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Open the logger's MLflow run, log the config, and close it FINISHED or FAILED."""
-    uri = str(getattr(logger, "_tracking_uri", "") or "")
-    with store_lock(uri):
-        prepare_sqlite_store(uri)
-        retry_locked(lambda: logger.experiment)()  # creates the store, experiment and run
+    with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
+        retry_locked(lambda: logger.experiment)()  # creates the experiment and the run
     log_config(logger, cfg, extra_tags)
     try:
         yield logger

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 
@@ -59,9 +58,3 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError("imagefolder: training needs data.train_path (a second class-folder tree)")
         super().setup(stage)
 
-
-def stack_dataset(ds: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialise the first ``limit`` items of an image dataset as ``(x, y)`` tensors."""
-    n = len(ds) if limit is None else min(limit, len(ds))
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])

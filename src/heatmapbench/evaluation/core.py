@@ -99,19 +99,13 @@ class EvaluationSettings:
                 "score": self.score, "batch_size": self.batch_size}
 
 
-def build_explainers(names: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None
-                     ) -> dict[str, Explainer]:
-    """Explainers by config name; unknown names fail at once, listing the known ones."""
+def build_explainers(names: Sequence[str]) -> dict[str, Explainer]:
+    """Explainers by config name; an unknown name fails at once, listing the known ones (registry)."""
     if isinstance(names, str):
         names = [names]
     if not names:
         raise ValueError("no explainers configured: set evaluation.explainers=[...] or explainer=<name>")
-    known = available("explainer")
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown explainer(s) {unknown}; known: {', '.join(known)}")
-    overrides = overrides or {}
-    return {name: get_explainer(name, **dict(overrides.get(name, {}))) for name in names}
+    return {name: get_explainer(name) for name in names}
 
 
 def build_perturbation(perturbation: str | Perturbation | Mapping) -> Perturbation:
