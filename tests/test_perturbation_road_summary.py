@@ -14,6 +14,7 @@ from heatmapbench.perturbation import (
     Blur,
     PixelSpace,
     Road,
+    RoadWalk,
     abpc,
     heatmap_entropy,
     heatmap_jpeg_size,
@@ -23,8 +24,9 @@ from heatmapbench.perturbation import (
     region_perturbation,
     relative_to_random,
     road_impute,
+    select_regions,
 )
-from tests.test_perturbation import linear_setup, ref_impute
+from tests.test_perturbation import linear_setup, ref_impute, tiny_net
 
 
 def random_mask(n, h, w, frac, seed):
@@ -100,6 +102,104 @@ def test_road_noise_scale_and_space():
     eps = Road(noise=0.01).prepare(x, sp, torch.Generator().manual_seed(0))
     # σ = 0.01 of the [0, 1] intensity range → 0.01 · 255 / 128 in model space
     assert abs(eps.std().item() - 0.01 * 255 / 128) < 2e-4
+
+
+def test_road_impute_valid_and_warm_start():
+    # a crop padded into a larger canvas (valid marks the crop) solves exactly like the crop alone,
+    # and a warm start (any values) changes nothing beyond the tolerance
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 9, 7, dtype=torch.float64, generator=g)
+    m = random_mask(2, 9, 7, 0.4, seed=5)
+    want = road_impute(x, m, tol=1e-12)
+    canvas = torch.rand(2, 3, 16, 12, dtype=torch.float64, generator=g)  # garbage outside the crop
+    canvas[:, :, :9, :7] = x
+    mc = torch.zeros(2, 1, 16, 12, dtype=torch.bool)
+    mc[:, :, :9, :7] = m
+    valid = torch.zeros(2, 1, 16, 12, dtype=torch.bool)
+    valid[:, :, :9, :7] = True
+    got = road_impute(canvas, mc, tol=1e-12, valid=valid)[:, :, :9, :7]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    start = (torch.rand(2, 3, 9, 7, dtype=torch.float64, generator=g) * 5, torch.rand(2, 1, 9, 7, generator=g) < 0.5)
+    torch.testing.assert_close(road_impute(x, m, tol=1e-12, start=start), want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        road_impute(x, m, valid=valid)
+
+
+def _walk_setup(mode, order, seed=0, b=3, h=29, w=26, p=3, steps=45):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, h, w, dtype=torch.float64, generator=g)
+    hm = torch.nn.functional.avg_pool2d(torch.randn(b, 1, h, w, generator=g, dtype=torch.float64), 5, 1, 2)[:, 0]
+    _, ps = select_regions(hm, region_size=p, steps=steps, order=order, regions=mode, repeats=1,
+                           generator=torch.Generator().manual_seed(seed))
+    return x, ps[0], steps
+
+
+@pytest.mark.parametrize("mode,order", [("grid", "morf"), ("grid", "random"), ("sliding", "morf"),
+                                        ("sliding", "random")])
+def test_road_walk_components_match_scipy_label(mode, order):
+    # The union-find over regions must give, after each step k, exactly the 8-connected component
+    # (scipy.ndimage.label) of the removed pixels that contains region k, and its bounding box + 1.
+    x, ps, steps = _walk_setup(mode, order)
+    walk = RoadWalk(Road(), x, torch.zeros_like(x), ps, steps)
+    eight = np.ones((3, 3), dtype=int)
+    merges = 0
+    for bi in range(x.shape[0]):
+        psn = ps[bi].numpy()
+        for k in range(1, steps + 1):
+            lab, _ = scipy.ndimage.label(psn <= k, structure=eight)
+            comp = lab == lab[psn == k][0]
+            want = set(np.unique(psn[comp]).tolist())
+            got = set(walk.member[bi, k].nonzero().flatten().tolist())
+            assert got == want, (bi, k)
+            merges += len(want) > 1
+            ys, xs = np.nonzero(comp)
+            box = [max(ys.min() - 1, 0), min(ys.max() + 2, psn.shape[0]),
+                   max(xs.min() - 1, 0), min(xs.max() + 2, psn.shape[1])]
+            assert walk.crops[bi, k].tolist() == box
+    assert merges > steps  # the case is not trivial: components do merge
+
+
+class WholeImageRoad(Road):
+    """ROAD without the walk: every (step, image) solved on the whole image (Road.apply)."""
+
+    def walk(self, x, state, pixel_step, steps):
+        return None
+
+
+@pytest.mark.parametrize("mode,order", [("grid", "morf"), ("grid", "random"), ("sliding", "lerf")])
+def test_road_walk_equals_whole_image_solves(mode, order):
+    # per-component solves, warm starts and chunks that split steps give the whole-image result
+    x, ps, steps = _walk_setup(mode, order, seed=2)
+    model = tiny_net(c=3, h=29, w=26)
+    hm = torch.randn(3, 29, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kw = dict(region_size=3, steps=steps, order=order, regions=mode, repeats=2, seed=3)
+    want = region_perturbation(model, x, hm, perturbation=WholeImageRoad(tol=1e-11), **kw)
+    for bs in (None, 7, 200):
+        got = region_perturbation(model, x, hm, perturbation=Road(tol=1e-11), batch_size=bs, **kw)
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-9)
+
+
+def test_road_walk_inputs_and_going_back():
+    # fill() writes exactly where(mask_k, impute(x, mask_k) + noise, x); asking for earlier steps
+    # again (not what the engine does) restarts those images and still gives the right inputs
+    x, ps, steps = _walk_setup("grid", "morf", seed=6, steps=30)
+    noise = 0.01 * torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    walk = Road(tol=1e-12).walk(x, noise, ps, steps)
+
+    def expect(k0, k1):
+        masks = torch.stack([(ps <= k).unsqueeze(1).to(x.dtype) for k in range(k0, k1)])  # (K, B, 1, H, W)
+        ims = torch.stack([road_impute(x, m.bool(), tol=1e-12) + noise * m for m in masks])
+        return masks, ims
+
+    for k0, k1 in ((1, 6), (6, 7), (7, 19), (3, 9), (9, 31)):  # (3, 9) goes back
+        masks, want = expect(k0, k1)
+        out = torch.empty_like(want)
+        walk.fill(k0, k1, 0, x.shape[0], masks, out)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
+    masks, want = expect(10, 12)  # one image only, behind its cursor
+    out = torch.empty_like(want[:, 1:2])
+    walk.fill(10, 12, 1, 2, masks[:, 1:2], out)
+    torch.testing.assert_close(out, want[:, 1:2], rtol=0, atol=1e-10)
 
 
 def test_blur_matches_scipy():

@@ -17,10 +17,9 @@ from heatmapbench.perturbation.perturbations import (
     Mean,
     Perturbation,
     PixelSpace,
-    Road,
     Uniform,
-    road_impute,
 )
+from heatmapbench.perturbation.road import Road, RoadWalk, road_impute
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, select_regions
 from heatmapbench.perturbation.summary import (
     PairedTest,
@@ -32,7 +31,7 @@ from heatmapbench.perturbation.summary import (
 
 __all__ = [
     "region_perturbation", "PerturbationResult", "eval_mode",
-    "Perturbation", "PixelSpace", "Uniform", "Mean", "Constant", "Blur", "Road", "road_impute",
+    "Perturbation", "PixelSpace", "Uniform", "Mean", "Constant", "Blur", "Road", "RoadWalk", "road_impute",
     "ORDERS", "REGION_MODES", "select_regions",
     "relative_to_random", "abpc", "mean_ci", "paired_bootstrap_test", "PairedTest",
     "heatmap_png_size", "heatmap_jpeg_size", "heatmap_entropy", "render_heatmaps",

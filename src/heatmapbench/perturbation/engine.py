@@ -235,6 +235,7 @@ def region_perturbation(
     # Masks are 0/1 weights in a float type: clamp(k + 1 − step, 0, 1) = [step ≤ k].
     wdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     ks1 = torch.arange(1, steps + 2, device=dev, dtype=wdt).view(-1, 1, 1, 1, 1)  # (L+1,1,1,1,1) k+1
+    pixel_step_int = pixel_step
     pixel_step = pixel_step.to(wdt)
 
     def read(out: Tensor, tgt: Tensor) -> Tensor:  # (n, classes) → (n,)
@@ -258,6 +259,7 @@ def region_perturbation(
         xs = x.unsqueeze(0)  # (1, B, C, H, W)
         for r in range(repeats):
             state = pert.prepare(x, space, g_pert).contiguous().unsqueeze(0)  # (1, B, C, H, W)
+            walk = pert.walk(x, state[0], pixel_step_int[r], steps)
             ps = pixel_step[r].unsqueeze(1).unsqueeze(0)  # (1, B, 1, H, W)
             flat = scores[r].view(-1)
             for s in range(b, n_pairs, bs):
@@ -267,7 +269,10 @@ def region_perturbation(
                     n = (k1 - k0) * (b1 - b0)
                     out = buf[pos:pos + n].view(k1 - k0, b1 - b0, c, h, w)
                     mask = (ks1[k0:k1] - ps[:, b0:b1]).clamp_(0, 1).to(x.dtype)  # (K, Bs, 1, H, W)
-                    pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
+                    if walk is None:
+                        pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
+                    else:
+                        walk.fill(k0, k1, b0, b1, mask, out)
                     pos += n
                 flat[s:e] = read(model(buf[:pos]), tgt_flat[s:e])
     scores = scores.transpose(1, 2).contiguous()  # (R, B, L+1)
