@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--road-gc-images", type=int, default=2,
                     help="images timed through grad-cam's imputer (L solves each, ~0.02 s per solve)")
     ap.add_argument("--skip-main", action="store_true", help="only the ROAD comparison")
+    ap.add_argument("--skip-road", action="store_true", help="only (a)-(c)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -161,9 +162,9 @@ def main() -> None:
                   f"engine speed-up ×{t_q / t_eng:.2f}; curves max|Δ| = {agree:.2e} "
                   f"({'agree' if agree < 1e-4 else 'DIFFER'})")
 
-    # (d) ROAD
-    road_curves(args)
-    road_single_mask(args)
+    if not args.skip_road:  # (d) ROAD
+        road_curves(args)
+        road_single_mask(args)
 
 
 def road_curves(args) -> None:

@@ -6,10 +6,11 @@ nothing here needs to change for it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -39,12 +40,39 @@ def load_config(group: str, name: str, **overrides: Any) -> DictConfig:
             f"Unknown {group} {name!r}. Known {group} names: {', '.join(known)}. "
             f"Add conf/{group}/{name}.yaml to register a new one."
         )
-    cfg = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    path = conf_dir() / group / f"{name}.yaml"
+    cfg = OmegaConf.create(_parsed(str(path), path.stat().st_mtime_ns))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     return cfg
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(path: str, mtime_ns: int) -> dict:
+    """A YAML file as a plain container, parsed once per version of the file (the engine
+    resolves its perturbation by name on every call; parsing costs ~0.5 ms)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, list) and all(_plain(t) for t in v))
+
+
+@functools.lru_cache(maxsize=256)
+def _callable(target: str) -> Any:
+    return get_object(target)
+
+
 def build(group: str, name: str, **overrides: Any) -> Any:
-    """Instantiate ``conf/<group>/<name>.yaml`` (its ``_target_``) with ``overrides`` applied."""
-    return instantiate(load_config(group, name, **overrides), _convert_="all")
+    """Instantiate ``conf/<group>/<name>.yaml`` (its ``_target_``) with ``overrides`` applied.
+
+    A flat config (``_target_`` plus plain values) is called directly, which is what Hydra's
+    ``instantiate`` would do, ~0.5 ms faster; anything else goes through ``instantiate``.
+    """
+    cfg = load_config(group, name, **overrides)
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    target = flat.pop("_target_", None)
+    if isinstance(target, str) and all(not k.startswith("_") and _plain(v) for k, v in flat.items()):
+        return _callable(target)(**flat)
+    return instantiate(cfg, _convert_="all")

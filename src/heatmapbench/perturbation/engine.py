@@ -238,43 +238,48 @@ def region_perturbation(
     pixel_step_int = pixel_step
     pixel_step = pixel_step.to(wdt)
 
-    def read(out: Tensor, tgt: Tensor) -> Tensor:  # (n, classes) → (n,)
+    def checked(out: Tensor) -> Tensor:  # (n, classes) scores: logits or probabilities
         if out.ndim != 2:
             raise ValueError(f"model must return (N, classes) scores, got shape {tuple(out.shape)}")
-        if score == "probability":
-            out = out.softmax(dim=1)
-        return out.gather(1, tgt[:, None]).squeeze(1)
+        return out.softmax(dim=1) if score == "probability" else out
 
     with eval_mode(model), torch.no_grad():
         # Step 0: the clean images, which also fix the default target.
-        logits0 = torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)])
-        if logits0.ndim != 2:
-            raise ValueError(f"model must return (N, classes) scores, got shape {tuple(logits0.shape)}")
+        logits0 = checked(torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)]))
         tgt = logits0.argmax(dim=1) if target is None else target.to(dev)
-        f0 = read(logits0, tgt)  # (B,)
-        tgt_flat = tgt.repeat(steps + 1)  # (n_pairs,) step-major
+        f0 = logits0.gather(1, tgt[:, None]).squeeze(1)  # (B,)
+        tgt_col = tgt.repeat(steps + 1).unsqueeze(1)  # (n_pairs, 1) step-major
         scores = torch.empty(repeats, steps + 1, b, device=dev, dtype=f0.dtype)  # step-major
         scores[:, 0] = f0
         buf = torch.empty((min(bs, n_pairs - b), c, h, w), device=dev, dtype=x.dtype)
+        # The chunks, and their views into buf, are the same for every repeat: build them once
+        # (the loop below then costs a few tensor calls per chunk).
+        plan = []
+        for s in range(b, n_pairs, bs):
+            e = min(s + bs, n_pairs)
+            pos, segs = 0, []
+            for k0, k1, b0, b1 in _segments(s, e, b):
+                n = (k1 - k0) * (b1 - b0)
+                segs.append((k0, k1, b0, b1, buf[pos:pos + n].view(k1 - k0, b1 - b0, c, h, w), ks1[k0:k1]))
+                pos += n
+            plan.append((buf[:pos], segs, tgt_col[s:e], s, e))
+        cast = wdt != x.dtype
         xs = x.unsqueeze(0)  # (1, B, C, H, W)
         for r in range(repeats):
             state = pert.prepare(x, space, g_pert).contiguous().unsqueeze(0)  # (1, B, C, H, W)
             walk = pert.walk(x, state[0], pixel_step_int[r], steps)
             ps = pixel_step[r].unsqueeze(1).unsqueeze(0)  # (1, B, 1, H, W)
-            flat = scores[r].view(-1)
-            for s in range(b, n_pairs, bs):
-                e = min(s + bs, n_pairs)
-                pos = 0
-                for k0, k1, b0, b1 in _segments(s, e, b):
-                    n = (k1 - k0) * (b1 - b0)
-                    out = buf[pos:pos + n].view(k1 - k0, b1 - b0, c, h, w)
-                    mask = (ks1[k0:k1] - ps[:, b0:b1]).clamp_(0, 1).to(x.dtype)  # (K, Bs, 1, H, W)
+            col = scores[r].view(-1, 1)
+            for inp, segs, tcol, s, e in plan:
+                for k0, k1, b0, b1, out, kk in segs:
+                    mask = (kk - ps[:, b0:b1]).clamp_(0, 1)  # (K, Bs, 1, H, W): 1 where removed
+                    if cast:
+                        mask = mask.to(x.dtype)
                     if walk is None:
                         pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
                     else:
                         walk.fill(k0, k1, b0, b1, mask, out)
-                    pos += n
-                flat[s:e] = read(model(buf[:pos]), tgt_flat[s:e])
+                torch.gather(checked(model(inp)), 1, tcol, out=col[s:e])
     scores = scores.transpose(1, 2).contiguous()  # (R, B, L+1)
     curves = scores[..., :1] - scores
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),
