@@ -155,6 +155,64 @@ _RUNGS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 _MERGE = 1 << 16
 
 
+def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, removed, *, tol: float, max_iter: int | None,
+                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+    """Solve many small ROAD systems, each in a crop of an image, batched by padded crop size.
+
+    Item i is image ``bi[i]`` cropped to ``boxes[i]`` = (y0, y1, x0, x1); its removed pixels
+    are ``removed(sel, b, rows, cols)`` → bool (n, hh, ww) for the items ``sel`` of one batch
+    (``b`` (n, 1, 1), ``rows`` (n, hh, 1), ``cols`` (n, 1, ww) index the image). A crop must hold
+    the item's removed pixels and every neighbour of them inside the image (a one-pixel ring),
+    so its solve is exact. Crops are padded to square sides from ``_RUNGS``; small batches are
+    merged into the next larger one while the padding costs less than a separate solve.
+    ``start`` = (values (B, C, H, W), known (B, 1, H, W)) warm-starts the solves.
+
+    Returns flat lists over the removed pixels of all items: item, image, row, column (P,) and
+    the imputed values (P, C).
+    """
+    dev = x.device
+    _, c, h, w = x.shape
+    y0, y1, x0, x1 = boxes.unbind(-1)
+    side = torch.maximum(y1 - y0, x1 - x0)
+    rungs = torch.tensor(_RUNGS, device=dev)
+    at = torch.bucketize(side, rungs)
+    side = torch.where(at < len(_RUNGS), rungs[at.clamp(max=len(_RUNGS) - 1)], max(h, w))
+    sides, counts = torch.unique(side, return_counts=True)
+
+    def area(sd: int) -> int:
+        return min(sd, h) * min(sd, w) * c
+
+    groups: list[list[int]] = []
+    pending, n_pending, used = [], 0, 0
+    sides_l, counts_l = sides.tolist(), counts.tolist()
+    for i, (sd, cnt) in enumerate(zip(sides_l, counts_l)):
+        pending.append(sd)
+        n_pending += cnt
+        used += cnt * area(sd)
+        if i + 1 == len(sides_l) or n_pending * area(sides_l[i + 1]) - used > _MERGE:
+            groups.append(pending)
+            pending, n_pending, used = [], 0, 0
+    parts = []
+    for group in groups:
+        sel = torch.isin(side, torch.tensor(group, device=dev)).nonzero().squeeze(1)
+        hh, ww = min(group[-1], h), min(group[-1], w)
+        rows = y0[sel, None] + torch.arange(hh, device=dev)  # (n, hh)
+        cols = x0[sel, None] + torch.arange(ww, device=dev)  # (n, ww)
+        valid = (rows < y1[sel, None])[:, :, None] & (cols < x1[sel, None])[:, None, :]  # (n, hh, ww)
+        r_, c_ = rows.clamp(max=h - 1)[:, :, None], cols.clamp(max=w - 1)[:, None, :]
+        b_ = bi[sel, None, None]
+        xc = x[b_, :, r_, c_].permute(0, 3, 1, 2)  # (n, C, hh, ww)
+        rem = removed(sel, b_, r_, c_) & valid
+        st = None
+        if start is not None:
+            st = (start[0][b_, :, r_, c_].permute(0, 3, 1, 2), start[1][b_, 0, r_, c_].unsqueeze(1))
+        valid = valid.unsqueeze(1)
+        out = road_impute(xc * valid, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st)
+        i, yy, xx = rem.nonzero().unbind(1)
+        parts.append((sel[i], bi[sel][i], yy + y0[sel][i], xx + x0[sel][i], out[i, :, yy, xx]))
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
 class RoadWalk:
     """ROAD along one repeat's steps: one component solve per (image, step), batched per chunk.
 
@@ -220,54 +278,12 @@ class RoadWalk:
         self.cursor = [0] * b  # last step pasted into running, per image
 
     def _solve(self, k: Tensor, bi: Tensor) -> tuple[Tensor, ...]:
-        """Solve the components of the (step ``k``, image ``bi``) items, batched by padded crop size.
+        """Solve the components of the (step ``k``, image ``bi``) items; see :func:`_solve_crops`."""
+        def removed(sel: Tensor, b_: Tensor, r_: Tensor, c_: Tensor) -> Tensor:
+            return self.member[b_, k[sel, None, None], self.ps[b_, r_, c_]]
 
-        Returns the imputed removed pixels of every item as flat lists: step, image, row,
-        column (P,) and values (P, C).
-        """
-        x, dev = self.x, self.x.device
-        _, c, h, w = x.shape
-        y0, y1, x0, x1 = self.crops[bi, k].unbind(-1)
-        side = torch.maximum(y1 - y0, x1 - x0)
-        rungs = torch.tensor(_RUNGS, device=dev)
-        at = torch.bucketize(side, rungs)
-        side = torch.where(at < len(_RUNGS), rungs[at.clamp(max=len(_RUNGS) - 1)], max(h, w))
-        sides, counts = torch.unique(side, return_counts=True)
-        # Merge a batch of small crops into the next larger one while the padding costs fewer
-        # pixel updates than a separate solve's fixed cost (~_MERGE pixels per CG iteration).
-        def area(sd: int) -> int:
-            return min(sd, h) * min(sd, w) * c
-
-        groups: list[list[int]] = []
-        pending, n_pending, used = [], 0, 0
-        sides_l, counts_l = sides.tolist(), counts.tolist()
-        for i, (sd, cnt) in enumerate(zip(sides_l, counts_l)):
-            pending.append(sd)
-            n_pending += cnt
-            used += cnt * area(sd)
-            if i + 1 == len(sides_l) or n_pending * area(sides_l[i + 1]) - used > _MERGE:
-                groups.append(pending)
-                pending, n_pending, used = [], 0, 0
-        parts = []
-        for group in groups:
-            sel = torch.isin(side, torch.tensor(group, device=dev)).nonzero().squeeze(1)
-            hh, ww = min(group[-1], h), min(group[-1], w)
-            rows = y0[sel, None] + torch.arange(hh, device=dev)  # (n, hh)
-            cols = x0[sel, None] + torch.arange(ww, device=dev)  # (n, ww)
-            valid = (rows < y1[sel, None])[:, :, None] & (cols < x1[sel, None])[:, None, :]  # (n, hh, ww)
-            r_, c_ = rows.clamp(max=h - 1)[:, :, None], cols.clamp(max=w - 1)[:, None, :]
-            bs = bi[sel, None, None]
-            xc = x[bs, :, r_, c_].permute(0, 3, 1, 2)  # (n, C, hh, ww)
-            sv = self.running[bs, :, r_, c_].permute(0, 3, 1, 2)
-            known = self.solved[bs, 0, r_, c_].unsqueeze(1)
-            rem = self.member[bs, k[sel, None, None], self.ps[bs, r_, c_]] & valid
-            valid = valid.unsqueeze(1)
-            out = road_impute(xc * valid, rem.unsqueeze(1), tol=self.road.tol, max_iter=self.road.max_iter,
-                              valid=valid, start=(sv, known))
-            i, yy, xx = rem.nonzero().unbind(1)
-            parts.append((k[sel][i], bi[sel][i], yy + y0[sel][i], xx + x0[sel][i],
-                          out[i, :, yy, xx]))
-        return tuple(torch.cat(t) for t in zip(*parts))
+        return _solve_crops(self.x, bi, self.crops[bi, k], removed, tol=self.road.tol,
+                            max_iter=self.road.max_iter, start=(self.running, self.solved))
 
     def fill(self, k0: int, k1: int, b0: int, b1: int, mask: Tensor, out: Tensor) -> Tensor:
         """Inputs of steps k0..k1-1 (1-based) for images b0..b1-1 into ``out`` (K, Bs, C, H, W).
@@ -282,8 +298,8 @@ class RoadWalk:
         first = min(self.cursor[bi] for bi in range(b0, b1)) + 1
         items = [(k, bi) for bi in range(b0, b1) for k in range(self.cursor[bi] + 1, k1)]
         kk, bb = torch.tensor(items, device=self.x.device).unbind(1)
-        ks, bs, ys, xs, vals = self._solve(kk, bb)
-        ks, perm = torch.sort(ks, stable=True)
+        item, bs, ys, xs, vals = self._solve(kk, bb)
+        ks, perm = torch.sort(kk[item], stable=True)
         bs, ys, xs, vals = bs[perm], ys[perm], xs[perm], vals[perm]
         ends = torch.searchsorted(ks, torch.arange(first, k1 + 1, device=ks.device)).tolist()
         for k in range(first, k1):
