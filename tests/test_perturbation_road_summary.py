@@ -179,6 +179,19 @@ def test_road_walk_equals_whole_image_solves(mode, order):
         torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-9)
 
 
+def test_road_walk_falls_back_to_whole_image_solves_when_tables_are_too_big(monkeypatch):
+    x, ps, steps = _walk_setup("grid", "morf", seed=7, steps=12)
+    assert isinstance(Road().walk(x, torch.zeros_like(x), ps, steps), RoadWalk)
+    monkeypatch.setattr(Road, "WALK_TABLE_LIMIT", x.shape[0] * (steps + 2) ** 2 - 1)
+    assert Road().walk(x, torch.zeros_like(x), ps, steps) is None
+    model = tiny_net(c=3, h=29, w=26)
+    kw = dict(region_size=3, steps=steps, seed=1)
+    hm = torch.randn(3, 29, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = region_perturbation(model, x, hm, perturbation=Road(tol=1e-11), **kw)
+    want = region_perturbation(model, x, hm, perturbation=WholeImageRoad(tol=1e-11), **kw)
+    assert torch.equal(got.scores, want.scores)  # the same code path: whole-image solves
+
+
 def test_road_walk_inputs_and_going_back():
     # fill() writes exactly where(mask_k, impute(x, mask_k) + noise, x); asking for earlier steps
     # again (not what the engine does) restarts those images and still gives the right inputs

@@ -327,6 +327,7 @@ class Road(Perturbation):
 
     name = "road"
     random = True
+    WALK_TABLE_LIMIT = 1 << 27  # bool entries per region table (two tables: 256 MiB)
 
     def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None) -> None:
         if noise < 0:
@@ -341,7 +342,12 @@ class Road(Perturbation):
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return eps * (self.noise * space.unit_scale())
 
-    def walk(self, x: Tensor, state: Tensor, pixel_step: Tensor, steps: int) -> RoadWalk:
+    def walk(self, x: Tensor, state: Tensor, pixel_step: Tensor, steps: int) -> RoadWalk | None:
+        """The per-component walk, unless its (B, L+2, L+2) region tables would exceed
+        ``WALK_TABLE_LIMIT`` entries (e.g. pixel flipping with thousands of 1×1 steps): then
+        None, and the engine solves every (step, image) on the whole image instead."""
+        if x.shape[0] * (steps + 2) ** 2 > self.WALK_TABLE_LIMIT:
+            return None
         return RoadWalk(self, x, state, pixel_step, steps)
 
     def apply(self, x: Tensor, mask: Tensor, state: Tensor, out: Tensor | None = None) -> Tensor:
