@@ -297,6 +297,8 @@ class RoadWalk:
                 self.cursor[bi] = 0
         first = min(self.cursor[bi] for bi in range(b0, b1)) + 1
         items = [(k, bi) for bi in range(b0, b1) for k in range(self.cursor[bi] + 1, k1)]
+        if not items:  # an empty range of steps
+            return out
         kk, bb = torch.tensor(items, device=self.x.device).unbind(1)
         item, bs, ys, xs, vals = self._solve(kk, bb)
         ks, perm = torch.sort(kk[item], stable=True)
