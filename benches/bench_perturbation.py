@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heatmapbench.models import VGGSmall
-from heatmapbench.perturbation import Road, region_perturbation, road_impute
+from heatmapbench.perturbation import Road, region_perturbation, road_impute, select_regions
 
 
 def best_of(fn, reps: int) -> float:
@@ -193,33 +193,31 @@ def road_curves(args) -> None:
         line = f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s"
         if NoisyLinearImputer is not None:
             imp = NoisyLinearImputer(noise=0.0)
-            sel = range(min(nr, args.road_gc_images))
-            pidx = torch.arange(sz * sz)
-            ncols = -(-sz // p)
-            masks = []
-            for i in sel:  # the engine's own removal masks, step by step
-                tile = (pidx // sz // p) * ncols + (pidx % sz) // p
-                step_of = torch.full((ncols * ncols,), L + 1)
-                step_of[res.order[0, i]] = torch.arange(1, L + 1)
-                masks.append(step_of[tile].view(sz, sz))
-            def gc_curves():
-                for i, ps in zip(sel, masks):
-                    for k in range(1, L + 1):
-                        imp(xr[i], (ps > k).float())  # grad-cam's mask: 1 = keep
+            n_gc = min(nr, args.road_gc_images)
+            # the engine's own removal masks: its region order (seed 0 → generator seed 0) as the
+            # step at which each pixel is removed
+            order_chk, masks = select_regions(hr[:n_gc], region_size=p, steps=L, order=order, regions="grid",
+                                              repeats=1, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(order_chk[0], res.order[0, :n_gc]), "masks differ from the engine's"
+            masks = masks[0]
 
-            t_gc = best_of(gc_curves, args.road_gc_reps) / (len(masks) * L)
+            def gc_curves():
+                for i in range(n_gc):
+                    for k in range(1, L + 1):
+                        imp(xr[i], (masks[i] > k).float())  # grad-cam's mask: 1 = keep
+
+            t_gc = best_of(gc_curves, args.road_gc_reps) / (n_gc * L)
             line += (f"; grad-cam NoisyLinearImputer on the same masks: {1 / t_gc:6.1f} image-steps/s "
                      f"→ speed-up ×{t_gc * n / t_ours:.1f} (target ≥ 20×)")
             # agreement on a few steps: the engine's inputs are impute(x) + noise where removed
-            imp0 = NoisyLinearImputer(noise=0.0)
-            w = Road().walk(xr[:1], torch.zeros_like(xr[:1]), masks[0].unsqueeze(0).int(), L)
+            w = Road().walk(xr[:1], torch.zeros_like(xr[:1]), masks[:1], L)
             ks = (1, L // 2, L)
             out = torch.empty(len(ks), 1, 3, sz, sz)
             dmax = 0.0
             for j, k in enumerate(ks):
                 m = (masks[0] <= k).float().view(1, 1, 1, sz, sz)
                 w.fill(k, k + 1, 0, 1, m, out[j:j + 1])
-                dmax = max(dmax, (out[j, 0] - imp0(xr[0], 1 - m[0, 0, 0])).abs().max().item())
+                dmax = max(dmax, (out[j, 0] - imp(xr[0], 1 - m[0, 0, 0])).abs().max().item())
             line += f"; max|Δ| vs grad-cam = {dmax:.1e}"
         print(line)
 

@@ -155,13 +155,13 @@ _RUNGS = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 102
 _MERGE = 1 << 16
 
 
-def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, removed, *, tol: float, max_iter: int | None,
-                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: Tensor, *, tol: float,
+                 max_iter: int | None, start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
     """Solve many small ROAD systems, each in a crop of an image, batched by padded crop size.
 
     Item i is image ``bi[i]`` cropped to ``boxes[i]`` = (y0, y1, x0, x1); its removed pixels
-    are ``removed(sel, b, rows, cols)`` → bool (n, hh, ww) for the items ``sel`` of one batch
-    (``b`` (n, 1, 1), ``rows`` (n, hh, 1), ``cols`` (n, 1, ww) index the image). A crop must hold
+    are those whose label in ``labels`` (B, H, W) long is true in ``wanted[i]`` (a bool row
+    over the labels). A crop must hold
     the item's removed pixels and every neighbour of them inside the image (a one-pixel ring),
     so its solve is exact. Crops are padded to square sides from ``_RUNGS``; small batches are
     merged into the next larger one while the padding costs less than a separate solve.
@@ -202,7 +202,7 @@ def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, removed, *, tol: float, m
         r_, c_ = rows.clamp(max=h - 1)[:, :, None], cols.clamp(max=w - 1)[:, None, :]
         b_ = bi[sel, None, None]
         xc = x[b_, :, r_, c_].permute(0, 3, 1, 2)  # (n, C, hh, ww)
-        rem = removed(sel, b_, r_, c_) & valid
+        rem = wanted[sel[:, None, None], labels[b_, r_, c_]] & valid
         st = None
         if start is not None:
             st = (start[0][b_, :, r_, c_].permute(0, 3, 1, 2), start[1][b_, 0, r_, c_].unsqueeze(1))
@@ -234,7 +234,7 @@ class RoadWalk:
         if tuple(pixel_step.shape) != (b, h, w):
             raise ValueError(f"pixel_step must have shape (B, H, W) = {(b, h, w)}, got {tuple(pixel_step.shape)}")
         dev = x.device
-        self.road, self.x, self.noise, self.steps = road, x, noise, steps
+        self.road, self.x, self.noise = road, x, noise
         ps = pixel_step.to(device=dev, dtype=torch.long).clamp(1, steps + 1)  # L+1: never removed
         self.ps = ps
         n = steps + 2  # node ids 1..L are regions; 0 and L+1 are never members
@@ -277,14 +277,6 @@ class RoadWalk:
         self.solved = torch.zeros(b, 1, h, w, dtype=torch.bool, device=dev)
         self.cursor = [0] * b  # last step pasted into running, per image
 
-    def _solve(self, k: Tensor, bi: Tensor) -> tuple[Tensor, ...]:
-        """Solve the components of the (step ``k``, image ``bi``) items; see :func:`_solve_crops`."""
-        def removed(sel: Tensor, b_: Tensor, r_: Tensor, c_: Tensor) -> Tensor:
-            return self.member[b_, k[sel, None, None], self.ps[b_, r_, c_]]
-
-        return _solve_crops(self.x, bi, self.crops[bi, k], removed, tol=self.road.tol,
-                            max_iter=self.road.max_iter, start=(self.running, self.solved))
-
     def fill(self, k0: int, k1: int, b0: int, b1: int, mask: Tensor, out: Tensor) -> Tensor:
         """Inputs of steps k0..k1-1 (1-based) for images b0..b1-1 into ``out`` (K, Bs, C, H, W).
 
@@ -300,7 +292,10 @@ class RoadWalk:
         if not items:  # an empty range of steps
             return out
         kk, bb = torch.tensor(items, device=self.x.device).unbind(1)
-        item, bs, ys, xs, vals = self._solve(kk, bb)
+        # step k's component: the regions (pixel labels = steps) that member[b, k] selects
+        item, bs, ys, xs, vals = _solve_crops(self.x, bb, self.crops[bb, kk], self.ps, self.member[bb, kk],
+                                              tol=self.road.tol, max_iter=self.road.max_iter,
+                                              start=(self.running, self.solved))
         ks, perm = torch.sort(kk[item], stable=True)
         bs, ys, xs, vals = bs[perm], ys[perm], xs[perm], vals[perm]
         ends = torch.searchsorted(ks, torch.arange(first, k1 + 1, device=ks.device)).tolist()
