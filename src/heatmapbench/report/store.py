@@ -1,0 +1,100 @@
+"""Reading runs from the MLflow store for ``heatmapbench-report``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from heatmapbench.config import ConfigError
+from heatmapbench.tracking import retry_locked
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def _tag_key(key: str) -> str:
+    return f"tags.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f"tags.`{key}`"
+
+
+def filter_string(sweep_id: str | None = None, tags: dict[str, Any] | None = None, raw: str | None = None) -> str:
+    """One MLflow search filter (clauses joined by ``and``) from a sweep id, tag equalities and a raw filter."""
+    parts = []
+    if sweep_id:
+        parts.append(f"tags.sweep_id = {_quote(str(sweep_id))}")
+    for key, value in (tags or {}).items():
+        parts.append(f"{_tag_key(str(key))} = {_quote(str(value))}")
+    if raw:
+        parts.append(str(raw))
+    return " and ".join(parts)
+
+
+def runs_frame(runs: Iterable[Any], experiment_names: dict[str, str] | None = None) -> pd.DataFrame:
+    """MLflow runs as the frame ``mlflow.search_runs(output_format="pandas")`` returns, plus ``experiment``."""
+    rows = []
+    for run in runs:
+        row = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+               "experiment": (experiment_names or {}).get(run.info.experiment_id, run.info.experiment_id),
+               "status": run.info.status, "artifact_uri": run.info.artifact_uri,
+               "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True)}
+        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+        row.update({f"params.{k}": v for k, v in run.data.params.items()})
+        row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_runs(tracking_uri: str, experiments: Sequence[str] | None, *, sweep_id: str | None = None,
+              tags: dict[str, Any] | None = None, filter: str | None = None, include_failed: bool = False,
+              exclude_experiment: str | None = None) -> pd.DataFrame:
+    """The selected runs of ``experiments`` (all but ``exclude_experiment`` when empty) as a frame.
+
+    Raises ``ConfigError`` (nothing is written to the store) when the store or an experiment does
+    not exist, the filter is not valid MLflow syntax, or no run matches.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"tracking_uri={tracking_uri!r} is invalid: no MLflow store there; run heatmapbench-evaluate "
+                          "or heatmapbench-train first, or point tracking_uri (or paths.mlruns_dir) at the store")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    known = {e.name: e.experiment_id for e in retry_locked(client.search_experiments)()}
+    if experiments:
+        unknown = [name for name in experiments if name not in known]
+        if unknown:
+            raise ConfigError(f"experiments={list(experiments)} is invalid: no experiment {unknown} in {tracking_uri}; "
+                              f"known: {sorted(known)}")
+        names = list(experiments)
+    else:
+        names = [name for name in known if name != exclude_experiment]
+    query = filter_string(sweep_id, tags, filter)
+    ids = [known[name] for name in names]
+    try:
+        runs = []
+        token = None
+        while True:  # pages of 1000 runs
+            page = retry_locked(client.search_runs)(ids, filter_string=query, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    except MlflowException as err:
+        raise ConfigError(f"filter {query!r} is invalid: {err.message}. MLflow syntax: clauses joined by 'and', e.g. "
+                          "tags.model = 'vgg16' and metrics.accuracy > 0.5 and params.`evaluation.steps` = '100'") from err
+    df = runs_frame(runs, {v: k for k, v in known.items()})
+    if len(df) and "tags.task" in df:
+        df = df[df["tags.task"].fillna("") != "report"]  # earlier summaries are not runs to compare
+    where = f"experiments {names}" + (f" with filter {query!r}" if query else "")
+    if not len(df):
+        raise ConfigError(f"no runs match in {where} ({tracking_uri}); check sweep_id/tags/filter/experiments")
+    if not include_failed:
+        kept = df[df.status == "FINISHED"]
+        if not len(kept):
+            counts = ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items())
+            raise ConfigError(f"no FINISHED runs match in {where} ({counts}); include_failed=true reports them anyway")
+        df = kept
+    return df.reset_index(drop=True)
