@@ -10,22 +10,16 @@ import scipy.ndimage
 import torch
 from torch import nn
 
-from heatmapbench.perturbation import (
-    Blur,
-    PixelSpace,
-    Road,
-    RoadWalk,
+from heatmapbench.metrics import (
     abpc,
     heatmap_entropy,
     heatmap_jpeg_size,
     heatmap_png_size,
     mean_ci,
     paired_bootstrap_test,
-    region_perturbation,
     relative_to_random,
-    road_impute,
-    select_regions,
 )
+from heatmapbench.perturbation import Blur, PixelSpace, Road, RoadWalk, region_perturbation, road_impute, select_regions
 from tests.test_perturbation import linear_setup, ref_impute, tiny_net
 
 

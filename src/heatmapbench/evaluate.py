@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
-from heatmapbench.config import ConfigError, validate
-from heatmapbench.evaluation import Evaluation, EvaluationSettings, build_explainers, build_perturbation, evaluate_batch
+from heatmapbench.config import ConfigError, EvaluationSettings, validate
+from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
 from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir

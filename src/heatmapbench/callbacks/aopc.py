@@ -20,12 +20,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from heatmapbench.evaluation import (
-    EvaluationSettings,
-    build_explainers,
-    build_perturbation,
-    evaluate_batch,
-)
+from heatmapbench.config import EvaluationSettings
+from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
 
 

@@ -15,8 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from heatmapbench.evaluation.core import EvaluationSettings
-from heatmapbench.registry import conf_dir
+from heatmapbench.perturbation.regions import REGION_MODES
+from heatmapbench.registry import available, conf_dir
 
 
 class ConfigError(ValueError):
@@ -139,6 +139,76 @@ class MLflowLoggerConfig:
         _require(scheme in ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file"),
                  "logger.tracking_uri", self.tracking_uri,
                  "use sqlite:///<path>/mlflow.db (default) or http://host:port of an MLflow server")
+
+
+DEFAULT_EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+
+
+@dataclass
+class EvaluationSettings:
+    """What is scored and how (paper Sec. 3 defaults: 9×9 grid regions, L = 100, uniform noise).
+
+    Also the typed schema of the ``evaluation`` config group: a wrong key, type or value fails
+    before any work starts.
+
+    Parameters
+    ----------
+    explainers
+        Names of ``conf/explainer/*.yaml`` to compare.
+    region_size, steps, regions, score
+        Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
+    orders
+        Orders run for every explainer: ``morf`` (always), ``lerf`` (adds ABPC).
+    repeats
+        Repeats of each explainer's curve (new perturbation draws).
+    random_repeats
+        Repeats of the random-ordering baseline (paper: 10).
+    seed
+        Seed of every draw.
+    batch_size
+        Inputs per forward pass inside the engine.
+    complexity
+        Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
+    """
+
+    explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
+    region_size: int = 9
+    steps: int = 100
+    orders: list[str] = field(default_factory=lambda: ["morf"])
+    regions: str = "grid"
+    score: str = "logit"
+    repeats: int = 1
+    random_repeats: int = 10
+    seed: int = 0
+    batch_size: Optional[int] = 512
+    complexity: bool = True
+
+    def __post_init__(self) -> None:
+        self.orders = list(self.orders)
+        self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
+        bad = [o for o in self.orders if o not in ("morf", "lerf")]
+        if bad or "morf" not in self.orders:
+            raise ConfigError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
+        for key in ("region_size", "steps", "repeats", "random_repeats"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"evaluation.batch_size={self.batch_size} is invalid: must be >= 1 or null")
+        if self.regions not in REGION_MODES:
+            raise ConfigError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
+        if self.score not in ("logit", "probability"):
+            raise ConfigError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
+        if not self.explainers:
+            raise ConfigError("evaluation.explainers is empty: name at least one explainer")
+        known = available("explainer")
+        unknown = [n for n in self.explainers if n not in known]
+        if unknown:
+            raise ConfigError(f"evaluation.explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``region_perturbation`` that these settings fix."""
+        return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
+                "score": self.score, "batch_size": self.batch_size}
 
 
 #: group -> (schema name, dataclass)

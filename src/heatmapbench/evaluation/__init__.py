@@ -2,12 +2,11 @@
 
 from heatmapbench.evaluation.core import (
     Evaluation,
-    EvaluationSettings,
     build_explainers,
     build_perturbation,
     evaluate_batch,
     predicted_class,
 )
 
-__all__ = ["Evaluation", "EvaluationSettings", "build_explainers", "build_perturbation",
+__all__ = ["Evaluation", "build_explainers", "build_perturbation",
            "evaluate_batch", "predicted_class"]

@@ -9,94 +9,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from heatmapbench.config.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
-from heatmapbench.perturbation import (
-    REGION_MODES,
-    Perturbation,
+from heatmapbench.metrics import (
+    aopc,
     heatmap_entropy,
     heatmap_jpeg_size,
     heatmap_png_size,
     mean_ci,
     paired_bootstrap_test,
-    region_perturbation,
 )
-from heatmapbench.registry import available, build
-
-
-DEFAULT_EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
-
-
-@dataclass
-class EvaluationSettings:
-    """What is scored and how (paper Sec. 3 defaults: 9×9 grid regions, L = 100, uniform noise).
-
-    Also the typed schema of the ``evaluation`` config group: a wrong key, type or value fails
-    before any work starts.
-
-    Parameters
-    ----------
-    explainers
-        Names of ``conf/explainer/*.yaml`` to compare.
-    region_size, steps, regions, score
-        Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
-    orders
-        Orders run for every explainer: ``morf`` (always), ``lerf`` (adds ABPC).
-    repeats
-        Repeats of each explainer's curve (new perturbation draws).
-    random_repeats
-        Repeats of the random-ordering baseline (paper: 10).
-    seed
-        Seed of every draw.
-    batch_size
-        Inputs per forward pass inside the engine.
-    complexity
-        Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
-    """
-
-    explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
-    region_size: int = 9
-    steps: int = 100
-    orders: list[str] = field(default_factory=lambda: ["morf"])
-    regions: str = "grid"
-    score: str = "logit"
-    repeats: int = 1
-    random_repeats: int = 10
-    seed: int = 0
-    batch_size: Optional[int] = 512
-    complexity: bool = True
-
-    def __post_init__(self) -> None:
-        self.orders = list(self.orders)
-        self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
-        bad = [o for o in self.orders if o not in ("morf", "lerf")]
-        if bad or "morf" not in self.orders:
-            raise ValueError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
-        for key in ("region_size", "steps", "repeats", "random_repeats"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"evaluation.batch_size={self.batch_size} is invalid: must be >= 1 or null")
-        if self.regions not in REGION_MODES:
-            raise ValueError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
-        if self.score not in ("logit", "probability"):
-            raise ValueError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
-        if not self.explainers:
-            raise ValueError("evaluation.explainers is empty: name at least one explainer")
-        known = available("explainer")
-        unknown = [n for n in self.explainers if n not in known]
-        if unknown:
-            raise ValueError(f"evaluation.explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``region_perturbation`` that these settings fix."""
-        return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
-                "score": self.score, "batch_size": self.batch_size}
+from heatmapbench.perturbation import Perturbation, region_perturbation
+from heatmapbench.registry import build
 
 
 def build_explainers(names: Sequence[str]) -> dict[str, Explainer]:
@@ -158,16 +88,12 @@ class Evaluation:
         return int(self.random_curves.shape[0])
 
     # -- per image ---------------------------------------------------------------------
-    @staticmethod
-    def _aopc(curves: Tensor) -> Tensor:
-        """(N,) AOPC = 1/(L+1) Σ_{k=0..L} curve_k (paper eq. 11, per image)."""
-        return curves.mean(dim=-1)
-
     def aopc(self, name: str, order: str = "morf") -> Tensor:
-        return self._aopc(self.curves[name][order])
+        """(N,) AOPC per image (paper eq. 11)."""
+        return aopc(self.curves[name][order])
 
     def random_aopc(self) -> Tensor:
-        return self._aopc(self.random_curves)
+        return aopc(self.random_curves)
 
     def aopc_relative(self, name: str) -> Tensor:
         """(N,) MoRF AOPC minus the random ordering's AOPC on the same image (paper Fig. 4)."""

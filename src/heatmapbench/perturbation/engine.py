@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from heatmapbench.metrics.summary import aopc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
 
@@ -285,5 +286,5 @@ def region_perturbation(
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),
                     regions=regions, score=score, repeats=repeats, seed=seed, batch_size=bs,
                     mean=mean, std=std, value_range=tuple(value_range))
-    return PerturbationResult(curves=curves, scores=scores, aopc=curves.mean(dim=-1),
+    return PerturbationResult(curves=curves, scores=scores, aopc=aopc(curves),
                               order=order_idx, target=tgt, settings=settings)

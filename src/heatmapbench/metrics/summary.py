@@ -1,24 +1,35 @@
-"""Summaries of perturbation results: AOPC relative to random, ABPC, bootstrap CIs and tests.
+"""The one home of AOPC summaries: AOPC, AOPC relative to random, ABPC, bootstrap CIs and tests.
 
-Following Tomsett et al. (AAAI 2020), report a confidence interval with every mean and test
-differences between explainers rather than comparing bare means.
+Per image (paper eq. 11): ``AOPC = 1/(L+1) Σ_{k=0..L} curve_k``; relative to random is the
+explainer's AOPC minus the random ordering's on the same image (Fig. 4); ABPC (appendix
+eq. 13) is ``AOPC_MoRF − AOPC_LeRF``. Following Tomsett et al. (AAAI 2020), every mean is
+reported with a confidence interval and differences between explainers are tested rather than
+compared as bare means. Used by the engine's callers, :class:`~heatmapbench.evaluation.Evaluation`
+(hence the training callback and ``heatmapbench-evaluate``) and the report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from heatmapbench.perturbation.engine import PerturbationResult
+if TYPE_CHECKING:  # the engine itself uses aopc() below
+    from heatmapbench.perturbation.engine import PerturbationResult
 
-__all__ = ["relative_to_random", "abpc", "mean_ci", "paired_bootstrap_test", "PairedTest"]
+__all__ = ["aopc", "relative_to_random", "abpc", "mean_ci", "paired_bootstrap_test", "PairedTest"]
+
+
+def aopc(curves: Tensor) -> Tensor:
+    """Per-image AOPC of perturbation curves ``(..., L+1)``: ``1/(L+1) Σ_{k=0..L} curve_k`` (eq. 11)."""
+    return curves.mean(dim=-1)
 
 
 def _per_image_aopc(result: PerturbationResult | Tensor) -> Tensor:
     """(B,) AOPC per image, averaged over repeats; a tensor is taken as already (B,) or (R, B)."""
-    a = result.aopc if isinstance(result, PerturbationResult) else torch.as_tensor(result)
+    a = aopc(result.curves) if hasattr(result, "curves") else torch.as_tensor(result)
     return a.mean(dim=0) if a.ndim == 2 else a
 
 
