@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from heatmapbench.metrics.summary import aopc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
+from heatmapbench.runtime import autocast, check_layout, check_precision, fast_model, to_layout
 
 __all__ = ["PerturbationResult", "region_perturbation", "eval_mode", "SCORES"]
 
@@ -174,6 +175,8 @@ def region_perturbation(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
+    precision: str = "fp32",
+    layout: str = "auto",
 ) -> PerturbationResult:
     """Perturb regions in heatmap order and record the score (Samek et al., Sec. 3, eq. 11).
 
@@ -183,7 +186,8 @@ def region_perturbation(
     Parameters
     ----------
     model : classifier returning (N, classes) scores for (N, C, H, W) inputs. Run in eval mode
-        under ``torch.no_grad()``; each submodule's mode is restored afterwards.
+        under ``torch.inference_mode()``; each submodule's mode, and every parameter and buffer,
+        is restored afterwards.
     x : (B, C, H, W) images in model space (what ``model`` is fed).
     heatmap : (B, H, W) pixel relevances; finite.
     target : (B,) classes to score; default the predicted class of x (no labels needed).
@@ -208,6 +212,11 @@ def region_perturbation(
     mean, std : per-channel normalisation (model = (px − mean)/std); default identity.
     value_range : (lo, hi) of pixels, e.g. (0, 1) or (0, 255). The paper's U(0, 1) noise is drawn
         in [0, 1]-scaled intensity and mapped to this range.
+    precision : ``"fp32"`` (default, the reference), ``"bf16"`` or ``"fp16"`` (CUDA only): the
+        forward passes run under ``torch.autocast``; scores are float32. Perturbed inputs are
+        built in ``x``'s dtype either way (see :mod:`heatmapbench.runtime`).
+    layout : ``"auto"`` (channels_last for models with 2-D convolutions: the same results up
+        to float reassociation, faster on oneDNN/cuDNN), ``"channels_last"`` or ``"contiguous"``.
 
     Returns
     -------
@@ -221,6 +230,8 @@ def region_perturbation(
               mean, std, value_range)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
+    check_precision(precision, x.device)
+    check_layout(layout)
     pert = _resolve_perturbation(perturbation)
     b, c, h, w = x.shape
     dev = x.device
@@ -239,14 +250,18 @@ def region_perturbation(
     pixel_step_int = pixel_step
     pixel_step = pixel_step.to(wdt)
 
-    def checked(out: Tensor) -> Tensor:  # (n, classes) scores: logits or probabilities
+    def forward(inp: Tensor) -> Tensor:  # (n, classes) scores: logits or probabilities
+        with torch.inference_mode(), autocast(precision, dev):
+            out = model(to_layout(inp, nhwc))
         if out.ndim != 2:
             raise ValueError(f"model must return (N, classes) scores, got shape {tuple(out.shape)}")
+        if precision != "fp32":
+            out = out.float()
         return out.softmax(dim=1) if score == "probability" else out
 
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), fast_model(model, layout) as nhwc, torch.no_grad():
         # Step 0: the clean images, which also fix the default target.
-        logits0 = checked(torch.cat([model(x[i:i + bs]) for i in range(0, b, bs)]))
+        logits0 = torch.cat([forward(x[i:i + bs]) for i in range(0, b, bs)])
         tgt = logits0.argmax(dim=1) if target is None else target.to(dev)
         f0 = logits0.gather(1, tgt[:, None]).squeeze(1)  # (B,)
         tgt_col = tgt.repeat(steps + 1).unsqueeze(1)  # (n_pairs, 1) step-major
@@ -280,11 +295,12 @@ def region_perturbation(
                         pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
                     else:
                         walk.fill(k0, k1, b0, b1, mask, out)
-                torch.gather(checked(model(inp)), 1, tcol, out=col[s:e])
+                torch.gather(forward(inp), 1, tcol, out=col[s:e])
     scores = scores.transpose(1, 2).contiguous()  # (R, B, L+1)
     curves = scores[..., :1] - scores
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),
                     regions=regions, score=score, repeats=repeats, seed=seed, batch_size=bs,
-                    mean=mean, std=std, value_range=tuple(value_range))
+                    mean=mean, std=std, value_range=tuple(value_range), precision=precision,
+                    layout=layout)
     return PerturbationResult(curves=curves, scores=scores, aopc=aopc(curves),
                               order=order_idx, target=tgt, settings=settings)

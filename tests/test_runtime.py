@@ -1,0 +1,133 @@
+"""Layout and precision: the same results as the contiguous fp32 path, and the model left untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from heatmapbench.models import SmallCNN, VGGSmall
+from heatmapbench.perturbation import region_perturbation
+from heatmapbench.runtime import channels_last, check_precision, uses_channels_last
+
+
+def snapshot(model: nn.Module) -> list[tuple]:
+    """Everything that must survive: identity, storage, strides, values, flags and gradients."""
+    rows = []
+    for name, p in model.named_parameters():
+        rows.append((name, id(p), p.data_ptr(), p.stride(), p.detach().clone(), p.requires_grad,
+                     None if p.grad is None else p.grad.data_ptr()))
+    for name, b in model.named_buffers():
+        rows.append((name, id(b), b.data_ptr(), b.stride(), b.clone(), False, None))
+    return rows
+
+
+def assert_same(before: list[tuple], model: nn.Module) -> None:
+    after = snapshot(model)
+    assert [r[:4] + r[5:] for r in before] == [r[:4] + r[5:] for r in after]
+    for b, a in zip(before, after):
+        assert torch.equal(b[4], a[4]), b[0]
+
+
+def vgg() -> nn.Module:
+    torch.manual_seed(0)
+    net = VGGSmall(width=4, hidden=16)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    net.train()
+    net[0].weight.grad = torch.ones_like(net[0].weight)  # a gradient left over from training
+    return net
+
+
+def test_channels_last_converts_and_restores_exactly():
+    net = vgg()
+    before = snapshot(net)
+    conv = net[0]
+    with channels_last(net):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()
+        assert id(conv.weight) == before[0][1]  # the same Parameter object
+        with channels_last(net):  # nesting leaves the outer conversion alone
+            pass
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same(before, net)
+    with pytest.raises(RuntimeError, match="boom"):
+        with channels_last(net):
+            raise RuntimeError("boom")
+    assert_same(before, net)
+    assert net.training and conv.weight.is_contiguous()
+
+
+def test_uses_channels_last():
+    assert uses_channels_last(SmallCNN())
+    assert not uses_channels_last(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    assert not uses_channels_last(SmallCNN(), "contiguous")
+    with pytest.raises(ValueError, match="layout='nhwc' is invalid"):
+        uses_channels_last(SmallCNN(), "nhwc")
+
+
+@pytest.mark.parametrize("perturbation, order", [("uniform", "random"), ("blur", "morf")])
+def test_engine_channels_last_matches_contiguous(perturbation, order):
+    net = vgg()
+    before = snapshot(net)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    heat = torch.rand(4, 32, 32, generator=g)
+    kw = dict(region_size=8, steps=10, order=order, perturbation=perturbation, repeats=2, batch_size=15,
+              mean=[0.5] * 3, std=[0.25] * 3)
+    seen = []  # the layout the first convolution ran in: (weight, input) channels_last?
+    cl = torch.channels_last
+    hook = net[0].register_forward_pre_hook(
+        lambda m, args: seen.append((m.weight.is_contiguous(memory_format=cl),
+                                     args[0].is_contiguous(memory_format=cl))))
+    ref = region_perturbation(net, x, heat, layout="contiguous", **kw)
+    assert set(seen) == {(False, False)}
+    assert_same(before, net)
+    seen.clear()
+    fast = region_perturbation(net, x, heat, layout="auto", **kw)
+    assert set(seen) == {(True, True)}
+    hook.remove()
+    assert_same(before, net)
+    assert torch.equal(ref.order, fast.order) and torch.equal(ref.target, fast.target)
+    # reassociation inside the convolutions only: far below any AOPC difference that matters
+    torch.testing.assert_close(fast.scores, ref.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_restores_model_on_error():
+    net = vgg()
+    before = snapshot(net)
+    calls = {"n": 0}
+
+    def fail_on_second(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("model failed")
+
+    handle = net.register_forward_pre_hook(fail_on_second)
+    try:
+        with pytest.raises(RuntimeError, match="model failed"):
+            region_perturbation(net, torch.randn(2, 3, 32, 32), torch.rand(2, 32, 32), region_size=8, steps=4)
+    finally:
+        handle.remove()
+    assert_same(before, net)
+
+
+def test_precision_bf16_close_to_fp32_and_fp16_refused_on_cpu():
+    net = vgg()
+    x = torch.randn(4, 3, 32, 32)
+    heat = torch.rand(4, 32, 32)
+    kw = dict(region_size=4, steps=16, perturbation="uniform")
+    ref = region_perturbation(net, x, heat, **kw)
+    low = region_perturbation(net, x, heat, precision="bf16", **kw)
+    assert low.scores.dtype == torch.float32
+    assert not torch.equal(low.scores, ref.scores)  # autocast did run in bf16
+    # bf16 keeps 8 bits of mantissa: logits agree to ~1e-2 of their scale
+    torch.testing.assert_close(low.scores, ref.scores, rtol=0.05, atol=0.05 * float(ref.scores.abs().max()))
+    with pytest.raises(ValueError, match="precision='fp16' needs a CUDA device"):
+        region_perturbation(net, x, heat, precision="fp16", **kw)
+    with pytest.raises(ValueError, match="precision='fp64' is invalid"):
+        region_perturbation(net, x, heat, precision="fp64", **kw)
+    assert check_precision("fp16", "cuda") == "fp16"
