@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Any, Callable
 
@@ -14,13 +15,19 @@ from omegaconf import open_dict
 from heatmapbench.config import ConfigError
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.zoo import WeightsNotFoundError
+from heatmapbench.tracking import RunInterrupted
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a user error as ``error: ...`` and exit 2 instead of a traceback."""
+    """Print a user error as ``error: ...`` and exit 2 instead of a traceback.
+
+    SIGINT/SIGTERM (while a run is open) and Ctrl+C end the process with ``128 + signal``
+    (130, 143) after one line, also from inside a Hydra multirun (the sweep stops there).
+    Other exceptions propagate: Hydra prints them and exits 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,6 +36,10 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from err
+        except (RunInterrupted, KeyboardInterrupt) as err:
+            code = err.exit_code if isinstance(err, RunInterrupted) else 128 + signal.SIGINT
+            print(f"interrupted: {err or 'SIGINT received'}; exiting with status {code}", file=sys.stderr, flush=True)
+            raise SystemExit(code) from err
 
     return wrapper
 

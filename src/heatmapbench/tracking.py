@@ -1,8 +1,10 @@
 """The MLflow run lifecycle, in one place, for every entry point.
 
 ``tracked_run`` logs the resolved config (YAML artifact and flattened params), the Hydra
-overrides, the git commit and the package version, and marks the run FAILED when the body
-raises. The sqlite store is made safe for concurrent sweep jobs (WAL, busy timeout, retries).
+overrides, the git commit and the package version, and ends the run FINISHED, FAILED (any
+exception, config logging included) or KILLED (SIGINT/SIGTERM), with a one-line
+``end_reason`` tag. The sqlite store is made safe for concurrent sweep jobs (WAL, busy
+timeout, retries).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -127,12 +132,27 @@ def run_identity(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
     return name or f"job{hc.job.num}", tags
 
 
-def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> None:
-    """Log the resolved config as params and a ``config.yaml`` artifact, plus provenance tags."""
+def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None,
+               resumed: bool = False) -> None:
+    """Log the resolved config as params and a ``config.yaml`` artifact, plus provenance tags.
+
+    In a ``resumed`` run (params are immutable in MLflow), only new params are logged; the
+    resumed config and overrides go to ``resume_<n>/`` and the changed keys to a tag.
+    """
     client, run_id = logger.experiment, logger.run_id
     resolved = resolved_config(cfg)
     params = flatten(resolved)
-    retry_locked(logger.log_hyperparams)(params)
+    folder = None
+    if resumed:
+        run = retry_locked(client.get_run)(run_id)
+        old = run.data.params
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        params = {k: v for k, v in params.items() if k not in old}
+        folder = f"resume_{int(run.data.tags.get('resumes', '0')) + 1}"
+        extra_tags = {**(extra_tags or {}), "resumes": folder.split("_")[1],
+                      f"{folder}_changed": ",".join(changed)[:5000] or "(none)"}
+    if params:
+        retry_locked(logger.log_hyperparams)(params)
     overrides = _overrides()
     tags = {"git_commit": git_commit(), "heatmapbench_version": heatmapbench.__version__,
             "hydra_overrides": " ".join(overrides) or "(none)", **(extra_tags or {})}
@@ -142,8 +162,8 @@ def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None =
         path = Path(tmp) / "config.yaml"
         path.write_text(OmegaConf.to_yaml(resolved))
         (Path(tmp) / "overrides.txt").write_text("\n".join(overrides) + "\n")
-        retry_locked(client.log_artifact)(run_id, str(path))
-        retry_locked(client.log_artifact)(run_id, str(Path(tmp) / "overrides.txt"))
+        retry_locked(client.log_artifact)(run_id, str(path), folder)
+        retry_locked(client.log_artifact)(run_id, str(Path(tmp) / "overrides.txt"), folder)
 
 
 @contextlib.contextmanager
@@ -182,15 +202,100 @@ def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
         return retry_locked(instantiate)(logger_cfg, **kwargs)
 
 
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while a run was open; the entry point exits ``128 + signum``.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` swallows
+    it, but not a ``KeyboardInterrupt``: Lightning turns that into ``sys.exit(1)``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(f"{signal.Signals(self.signum).name} received")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by that signal
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While open, the first SIGINT or SIGTERM raises :class:`RunInterrupted` in the main thread.
+
+    Later signals are ignored until the block exits, so that closing the run is not cut short.
+    Lightning's own SIGTERM handler calls this one after its own (it chains existing handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise RunInterrupted(signum)
+
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def end_reason(err: BaseException) -> str:
+    """One line saying why a run ended early: ``SIGTERM received`` or ``ValueError: ...``."""
+    if isinstance(err, RunInterrupted):
+        return str(err)
+    if isinstance(err, SystemExit):
+        return f"exit status {err.code}"
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+def end_run(logger: Any, status: str, reason: str | None = None) -> None:
+    """End the logger's run with ``status`` (FINISHED, FAILED, KILLED) and a reason tag, if it exists."""
+    run_id = getattr(logger, "_run_id", None)
+    if run_id is None:  # the run was never created: nothing to close
+        return
+    if reason:
+        retry_locked(logger.experiment.set_tag)(run_id, "end_reason", reason)
+    retry_locked(logger.finalize)(status)
+
+
+def status_of(err: BaseException) -> str:
+    """The MLflow status of a run ended by ``err``: KILLED for signals and Ctrl+C, else FAILED."""
+    return "KILLED" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "FAILED"
+
+
 @contextlib.contextmanager
 def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Open the logger's MLflow run, log the config, and close it FINISHED or FAILED."""
-    with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
-        retry_locked(lambda: logger.experiment)()  # creates the experiment and the run
-    log_config(logger, cfg, extra_tags)
-    try:
-        yield logger
-    except BaseException:
-        retry_locked(logger.finalize)("failed")
-        raise
-    retry_locked(logger.finalize)("success")
+    """Open the logger's MLflow run, log the config, and close it FINISHED, FAILED or KILLED.
+
+    From before the run is created until it is closed, SIGINT and SIGTERM raise
+    :class:`RunInterrupted`; any exception (or signal) ends the run with an ``end_reason`` tag
+    and propagates, so the entry point exits non-zero. A failure while closing is printed and
+    does not hide the original error. When the logger was given the ``run_id`` of an earlier
+    run (a resumed training), that run is reopened (status RUNNING) and logged into.
+    """
+    with interrupts_raise():
+        try:
+            resumed = getattr(logger, "_run_id", None) is not None
+            with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
+                retry_locked(lambda: logger.experiment)()  # creates the experiment and the run
+            if resumed:
+                retry_locked(logger.experiment.update_run)(logger.run_id, status="RUNNING")
+            log_config(logger, cfg, extra_tags, resumed=resumed)
+            yield logger
+            end_run(logger, "FINISHED")
+        except BaseException as err:
+            try:
+                end_run(logger, status_of(err), end_reason(err))
+            except Exception as close_err:  # noqa: BLE001 - the original error matters more
+                print(f"warning: could not mark the MLflow run {status_of(err)}: {end_reason(close_err)}",
+                      file=sys.stderr, flush=True)
+            raise
