@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,20 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import heatmapbench
 import heatmapbench.config  # noqa: F401  (registers the schemas)
 from heatmapbench.registry import conf_dir
 
 torch.set_num_threads(2)
 
 REPO = conf_dir().parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: the package under test (not another install of it) and
+    the repository (for ``tests``) first on the path."""
+    path = os.pathsep.join([str(Path(heatmapbench.__file__).resolve().parents[1]), str(REPO)])
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture(scope="session")

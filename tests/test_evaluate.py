@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,11 @@ from mlflow import MlflowClient
 
 from heatmapbench.evaluate import run_evaluate
 from heatmapbench.models import zoo
-from tests.conftest import REPO, compose_config, store_uri
+from tests.conftest import cli_env, compose_config, store_uri
 
 pytestmark = pytest.mark.slow
 
-FAST = ["evaluation.steps=4", "evaluation.random_repeats=2", "n_boot=200", "progress=false", "gallery_size=2"]
+FAST = ["evaluation.steps=4", "evaluation.random_repeats=2", "evaluation.n_boot=200", "progress=false", "gallery_size=2"]
 
 
 @pytest.fixture
@@ -80,7 +79,7 @@ def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = cli_env()
     args = [sys.executable, "-m", "heatmapbench.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/out", *FAST, *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

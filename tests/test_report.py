@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from PIL import Image
 
 from heatmapbench.config import ConfigError
 from heatmapbench.report import build_report, filter_string, run_report
-from tests.conftest import REPO, compose_config
+from tests.conftest import cli_env, compose_config
 
 EXPLAINERS = ("sensitivity_l2", "lrp_epsilon_0.01")
 REGIONS = (4, 9)
@@ -264,7 +263,7 @@ def test_missing_store_is_not_created(tmp_path, data_dir):
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = cli_env()
     args = [sys.executable, "-m", "heatmapbench.report", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/cli_out", *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

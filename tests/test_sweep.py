@@ -15,14 +15,14 @@ import pytest
 from mlflow import MlflowClient
 
 from heatmapbench.perturbation import Perturbation
-from tests.conftest import REPO
+from tests.conftest import cli_env
 from tests.test_data import needs_fmnist
 
 pytestmark = [pytest.mark.slow, needs_fmnist]
 
 # A tiny evaluation: the small CNN (random weights) on 4 Fashion-MNIST test images.
 TINY = ["model=small_cnn", "data=fashion_mnist", "num_images=4", "data.batch_size=4", "evaluation.steps=3",
-        "evaluation.random_repeats=1", "n_boot=100", "progress=false", "gallery_size=0"]
+        "evaluation.random_repeats=1", "evaluation.n_boot=100", "progress=false", "gallery_size=0"]
 
 
 class Exploding(Perturbation):
@@ -35,7 +35,7 @@ class Exploding(Perturbation):
 
 
 def _evaluate(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = cli_env(PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "heatmapbench.evaluate", *args, f"paths.data_dir={data_dir}",
            f"paths.mlruns_dir={tmp_path}/mlruns", f"hydra.sweep.dir={tmp_path}/multirun",
            f"hydra.run.dir={tmp_path}/run", *TINY]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from heatmapbench.train import run_train
-from tests.conftest import REPO, store_uri
+from tests.conftest import cli_env, store_uri
 from tests.test_data import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -71,7 +70,7 @@ def test_run_that_raises_is_marked_failed(train_cfg):
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = cli_env()
     args = [sys.executable, "-m", "heatmapbench.train", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/out", "trainer.max_epochs=1", *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -106,7 +105,7 @@ def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
     assert last.is_file()
     ev = compose_config("evaluate", ["model=small_cnn", "data=fashion_mnist", f"ckpt_path={last}", "num_images=8",
                                      "explainer=sensitivity_l2", "evaluation.steps=3", "evaluation.random_repeats=1",
-                                     "progress=false", "n_boot=100"], tmp_path / "ev", data_dir)
+                                     "progress=false", "evaluation.n_boot=100"], tmp_path / "ev", data_dir)
     metrics = run_evaluate(ev)
     # the trained weights were loaded: accuracy well above chance on the first test images
     assert metrics["accuracy"] >= 0.5 and result["test/acc"] > 0.5

@@ -127,14 +127,14 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
                                       gallery_size=cfg.gallery_size, progress=cfg.progress)
         seconds = time.perf_counter() - start
-        summary = evaluation.summary(n_boot=cfg.n_boot, seed=settings.seed)
-        metrics = evaluation_metrics(evaluation, summary)
+        statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
+        metrics = evaluation_metrics(evaluation, statistics.summary)
         metrics["seconds"] = seconds
         retry_locked(logger.log_metrics)(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             files = write_evaluation(evaluation, Path(tmp), tuple(getattr(datamodule, "classes", ())),
                                      title=f"{len(subset)} images, {settings.region_size}×{settings.region_size} "
-                                           f"regions", n_boot=cfg.n_boot)
+                                           f"regions", statistics=statistics)
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
             table = files["summary_md"].read_text()

@@ -190,8 +190,10 @@ class AOPCCallback(pl.Callback):
         logger.log_metrics(metrics, step=epoch)
         if self.artifacts:
             with tempfile.TemporaryDirectory() as tmp:
+                statistics = evaluation.statistics(n_boot=self.settings.n_boot, seed=self.settings.seed)
                 files = write_evaluation(evaluation, Path(tmp), self._classes,
-                                         title=f"epoch {epoch}, {evaluation.num_images} images", n_boot=500)
+                                         title=f"epoch {epoch}, {evaluation.num_images} images",
+                                         statistics=statistics)
                 for path in files.values():
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"aopc/epoch_{epoch:03d}")
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.perturbation.regions import REGION_MODES
 from heatmapbench.registry import available, conf_dir
 
@@ -169,6 +170,8 @@ class EvaluationSettings:
         Inputs per forward pass inside the engine.
     complexity
         Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
+    n_boot
+        Bootstrap resamples of the images behind every confidence interval and paired test.
     """
 
     explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
@@ -182,6 +185,7 @@ class EvaluationSettings:
     seed: int = 0
     batch_size: Optional[int] = 512
     complexity: bool = True
+    n_boot: int = N_BOOT
 
     def __post_init__(self) -> None:
         self.orders = list(self.orders)
@@ -189,7 +193,7 @@ class EvaluationSettings:
         bad = [o for o in self.orders if o not in ("morf", "lerf")]
         if bad or "morf" not in self.orders:
             raise ConfigError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
-        for key in ("region_size", "steps", "repeats", "random_repeats"):
+        for key in ("region_size", "steps", "repeats", "random_repeats", "n_boot"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from heatmapbench.evaluation.core import Evaluation  # noqa: E402
+from heatmapbench.metrics.summary import N_BOOT, Statistics, format_p  # noqa: E402
 
 
 def write_curves_csv(evaluation: Evaluation, path: Path) -> pd.DataFrame:
@@ -86,10 +87,16 @@ def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None
         m, lo, hi = summary.attrs["aopc_random"]
         lines.append(f"\nRandom ordering: AOPC {m:.4g} [{lo:.4g}, {hi:.4g}].")
     if pairwise is not None and len(pairwise):
-        lines += ["", "| A | B | mean(A − B) [95% CI] | one-sided p (A beats B) | significant (p < 0.05) |", "|---|---|---|---|---|"]
+        n_boot = int(pairwise.attrs.get("n_boot", N_BOOT))
+        alpha = pairwise.attrs.get("alpha", 0.05)
+        lines += ["", f"Paired bootstrap tests ({n_boot} resamples of the images), one-sided p of \"A beats B\"; "
+                      f"Holm–Bonferroni over all {len(pairwise)} ordered pairs.", "",
+                  f"| A | B | mean(A − B) [95% CI] | p | Holm p | significant (Holm p < {alpha:g}) |",
+                  "|---|---|---|---|---|---|"]
         for _, r in pairwise.iterrows():
             if r.mean_diff > 0:
-                lines.append(f"| {r.a} | {r.b} | {r.mean_diff:.4g} [{r.lo:.4g}, {r.hi:.4g}] | {r.p_value:.4f} | "
+                lines.append(f"| {r.a} | {r.b} | {r.mean_diff:.4g} [{r.lo:.4g}, {r.hi:.4g}] | "
+                             f"{format_p(r.p_value, n_boot)} | {format_p(r.p_holm, n_boot)} | "
                              f"{'yes' if r.significant else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -131,16 +138,20 @@ def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "ac
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence[str] = (),
-                     title: str = "", n_boot: int = 2000) -> dict[str, Path]:
-    """Write every artifact of one evaluation into ``folder``; return them by kind."""
+                     title: str = "", statistics: Statistics | None = None) -> dict[str, Path]:
+    """Write every artifact of one evaluation into ``folder``; return them by kind.
+
+    ``statistics`` is the evaluation's one bootstrap (:meth:`Evaluation.statistics`), shared with
+    whatever else the caller logs or prints; by default it is computed here.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     files = {"curves": folder / "aopc_curves.csv", "plot": folder / "aopc_curves.png",
              "summary_csv": folder / "summary.csv", "summary_md": folder / "summary.md",
              "pairwise": folder / "pairwise_tests.csv"}
     write_curves_csv(evaluation, files["curves"])
     plot_aopc_curves(evaluation, files["plot"], title)
-    summary = evaluation.summary(n_boot=n_boot)
-    pairwise = evaluation.pairwise(n_boot=n_boot)
+    computed = evaluation.statistics() if statistics is None else statistics
+    summary, pairwise = computed.summary, computed.pairwise
     summary.to_csv(files["summary_csv"], index=False)
     pairwise.to_csv(files["pairwise"], index=False)
     files["summary_md"].write_text(summary_markdown(summary, pairwise))

@@ -7,9 +7,8 @@ result to :mod:`heatmapbench.evaluation.artifacts`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -17,13 +16,15 @@ from torch import Tensor, nn
 
 from heatmapbench.config.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
-from heatmapbench.metrics import (
+from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size
+from heatmapbench.metrics.summary import (
+    N_BOOT,
+    Statistics,
     aopc,
-    heatmap_entropy,
-    heatmap_jpeg_size,
-    heatmap_png_size,
-    mean_ci,
-    paired_bootstrap_test,
+    bootstrap_indices,
+    curves_table,
+    pairwise_table,
+    summary_table,
 )
 from heatmapbench.perturbation import Perturbation, region_perturbation
 from heatmapbench.registry import build
@@ -129,64 +130,43 @@ class Evaluation:
             seconds=sum(p.seconds for p in parts),
         )
 
-    # -- tables ------------------------------------------------------------------------
-    def summary(self, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-        """One row per explainer: means with 95% bootstrap CIs (Tomsett et al.) and Table I sizes."""
-        rows = []
-        for name in self.explainers:
-            row: dict[str, Any] = {"explainer": name, "images": self.num_images}
-            metrics = {"aopc": self.aopc(name), "aopc_rel": self.aopc_relative(name)}
-            if "lerf" in self.curves[name]:
-                metrics["aopc_lerf"] = self.aopc(name, "lerf")
-                metrics["abpc"] = self.abpc(name)
-            for key, values in metrics.items():
-                m, lo, hi = mean_ci(values, n_boot=n_boot, seed=seed)
-                row.update({key: m, f"{key}_lo": lo, f"{key}_hi": hi})
-            for key, values in self.complexity.get(name, {}).items():
-                row[key] = float(values.double().mean())
-            rows.append(row)
-        m, lo, hi = mean_ci(self.random_aopc(), n_boot=n_boot, seed=seed)
-        table = pd.DataFrame(rows)
-        table.attrs["aopc_random"] = (m, lo, hi)
-        return table
+    # -- tables (heatmapbench.metrics.summary) ----------------------------------------
+    def per_image(self, name: str) -> dict[str, Tensor]:
+        """(N,) per-image metrics of one explainer: ``aopc``, ``aopc_rel`` (+ ``aopc_lerf``, ``abpc``)."""
+        metrics = {"aopc": self.aopc(name), "aopc_rel": self.aopc_relative(name)}
+        if "lerf" in self.curves[name]:
+            metrics["aopc_lerf"] = self.aopc(name, "lerf")
+            metrics["abpc"] = self.abpc(name)
+        return metrics
 
-    def pairwise(self, metric: str = "aopc_rel", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-        """Paired bootstrap tests of "A beats B" for every ordered pair of explainers."""
+    def statistics(self, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
+                   alpha: float = 0.05) -> Statistics:
+        """The summary and the pairwise tests from one bootstrap draw (``n_boot`` resamples of the images).
+
+        Compute it once per evaluation and hand it to everything that prints, logs or writes it.
+        """
+        idx = bootstrap_indices(self.num_images, n_boot, seed)
+        return Statistics(summary=self.summary(indices=idx, level=level),
+                          pairwise=self.pairwise(indices=idx, level=level, alpha=alpha),
+                          n_boot=n_boot, seed=seed, level=level)
+
+    def summary(self, n_boot: int = N_BOOT, seed: int = 0, *, level: float = 0.95,
+                indices: Tensor | None = None) -> pd.DataFrame:
+        """One row per explainer: means with bootstrap CIs (Tomsett et al.) and Table I sizes."""
+        return summary_table({n: self.per_image(n) for n in self.explainers}, self.random_aopc(),
+                             complexity=self.complexity, level=level, n_boot=n_boot, seed=seed, indices=indices)
+
+    def pairwise(self, metric: str = "aopc_rel", n_boot: int = N_BOOT, seed: int = 0, *, level: float = 0.95,
+                 alpha: float = 0.05, indices: Tensor | None = None) -> pd.DataFrame:
+        """Paired bootstrap tests of "A beats B" for every ordered pair, Holm–Bonferroni adjusted."""
+        if metric not in ("aopc_rel", "abpc"):
+            raise ValueError(f"metric={metric!r} is invalid: choose aopc_rel or abpc")
         values = {n: self.aopc_relative(n) if metric == "aopc_rel" else self.abpc(n) for n in self.explainers}
-        rows = []
-        for a in self.explainers:
-            for b in self.explainers:
-                if a == b or values[a] is None or values[b] is None:
-                    continue
-                test = paired_bootstrap_test(values[a], values[b], n_boot=n_boot, seed=seed)
-                rows.append({"a": a, "b": b, "metric": metric, "mean_diff": test.mean_diff,
-                             "lo": test.lo, "hi": test.hi, "p_value": test.p_value,
-                             "significant": test.p_value < 0.05})
-        return pd.DataFrame(rows, columns=["a", "b", "metric", "mean_diff", "lo", "hi", "p_value", "significant"])
+        return pairwise_table(values, metric, alpha=alpha, level=level, n_boot=n_boot, seed=seed, indices=indices)
 
     def curves_table(self) -> pd.DataFrame:
-        """Fig. 4 as numbers: per explainer and step L, AOPC_L and AOPC_L relative to random.
-
-        AOPC_L = 1/(L+1) Σ_{k=0..L} curve_k (the running mean); CIs are mean ± 1.96·s.e.m.
-        over images (a normal approximation: bootstrapping every step would dominate the cost).
-        """
-        steps = torch.arange(self.steps + 1, dtype=torch.float64)
-        running = lambda c: c.double().cumsum(dim=-1) / (steps + 1)  # noqa: E731  (N, L+1)
-        rand = running(self.random_curves)
-        frames = []
-        for name in self.explainers:
-            for order, curves in self.curves[name].items():
-                a = running(curves)
-                rel = a - rand
-                n = a.shape[0]
-                sem = lambda v: v.std(dim=0, unbiased=n > 1) / math.sqrt(n) if n > 1 else torch.zeros(v.shape[1])  # noqa: E731
-                frames.append(pd.DataFrame({
-                    "explainer": name, "order": order, "step": steps.long().numpy(),
-                    "aopc": a.mean(0).numpy(), "aopc_lo": (a.mean(0) - 1.96 * sem(a)).numpy(),
-                    "aopc_hi": (a.mean(0) + 1.96 * sem(a)).numpy(),
-                    "aopc_rel": rel.mean(0).numpy(), "aopc_rel_lo": (rel.mean(0) - 1.96 * sem(rel)).numpy(),
-                    "aopc_rel_hi": (rel.mean(0) + 1.96 * sem(rel)).numpy()}))
-        return pd.concat(frames, ignore_index=True)
+        """Fig. 4 as numbers: per explainer and step L, AOPC_L and AOPC_L relative to random."""
+        return curves_table(self.curves, self.random_curves)
 
 
 def predicted_class(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:

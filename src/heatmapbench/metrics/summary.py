@@ -10,16 +10,23 @@ compared as bare means. Used by the engine's callers, :class:`~heatmapbench.eval
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # the engine itself uses aopc() below
     from heatmapbench.perturbation.engine import PerturbationResult
 
-__all__ = ["aopc", "relative_to_random", "abpc", "mean_ci", "paired_bootstrap_test", "PairedTest"]
+__all__ = ["N_BOOT", "aopc", "relative_to_random", "abpc", "bootstrap_indices", "mean_ci", "paired_bootstrap_test",
+           "PairedTest", "holm", "format_p", "Statistics", "summary_table", "pairwise_table", "curves_table"]
+
+#: Bootstrap resamples when none are given (evaluation.n_boot sets them for the CLIs and the callback).
+N_BOOT = 2000
 
 
 def aopc(curves: Tensor) -> Tensor:
@@ -68,25 +75,47 @@ def _flat(values: Tensor) -> Tensor:
     return v
 
 
-def _boot_means(v: Tensor, n_boot: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
-    return v[idx].mean(dim=1)  # (n_boot,)
+def bootstrap_indices(n: int, n_boot: int = N_BOOT, seed: int = 0) -> Tensor:
+    """(n_boot, n) image indices drawn with replacement: one resampling of n images.
 
-
-def mean_ci(values: Tensor, *, level: float = 0.95, n_boot: int = 10_000,
-            seed: int = 0) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap confidence interval: ``(mean, lo, hi)``.
-
-    ``values`` is flattened (e.g. the per-image AOPCs). Seeded, so the interval is reproducible.
+    Draw it once per evaluation and pass it to :func:`mean_ci` and :func:`paired_bootstrap_test`
+    so that every interval and test printed or logged for that evaluation resamples the same
+    images (paired across explainers) and agrees wherever it is shown.
     """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if n < 1:
+        raise ValueError("need at least one image to resample")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n, (n_boot, n), generator=g)
+
+
+def _indices(n: int, n_boot: int, seed: int, indices: Tensor | None) -> Tensor:
+    if indices is None:
+        return bootstrap_indices(n, n_boot, seed)
+    if indices.ndim != 2 or indices.shape[1] != n:
+        raise ValueError(f"bootstrap indices of shape {tuple(indices.shape)} do not resample {n} values")
+    return indices
+
+
+def _percentiles(boot_means: Tensor, level: float) -> tuple[float, float]:
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    v = _flat(values)
-    bm = _boot_means(v, n_boot, seed)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(bm, q).tolist()
-    return float(v.mean()), float(lo), float(hi)
+    lo, hi = torch.quantile(boot_means, q).tolist()
+    return float(lo), float(hi)
+
+
+def mean_ci(values: Tensor, *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0,
+            indices: Tensor | None = None) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval: ``(mean, lo, hi)``.
+
+    ``values`` is flattened (e.g. the per-image AOPCs). Seeded, so the interval is reproducible;
+    ``indices`` (from :func:`bootstrap_indices`) replaces the draw of ``n_boot`` and ``seed``.
+    """
+    v = _flat(values)
+    bm = v[_indices(v.numel(), n_boot, seed, indices)].mean(dim=1)
+    return (float(v.mean()), *_percentiles(bm, level))
 
 
 @dataclass(frozen=True)
@@ -94,9 +123,10 @@ class PairedTest:
     """Result of :func:`paired_bootstrap_test` on the differences d = a − b.
 
     mean_diff, lo, hi : the mean of d and its bootstrap CI.
-    p_value : one-sided bootstrap p-value of "A does not beat B" (fraction of bootstrap means
-        of d that are ≤ 0, centred under H0). Small means A beats B.
+    p_value : one-sided bootstrap p-value of "A does not beat B", ``(#{null means ≥ observed} + 1) /
+        (B + 1)``; it cannot be below ``1/(B+1)`` (see :func:`format_p`). Small means A beats B.
     prob_a_better : fraction of bootstrap resamples in which mean(d) > 0.
+    n_boot : B, the resamples behind the p-value.
     """
 
     mean_diff: float
@@ -104,10 +134,11 @@ class PairedTest:
     hi: float
     p_value: float
     prob_a_better: float
+    n_boot: int = N_BOOT
 
 
-def paired_bootstrap_test(a: Tensor, b: Tensor, *, level: float = 0.95, n_boot: int = 10_000,
-                          seed: int = 0) -> PairedTest:
+def paired_bootstrap_test(a: Tensor, b: Tensor, *, level: float = 0.95, n_boot: int = N_BOOT,
+                          seed: int = 0, indices: Tensor | None = None) -> PairedTest:
     """Paired bootstrap test of "explainer A beats explainer B" (higher is better).
 
     ``a`` and ``b`` are per-image scores on the same images (e.g. AOPC relative to random, or
@@ -118,10 +149,143 @@ def paired_bootstrap_test(a: Tensor, b: Tensor, *, level: float = 0.95, n_boot: 
     if va.shape != vb.shape:
         raise ValueError(f"paired test needs the same images: {va.numel()} vs {vb.numel()} values")
     d = va - vb
-    bm = _boot_means(d, n_boot, seed)
+    idx = _indices(d.numel(), n_boot, seed, indices)
+    bm = d[idx].mean(dim=1)
     obs = float(d.mean())
     null = bm - obs  # bootstrap distribution under H0: mean difference 0
-    p = (float((null >= obs).sum()) + 1) / (n_boot + 1)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(bm, q).tolist()
-    return PairedTest(obs, float(lo), float(hi), p, float((bm > 0).double().mean()))
+    b_ = idx.shape[0]
+    p = (float((null >= obs).sum()) + 1) / (b_ + 1)
+    lo, hi = _percentiles(bm, level)
+    return PairedTest(obs, lo, hi, p, float((bm > 0).double().mean()), b_)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (step-down; controls the family-wise error rate).
+
+    With p sorted ascending, ``p_adj(i) = max_{j ≤ i} min(1, (m − j + 1) · p(j))``; reject
+    hypothesis i at level α iff ``p_adj(i) < α``. Returned in the input order.
+    """
+    p = np.asarray(p_values, dtype=float)
+    if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"p-values must be a 1-D sequence in [0, 1], got {p_values!r}")
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def format_p(p: float, n_boot: int) -> str:
+    """A bootstrap p-value for print: at the resampling floor 1/(B+1) it reads ``< 1/(B+1)``.
+
+    No resampling count can show a p-value smaller than 1/(B+1), so printing it as a number
+    (0.0005 for B = 2000) would claim a precision the test does not have.
+    """
+    if p <= 1.0 / (n_boot + 1) * (1 + 1e-9):
+        return f"< 1/{n_boot + 1}"
+    return f"{p:.4f}"
+
+
+# -- tables ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Statistics:
+    """Everything printed or logged about one evaluation, from one bootstrap draw.
+
+    summary : one row per explainer (see :func:`summary_table`); ``attrs["aopc_random"]`` holds
+        the random ordering's (mean, lo, hi).
+    pairwise : the paired tests of every ordered pair of explainers (see :func:`pairwise_table`).
+    n_boot, seed, level : the resampling behind them.
+    """
+
+    summary: pd.DataFrame
+    pairwise: pd.DataFrame
+    n_boot: int
+    seed: int
+    level: float = 0.95
+
+
+def summary_table(metrics: Mapping[str, Mapping[str, Tensor]], random_aopc: Tensor, *,
+                  complexity: Mapping[str, Mapping[str, Tensor]] | None = None, level: float = 0.95,
+                  n_boot: int = N_BOOT, seed: int = 0, indices: Tensor | None = None) -> pd.DataFrame:
+    """One row per explainer: the mean of each per-image metric with its bootstrap CI.
+
+    ``metrics[explainer][key]`` are (N,) per-image values (``aopc``, ``aopc_rel``, ...); each
+    gives columns ``key``, ``key_lo``, ``key_hi``. ``complexity[explainer][key]`` adds plain
+    means (Table I). ``attrs["aopc_random"]`` is the random ordering's ``(mean, lo, hi)``.
+    """
+    n = int(torch.as_tensor(random_aopc).numel())
+    idx = _indices(n, n_boot, seed, indices)
+    rows = []
+    for name, per_image in metrics.items():
+        row: dict = {"explainer": name, "images": n}
+        for key, values in per_image.items():
+            m, lo, hi = mean_ci(values, level=level, indices=idx)
+            row.update({key: m, f"{key}_lo": lo, f"{key}_hi": hi})
+        for key, values in (complexity or {}).get(name, {}).items():
+            row[key] = float(torch.as_tensor(values).double().mean())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.attrs["aopc_random"] = mean_ci(random_aopc, level=level, indices=idx)
+    return table
+
+
+PAIRWISE_COLUMNS = ["a", "b", "metric", "mean_diff", "lo", "hi", "p_value", "p_holm", "significant"]
+
+
+def pairwise_table(values: Mapping[str, Tensor | None], metric: str = "aopc_rel", *, alpha: float = 0.05,
+                   level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0,
+                   indices: Tensor | None = None) -> pd.DataFrame:
+    """Paired bootstrap tests of "A beats B" for every ordered pair of explainers.
+
+    ``values[explainer]`` are (N,) per-image scores on the same images (``None``: not measured,
+    skipped). The k(k−1) one-sided p-values are Holm–Bonferroni adjusted together (``p_holm``);
+    ``significant`` is ``p_holm < alpha``, so the chance of any false "A beats B" in the table is
+    at most ``alpha``.
+    """
+    names = [n for n, v in values.items() if v is not None]
+    rows = []
+    if len(names) > 1:
+        n = int(torch.as_tensor(values[names[0]]).numel())
+        idx = _indices(n, n_boot, seed, indices)
+        for a in names:
+            for b in names:
+                if a != b:
+                    t = paired_bootstrap_test(values[a], values[b], level=level, indices=idx)
+                    rows.append({"a": a, "b": b, "metric": metric, "mean_diff": t.mean_diff, "lo": t.lo,
+                                 "hi": t.hi, "p_value": t.p_value})
+    table = pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
+    if rows:
+        table["p_holm"] = holm(table.p_value.to_numpy())
+        table["significant"] = table.p_holm < alpha
+    table.attrs.update({"n_boot": int(n_boot if indices is None else indices.shape[0]), "alpha": alpha})
+    return table
+
+
+def curves_table(curves: Mapping[str, Mapping[str, Tensor]], random_curves: Tensor) -> pd.DataFrame:
+    """Fig. 4 as numbers: per explainer, order and step L, AOPC_L and AOPC_L relative to random.
+
+    ``curves[explainer][order]`` and ``random_curves`` are (N, L+1) per-image curves.
+    AOPC_L = 1/(L+1) Σ_{k=0..L} curve_k (the running mean); CIs are mean ± 1.96·s.e.m. over
+    images (a normal approximation: bootstrapping every step would dominate the cost).
+    """
+    steps = torch.arange(random_curves.shape[-1], dtype=torch.float64)
+    running = lambda c: c.double().cumsum(dim=-1) / (steps + 1)  # noqa: E731  (N, L+1)
+    rand = running(random_curves)
+    n = rand.shape[0]
+
+    def sem(v: Tensor) -> Tensor:
+        return v.std(dim=0) / math.sqrt(n) if n > 1 else torch.zeros(v.shape[1], dtype=v.dtype)
+
+    frames = []
+    for name, by_order in curves.items():
+        for order, c in by_order.items():
+            a = running(c)
+            rel = a - rand
+            frames.append(pd.DataFrame({
+                "explainer": name, "order": order, "step": steps.long().numpy(),
+                "aopc": a.mean(0).numpy(), "aopc_lo": (a.mean(0) - 1.96 * sem(a)).numpy(),
+                "aopc_hi": (a.mean(0) + 1.96 * sem(a)).numpy(),
+                "aopc_rel": rel.mean(0).numpy(), "aopc_rel_lo": (rel.mean(0) - 1.96 * sem(rel)).numpy(),
+                "aopc_rel_hi": (rel.mean(0) + 1.96 * sem(rel)).numpy()}))
+    return pd.concat(frames, ignore_index=True)

@@ -23,7 +23,7 @@ NOT_EXPLAINERS = frozenset({"accuracy", "seconds", "subset_accuracy", "random_ba
 #: Parameters that never split a cell: replicates (seeds), precision, bookkeeping.
 DEFAULT_IGNORE = ("paths.*", "logger.*", "hydra.*", "task_name", "seed", "evaluation.seed", "evaluation.explainers",
                   "evaluation.batch_size", "evaluation.orders", "evaluation.complexity", "evaluation.repeats",
-                  "evaluation.random_repeats", "explainer._target_", "device", "progress", "gallery_size", "n_boot",
+                  "evaluation.random_repeats", "explainer._target_", "device", "progress", "gallery_size", "evaluation.n_boot",
                   "data.batch_size", "data.num_workers", "data.pin_memory", "data.data_dir", "data.download")
 
 

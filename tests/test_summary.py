@@ -1,0 +1,152 @@
+"""AOPC summaries and their statistics, checked against scipy and hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from heatmapbench.evaluation import Evaluation
+from heatmapbench.evaluation.artifacts import summary_markdown
+from heatmapbench.metrics import mean_ci, paired_bootstrap_test
+from heatmapbench.metrics.summary import bootstrap_indices, format_p, holm
+
+
+def _normal(n, seed, loc=0.0):
+    return torch.from_numpy(np.random.default_rng(seed).normal(loc, 1.0, n))
+
+
+# ------------------------------------------------------------------------------ bootstrap
+def test_mean_ci_matches_scipy_bootstrap_percentile():
+    v = _normal(100, 0, loc=2.0)
+    mean, lo, hi = mean_ci(v, n_boot=20_000, seed=3)
+    ref = stats.bootstrap((v.numpy(),), np.mean, n_resamples=20_000, method="percentile",
+                          confidence_level=0.95, rng=np.random.default_rng(5))
+    assert mean == pytest.approx(float(v.mean()), abs=1e-12)
+    # different random streams: Monte-Carlo error of a 2.5% quantile with B = 20000 is ~0.003
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.012)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.012)
+
+
+def test_paired_test_agrees_with_scipy_paired_t_test():
+    a = _normal(400, 1)
+    b = a - 0.06 + 0.9 * _normal(400, 2)  # a beats b by 0.06 on average: p around 0.03
+    t = paired_bootstrap_test(a, b, n_boot=20_000, seed=0)
+    ref = stats.ttest_rel(a.numpy(), b.numpy(), alternative="greater")
+    assert 0.01 < ref.pvalue < 0.1
+    # Monte-Carlo error of the bootstrap p at 0.03 with B = 20000 is ~0.0012
+    assert t.p_value == pytest.approx(ref.pvalue, abs=0.005)
+    ci = stats.bootstrap(((a - b).numpy(),), np.mean, n_resamples=20_000, method="percentile",
+                         rng=np.random.default_rng(1)).confidence_interval
+    assert (t.lo, t.hi) == pytest.approx((ci.low, ci.high), abs=0.01)
+    assert t.mean_diff == pytest.approx(float((a - b).mean()), abs=1e-12)
+    # the other direction: p of "b beats a" is large, as scipy's
+    assert paired_bootstrap_test(b, a, n_boot=20_000, seed=0).p_value == pytest.approx(
+        stats.ttest_rel(b.numpy(), a.numpy(), alternative="greater").pvalue, abs=0.01)
+
+
+def test_p_value_floor_is_printed_as_a_bound():
+    a = _normal(50, 3)
+    t = paired_bootstrap_test(a + 5.0, a, n_boot=999, seed=0)
+    assert t.p_value == 1 / 1000 and t.n_boot == 999
+    assert format_p(t.p_value, 999) == "< 1/1000"
+    assert format_p(0.0123, 999) == "0.0123"
+
+
+def test_holm_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → running max
+    want = {0.005: 0.02, 0.01: 0.03, 0.03: 0.06, 0.04: 0.06}
+    np.testing.assert_allclose(holm(p), [want[x] for x in p])
+    np.testing.assert_allclose(holm([0.9, 0.5]), [1.0, 1.0])
+    with pytest.raises(ValueError, match="p-values"):
+        holm([0.1, float("nan")])
+
+
+def test_bootstrap_indices_are_seeded_and_checked():
+    assert torch.equal(bootstrap_indices(7, 5, seed=2), bootstrap_indices(7, 5, seed=2))
+    assert not torch.equal(bootstrap_indices(7, 50, seed=2), bootstrap_indices(7, 50, seed=3))
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_indices(7, 0)
+    with pytest.raises(ValueError, match="do not resample"):
+        mean_ci(torch.ones(4), indices=bootstrap_indices(5, 10))
+
+
+# --------------------------------------------------------------------- Evaluation tables
+@pytest.fixture
+def evaluation():
+    """Hand-made curves of 3 explainers on 60 images, L = 4; 'good' clearly beats 'bad'."""
+    g = torch.Generator().manual_seed(0)
+    n, steps = 60, 4
+    ramp = torch.arange(steps + 1, dtype=torch.float64) / steps
+
+    def curves(level):
+        return (level + 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)) * ramp
+
+    return Evaluation(
+        steps=steps,
+        curves={"good": {"morf": curves(2.0), "lerf": curves(0.2)}, "mid": {"morf": curves(1.0), "lerf": curves(0.5)},
+                "bad": {"morf": curves(0.5), "lerf": curves(0.4)}},
+        random_curves=curves(0.4),
+        complexity={name: {"png": torch.arange(n) + k} for k, name in enumerate(["good", "mid", "bad"])})
+
+
+def test_summary_means_and_cis(evaluation):
+    table = evaluation.summary(n_boot=500, seed=4).set_index("explainer")
+    rand = evaluation.random_curves.numpy().mean(axis=1)
+    idx = bootstrap_indices(60, 500, seed=4)
+    for name in evaluation.explainers:
+        morf = evaluation.curves[name]["morf"].numpy().mean(axis=1)
+        lerf = evaluation.curves[name]["lerf"].numpy().mean(axis=1)
+        row = table.loc[name]
+        assert row.aopc == pytest.approx(morf.mean())
+        assert row.aopc_rel == pytest.approx((morf - rand).mean())
+        assert row.abpc == pytest.approx((morf - lerf).mean())
+        assert row.aopc_lerf == pytest.approx(lerf.mean())
+        # the CI is the 2.5/97.5% quantiles of the resampled means (numpy's linear quantile)
+        boot = (morf - rand)[idx.numpy()].mean(axis=1)
+        assert (row.aopc_rel_lo, row.aopc_rel_hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+        assert row.images == 60
+    assert table.loc["mid", "png"] == pytest.approx(np.arange(60).mean() + 1)
+    assert table.attrs["aopc_random"][0] == pytest.approx(rand.mean())
+
+
+def test_pairwise_tests_are_holm_adjusted(evaluation):
+    pw = evaluation.pairwise(n_boot=400, seed=1)
+    assert len(pw) == 6 and set(pw.columns) >= {"p_value", "p_holm", "significant"}
+    np.testing.assert_allclose(pw.p_holm, holm(pw.p_value))
+    assert (pw.p_holm >= pw.p_value).all()
+    assert (pw.significant == (pw.p_holm < 0.05)).all()
+    row = pw[(pw.a == "good") & (pw.b == "bad")].iloc[0]
+    good = evaluation.aopc_relative("good").numpy()
+    bad = evaluation.aopc_relative("bad").numpy()
+    assert row.mean_diff == pytest.approx((good - bad).mean())
+    assert row.significant and row.p_value == 1 / 401
+    assert not pw[(pw.a == "bad") & (pw.b == "good")].iloc[0].significant
+    assert "< 1/401" in summary_markdown(evaluation.summary(n_boot=400, seed=1), pw)
+
+
+def test_statistics_share_one_bootstrap(evaluation):
+    s = evaluation.statistics(n_boot=300, seed=7)
+    pd.testing.assert_frame_equal(s.summary, evaluation.summary(n_boot=300, seed=7))
+    pd.testing.assert_frame_equal(s.pairwise, evaluation.pairwise(n_boot=300, seed=7))
+    # a different seed moves the intervals: the seed is really used
+    other = evaluation.statistics(n_boot=300, seed=8).summary
+    assert not np.allclose(other.aopc_rel_lo, s.summary.aopc_rel_lo)
+
+
+def test_curves_table_running_mean_and_sem(evaluation):
+    table = evaluation.curves_table()
+    assert set(table.order) == {"morf", "lerf"} and len(table) == 3 * 2 * 5
+    part = table[(table.explainer == "mid") & (table.order == "morf")]
+    c = evaluation.curves["mid"]["morf"].numpy()
+    r = evaluation.random_curves.numpy()
+    running = np.cumsum(c, axis=1) / np.arange(1, 6)
+    rel = running - np.cumsum(r, axis=1) / np.arange(1, 6)
+    np.testing.assert_allclose(part.aopc, running.mean(0))
+    np.testing.assert_allclose(part.aopc_rel, rel.mean(0))
+    np.testing.assert_allclose(part.aopc_rel_hi - part.aopc_rel, 1.96 * stats.sem(rel, axis=0), atol=1e-12)
+    # the last step's running mean is the AOPC of the summary
+    assert part.aopc.iloc[-1] == pytest.approx(float(evaluation.aopc("mid").mean()))
