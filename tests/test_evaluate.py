@@ -61,6 +61,16 @@ def test_samples_with_efficientnet_lite0(eval_cfg, tmp_path):
     assert len(curves) == len(explainers) * 2 * 5  # explainer × order × (L+1)
     assert "| explainer |" in (local / "summary.md").read_text()
     assert (local / "heatmap_gallery.png").stat().st_size > 0
+    # the per-image table holds what the means were taken of; the run logs the ranking's reliability
+    per_image = pd.read_parquet(local / "per_image.parquet")
+    assert len(per_image) == 3 * len(explainers) * 2 and set(per_image.order) == {"morf", "lerf"}
+    for (name, order), part in per_image.groupby(["explainer", "order"]):
+        key = "aopc" if order == "morf" else "aopc_lerf"
+        assert part.aopc.mean() == pytest.approx(m[f"{key}/{name}"], abs=1e-6)
+        assert (part.aopc_rel == part.aopc - part.aopc_random).all()
+    for order in ("morf", "lerf", "abpc"):
+        assert -1 <= m[f"reliability/krippendorff_alpha/{order}"] <= 1
+    assert "Krippendorff" in (local / "reliability.md").read_text()
 
 
 def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):

@@ -27,6 +27,7 @@ from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
+from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir
 from heatmapbench.tracking import make_logger, retry_locked, run_identity, tracked_run
@@ -130,14 +131,16 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
         metrics["seconds"] = seconds
+        reliability = run_reliability(per_image_table(evaluation), n_boot=settings.n_boot, seed=settings.seed)
+        metrics.update(reliability_metrics(reliability))
         retry_locked(logger.log_metrics)(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             files = write_evaluation(evaluation, Path(tmp), tuple(getattr(datamodule, "classes", ())),
                                      title=f"{len(subset)} images, {settings.region_size}×{settings.region_size} "
-                                           f"regions", statistics=statistics)
+                                           f"regions", statistics=statistics, reliability=reliability)
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
-            table = files["summary_md"].read_text()
+            table = files["summary_md"].read_text() + "\n" + files["reliability_md"].read_text()
     print("\n" + table)
     print(f"{len(subset)} images in {seconds:.1f} s; MLflow run {logger.run_id} "
           f"(experiment {cfg.logger.experiment_name!r}, {cfg.logger.tracking_uri})", flush=True)

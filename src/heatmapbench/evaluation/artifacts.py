@@ -18,6 +18,12 @@ from scipy import stats  # noqa: E402
 
 from heatmapbench.evaluation.core import Evaluation  # noqa: E402
 from heatmapbench.metrics.summary import N_BOOT, Statistics, format_p  # noqa: E402
+from heatmapbench.evaluation.reliability import (  # noqa: E402
+    per_image_table,
+    reliability_markdown,
+    run_reliability,
+    write_table,
+)
 
 
 def write_curves_csv(evaluation: Evaluation, path: Path) -> pd.DataFrame:
@@ -138,11 +144,14 @@ def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "ac
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence[str] = (),
-                     title: str = "", statistics: Statistics | None = None) -> dict[str, Path]:
+                     title: str = "", statistics: Statistics | None = None,
+                     reliability: dict | None = None) -> dict[str, Path]:
     """Write every artifact of one evaluation into ``folder``; return them by kind.
 
     ``statistics`` is the evaluation's one bootstrap (:meth:`Evaluation.statistics`), shared with
-    whatever else the caller logs or prints; by default it is computed here.
+    whatever else the caller logs or prints; by default it is computed here. ``reliability`` is
+    :func:`~heatmapbench.evaluation.reliability.run_reliability` of the evaluation's per-image
+    table, when the caller already has it (computed here otherwise, from the same resampling).
     """
     folder.mkdir(parents=True, exist_ok=True)
     files = {"curves": folder / "aopc_curves.csv", "plot": folder / "aopc_curves.png",
@@ -155,6 +164,15 @@ def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence
     summary.to_csv(files["summary_csv"], index=False)
     pairwise.to_csv(files["pairwise"], index=False)
     files["summary_md"].write_text(summary_markdown(summary, pairwise))
+    table = per_image_table(evaluation)
+    files["per_image"] = write_table(table, folder)
+    if reliability is None:
+        reliability = run_reliability(table, n_boot=computed.n_boot, seed=computed.seed)
+    files["reliability_csv"] = folder / "reliability.csv"
+    files["reliability_md"] = folder / "reliability.md"
+    reliability["ranking"].merge(reliability["alpha"], on="order", how="left").to_csv(files["reliability_csv"],
+                                                                                      index=False)
+    files["reliability_md"].write_text(reliability_markdown(reliability))
     if evaluation.gallery_x is not None:
         files["gallery"] = folder / "heatmap_gallery.png"
         plot_gallery(evaluation, files["gallery"], class_names)
