@@ -131,3 +131,63 @@ def test_precision_bf16_close_to_fp32_and_fp16_refused_on_cpu():
     with pytest.raises(ValueError, match="precision='fp64' is invalid"):
         region_perturbation(net, x, heat, precision="fp64", **kw)
     assert check_precision("fp16", "cuda") == "fp16"
+
+
+# --------------------------------------------------------------------------- the evaluation level
+def evaluate(net, x, settings, **kw):
+    from heatmapbench.evaluation import build_explainers, evaluate_batch
+    from heatmapbench.perturbation import Uniform
+
+    torch.manual_seed(0)  # smoothgrad's noise comes from the global generator
+    return evaluate_batch(net, x, build_explainers(settings.explainers), settings, Uniform(),
+                          gallery_size=x.shape[0], **kw)
+
+
+def test_evaluation_channels_last_matches_contiguous_for_every_explainer():
+    """Every explainer and the engine in channels_last give the contiguous path's heatmaps and curves.
+
+    In float64, so that reassociation inside the convolutions cannot flip a ReLU near its kink
+    (in float32 that moves a few pixels of integrated gradients/SmoothGrad by ~1e-3 of the maximum)."""
+    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.registry import available
+
+    net = vgg().double()
+    before = snapshot(net)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    names = available("explainer")
+    common = dict(explainers=names, region_size=8, steps=6, random_repeats=2, complexity=False)
+    ref = evaluate(net, x, EvaluationSettings(layout="contiguous", **common))
+    assert_same(before, net)
+    fast = evaluate(net, x, EvaluationSettings(layout="channels_last", **common))
+    assert_same(before, net)
+    assert net.training  # eval mode was undone as well
+    torch.testing.assert_close(fast.random_curves, ref.random_curves, rtol=1e-9, atol=1e-9)
+    for name in names:
+        # heatmaps are float32 (the explainers' output type): equal to float32 rounding
+        torch.testing.assert_close(fast.gallery_heatmaps[name], ref.gallery_heatmaps[name],
+                                   rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast.curves[name]["morf"], ref.curves[name]["morf"], rtol=1e-9, atol=1e-9,
+                                   msg=name)
+
+
+def test_evaluation_bf16_runs_every_explainer_and_fp16_is_refused_on_cpu():
+    from heatmapbench.config import ConfigError, EvaluationSettings
+    from heatmapbench.registry import available
+
+    net = vgg()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    common = dict(explainers=available("explainer"), region_size=8, steps=6, random_repeats=2, complexity=False)
+    ref = evaluate(net, x, EvaluationSettings(**common))
+    low = evaluate(net, x, EvaluationSettings(precision="bf16", **common))
+    for name in low.explainers:
+        heat = low.gallery_heatmaps[name]
+        assert heat.dtype == torch.float32 and bool(torch.isfinite(heat).all()), name
+        assert low.curves[name]["morf"].dtype == torch.float32
+    scale = float(ref.random_curves.abs().max()) + 1.0
+    torch.testing.assert_close(low.random_curves, ref.random_curves, rtol=0.05, atol=0.05 * scale)
+    with pytest.raises(ValueError, match="precision='fp16' needs a CUDA device"):
+        evaluate(net, x, EvaluationSettings(precision="fp16", **common))
+    with pytest.raises(ConfigError, match="evaluation.precision='fp8' is invalid"):
+        EvaluationSettings(precision="fp8")
+    with pytest.raises(ConfigError, match="evaluation.layout='nchw' is invalid"):
+        EvaluationSettings(layout="nchw")

@@ -52,6 +52,9 @@ def build_inputs(cfg: DictConfig):
         raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
     settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     device = _device(cfg.device)
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"evaluation.precision=fp16 is invalid on {device.type}: it needs a CUDA device; "
+                          "use evaluation.precision=bf16 or fp32")
     module = instantiate(cfg.model)
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):

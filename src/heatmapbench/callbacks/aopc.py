@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from heatmapbench.config import EvaluationSettings
+from heatmapbench.config import ConfigError, EvaluationSettings
 from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
 
@@ -57,6 +57,8 @@ class AOPCCallback(pl.Callback):
         if isinstance(settings, Mapping):
             settings = EvaluationSettings(**dict(settings))
         self.settings = settings or EvaluationSettings()
+        if self.settings.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("evaluation.precision=fp16 is invalid here: it needs a CUDA device; use bf16 or fp32")
         if log_abpc and "lerf" not in self.settings.orders:
             self.settings.orders = tuple(self.settings.orders) + ("lerf",)
         self.settings.complexity = log_complexity

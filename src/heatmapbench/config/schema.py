@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.perturbation.regions import REGION_MODES
 from heatmapbench.registry import available, conf_dir
+from heatmapbench.runtime import LAYOUTS, PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -172,6 +173,12 @@ class EvaluationSettings:
         Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
     n_boot
         Bootstrap resamples of the images behind every confidence interval and paired test.
+    precision
+        ``fp32`` (the reference), ``bf16`` or ``fp16`` (CUDA only): autocast dtype of the
+        explainers' and the engine's passes (:mod:`heatmapbench.runtime`); AOPC moves with it.
+    layout
+        ``auto`` (channels_last for 2-D convnets: the same numbers up to float reassociation,
+        faster), ``channels_last`` or ``contiguous``.
     """
 
     explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
@@ -186,6 +193,8 @@ class EvaluationSettings:
     batch_size: Optional[int] = 512
     complexity: bool = True
     n_boot: int = N_BOOT
+    precision: str = "fp32"
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         self.orders = list(self.orders)
@@ -202,6 +211,10 @@ class EvaluationSettings:
             raise ConfigError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
         if self.score not in ("logit", "probability"):
             raise ConfigError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"evaluation.precision={self.precision!r} is invalid: choose one of {list(PRECISIONS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"evaluation.layout={self.layout!r} is invalid: choose one of {list(LAYOUTS)}")
         if not self.explainers:
             raise ConfigError("evaluation.explainers is empty: name at least one explainer")
         known = available("explainer")
@@ -212,7 +225,8 @@ class EvaluationSettings:
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``region_perturbation`` that these settings fix."""
         return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
-                "score": self.score, "batch_size": self.batch_size}
+                "score": self.score, "batch_size": self.batch_size, "precision": self.precision,
+                "layout": self.layout}
 
 
 #: group -> (schema name, dataclass)

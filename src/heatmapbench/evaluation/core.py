@@ -28,6 +28,7 @@ from heatmapbench.metrics.summary import (
 )
 from heatmapbench.perturbation import Perturbation, region_perturbation
 from heatmapbench.registry import build
+from heatmapbench.runtime import autocast, check_precision, fast_model, to_layout
 
 
 def build_explainers(names: Sequence[str]) -> dict[str, Explainer]:
@@ -173,8 +174,9 @@ def predicted_class(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tenso
     """(N,) argmax of the model's scores, in eval mode without autograd (no labels needed)."""
     from heatmapbench.perturbation import eval_mode
 
-    with eval_mode(model), torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+    with eval_mode(model), torch.inference_mode():
+        parts = [model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts)  # outside inference mode: a normal tensor
 
 
 def evaluate_batch(model: nn.Module, x: Tensor, explainers: Mapping[str, Explainer],
@@ -189,33 +191,38 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: Mapping[str, Explain
     import time
 
     start = time.perf_counter()
-    if target is None:
-        target = predicted_class(model, x)
-    common = dict(target=target, perturbation=perturbation, mean=mean, std=std, value_range=value_range,
-                  **settings.engine_kwargs())
-    seed = settings.seed + seed_offset
-    zeros = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
-    random_curves = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
-                                        seed=seed, **common).curves.mean(dim=0)
-    curves: dict[str, dict[str, Tensor]] = {}
-    complexity: dict[str, dict[str, Tensor]] = {}
-    gallery: dict[str, Tensor] = {}
-    for name, explainer in explainers.items():
-        heatmap = explainer(model, x, target)  # (B, H, W)
-        curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
-                                                   seed=seed, **common).curves.mean(dim=0).cpu()
-                        for order in settings.orders}
-        if settings.complexity:
-            complexity[name] = {"png": heatmap_png_size(heatmap), "jpeg": heatmap_jpeg_size(heatmap, quality=90),
-                                "entropy": heatmap_entropy(heatmap)}
+    check_precision(settings.precision, x.device)
+    # one layout for the whole batch: the explainers' and the engine's passes all run in it
+    with fast_model(model, settings.layout) as nhwc:
+        x = to_layout(x, nhwc)
+        if target is None:
+            target = predicted_class(model, x)
+        common = dict(target=target, perturbation=perturbation, mean=mean, std=std, value_range=value_range,
+                      **settings.engine_kwargs())
+        seed = settings.seed + seed_offset
+        zeros = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
+        random_curves = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
+                                            seed=seed, **common).curves.mean(dim=0)
+        curves: dict[str, dict[str, Tensor]] = {}
+        complexity: dict[str, dict[str, Tensor]] = {}
+        gallery: dict[str, Tensor] = {}
+        for name, explainer in explainers.items():
+            with autocast(settings.precision, x.device):
+                heatmap = explainer(model, x, target)  # (B, H, W)
+            curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
+                                                       seed=seed, **common).curves.mean(dim=0).cpu()
+                            for order in settings.orders}
+            if settings.complexity:
+                complexity[name] = {"png": heatmap_png_size(heatmap), "jpeg": heatmap_jpeg_size(heatmap, quality=90),
+                                    "entropy": heatmap_entropy(heatmap)}
+            if gallery_size:
+                gallery[name] = heatmap[:gallery_size].cpu()
+        gallery_x = None
         if gallery_size:
-            gallery[name] = heatmap[:gallery_size].cpu()
-    gallery_x = None
-    if gallery_size:
-        m = torch.tensor(mean if mean is not None else [0.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        s = torch.tensor(std if std is not None else [1.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        lo, hi = value_range
-        gallery_x = ((x[:gallery_size] * s + m - lo) / (hi - lo)).clamp(0, 1).cpu()  # [0, 1] for display
+            m = torch.tensor(mean if mean is not None else [0.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            s = torch.tensor(std if std is not None else [1.0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            lo, hi = value_range
+            gallery_x = ((x[:gallery_size] * s + m - lo) / (hi - lo)).clamp(0, 1).cpu()  # [0, 1] for display
     return Evaluation(steps=settings.steps, curves=curves, random_curves=random_curves.cpu(),
                       complexity=complexity, target=target.cpu(),
                       label=None if label is None else label.cpu(), gallery_x=gallery_x,
