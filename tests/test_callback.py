@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from heatmapbench import metric_names as mn
 from heatmapbench.train import run_train
 from tests.conftest import store_uri
 from tests.test_data import needs_fmnist
@@ -41,15 +42,14 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     for name in EXPLAINERS:
-        assert _steps(client, run_id, f"aopc/{name}") == [0, 1, 2], name
-        assert _steps(client, run_id, f"aopc_rel/{name}") == [0, 1, 2], name
-        assert _steps(client, run_id, f"complexity_png/{name}") == [0, 1, 2], name
-        assert f"corr_pearson/{name}" in run.data.metrics and f"corr_spearman/{name}" in run.data.metrics
-        assert -1.0 <= run.data.metrics[f"corr_spearman/{name}"] <= 1.0
-    assert _steps(client, run_id, "aopc/seconds") == [0, 1, 2]
+        for measure in (mn.AOPC, mn.AOPC_REL, mn.COMPLEXITY_PNG):
+            assert _steps(client, run_id, mn.explainer_metric(measure, name)) == [0, 1, 2], name
+        for method in mn.CORRELATION_METHODS:
+            assert mn.correlation_metric(method, mn.AOPC, name) in run.data.metrics
+    assert _steps(client, run_id, mn.SECONDS) == [0, 1, 2]
     # epoch 0 is the untrained net, the later ones use val/acc of the same epoch
-    acc = {m.step: m.value for m in client.get_metric_history(run_id, "aopc/accuracy")}
-    val = client.get_metric_history(run_id, "val/acc")
+    acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}
+    val = client.get_metric_history(run_id, mn.VAL_ACC)
     assert acc[2] == pytest.approx(val[-1].value)
     # artifacts of every evaluation epoch
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="aopc",
@@ -69,7 +69,7 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
     corr = pd.read_csv(local / "aopc_accuracy_correlation.csv")
     assert set(corr.explainer) == set(EXPLAINERS)
     assert corr.set_index("explainer").loc["lrp_epsilon_0.01", "pearson"] == pytest.approx(
-        run.data.metrics["corr_pearson/lrp_epsilon_0.01"])
+        run.data.metrics[mn.correlation_metric("pearson", mn.AOPC, "lrp_epsilon_0.01")])
     with Image.open(local / "accuracy_vs_aopc.png") as im:
         assert im.size == (640, 420)
 
@@ -81,8 +81,8 @@ def test_every_n_epochs(train_cfg):
     client = MlflowClient(store_uri(cfg))
     run = _run(client, "t-every")
     for name in ("random", "sensitivity_l2"):
-        assert _steps(client, run.info.run_id, f"aopc/{name}") == [0, 2]
-    assert "aopc/deconvnet_l2" not in run.data.metrics
+        assert _steps(client, run.info.run_id, mn.explainer_metric(mn.AOPC, name)) == [0, 2]
+    assert mn.explainer_metric(mn.AOPC, "deconvnet_l2") not in run.data.metrics
 
 
 class CaptureWeights(pl.Callback):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from heatmapbench import metric_names as mn
 from heatmapbench.evaluate import run_evaluate
 from heatmapbench.models import zoo
 from tests.conftest import cli_env, compose_config, store_uri
@@ -44,19 +45,26 @@ def test_samples_with_efficientnet_lite0(eval_cfg, tmp_path):
     client, run = _single_run(cfg)
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
     m = run.data.metrics
-    assert m["images"] == 3
+    assert m[mn.IMAGES] == 3
     for name in explainers:
-        for key in ("aopc", "aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "abpc", "png", "jpeg", "entropy"):
-            assert f"{key}/{name}" in m, f"{key}/{name}"
-        assert m[f"aopc_rel_lo/{name}"] <= m[f"aopc_rel/{name}"] <= m[f"aopc_rel_hi/{name}"]
-        assert m[f"aopc_rel/{name}"] == pytest.approx(m[f"aopc/{name}"] - m["aopc_random"], abs=1e-6)
-    assert 0 <= m["accuracy"] <= 1
+        for key in (mn.AOPC, mn.AOPC_REL, mn.ABPC, mn.COMPLEXITY_PNG, mn.COMPLEXITY_JPEG, mn.COMPLEXITY_ENTROPY):
+            assert mn.explainer_metric(key, name) in m, mn.explainer_metric(key, name)
+        for key in (mn.AOPC_REL, mn.ABPC):
+            lo, hi = mn.explainer_metric(key, name, "lo"), mn.explainer_metric(key, name, "hi")
+            assert m[lo] <= m[mn.explainer_metric(key, name)] <= m[hi]
+        assert m[mn.explainer_metric(mn.AOPC_REL, name)] == pytest.approx(
+            m[mn.explainer_metric(mn.AOPC, name)] - m[mn.random_ordering_metric(mn.AOPC)], abs=1e-6)
+    ro = [m[mn.random_ordering_metric(mn.AOPC, b)] for b in ("lo", None, "hi")]
+    assert ro == sorted(ro)
+    assert not any(mn.parse_explainer_metric(k) and mn.parse_explainer_metric(k).explainer == "random_ordering"
+                   for k in m)
+    assert 0 <= m[mn.ACCURACY] <= 1
     assert run.data.tags["model"] == "efficientnet_lite0"
     assert run.data.params["data.value_range"] == "[0.0, 255.0]"  # the model's own preprocessing
     local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation",
                                                      tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
     summary = pd.read_csv(local / "summary.csv").set_index("explainer")
-    assert summary.loc["lrp_epsilon_0.01", "aopc_rel"] == pytest.approx(m["aopc_rel/lrp_epsilon_0.01"])
+    assert summary.loc["lrp_epsilon_0.01", mn.AOPC_REL] == pytest.approx(m[mn.explainer_metric(mn.AOPC_REL, "lrp_epsilon_0.01")])
     curves = pd.read_csv(local / "aopc_curves.csv")
     assert len(curves) == len(explainers) * 2 * 5  # explainer × order × (L+1)
     assert "| explainer |" in (local / "summary.md").read_text()
@@ -83,8 +91,9 @@ def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
                    "evaluation.explainers=[sensitivity_l2,lrp_epsilon_100]", "logger.experiment_name=t-alexnet")
     result = run_evaluate(cfg)
     _, run = _single_run(cfg)
-    assert run.info.status == "FINISHED" and run.data.metrics["images"] == 3
-    assert run.data.metrics["aopc/lrp_epsilon_100"] == pytest.approx(result["aopc/lrp_epsilon_100"])
+    assert run.info.status == "FINISHED" and run.data.metrics[mn.IMAGES] == 3
+    name = mn.explainer_metric(mn.AOPC, "lrp_epsilon_100")
+    assert run.data.metrics[name] == pytest.approx(result[name])
     assert run.data.params["model.net.weights_path"] == str(weights)
 
 

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from PIL import Image
 
+from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError
 from heatmapbench.report import build_report, filter_string, run_report
 from tests.conftest import cli_env, compose_config
@@ -43,6 +44,14 @@ def _experiment(client: MlflowClient, name: str, artifacts: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifacts)
 
 
+def _metric(key: str, explainer: str) -> str:
+    """The metric name of a report column (a measure, or a measure with ``_lo``/``_hi``)."""
+    for bound in mn.BOUNDS:
+        if key.endswith(f"_{bound}"):
+            return mn.explainer_metric(key[: -len(bound) - 1], explainer, bound)
+    return mn.explainer_metric(key, explainer)
+
+
 def log_eval_run(client: MlflowClient, exp_id: str, explainer: str, region: int, perturbation: str, *,
                  sweep: str | None, values: dict[str, float] | None = None, status: str = "FINISHED",
                  model: str = "SmallCNN", seed: int = 0) -> str:
@@ -60,8 +69,9 @@ def log_eval_run(client: MlflowClient, exp_id: str, explainer: str, region: int,
     if perturbation == "blur":  # a param only some perturbations have must not split the table
         params["perturbation.sigma"] = "2.0"
     ts = int(time.time() * 1000)
-    metrics = [Metric(f"{k}/{explainer}", v, ts, 0) for k, v in values.items()]
-    metrics += [Metric("aopc_random", 1.0, ts, 0), Metric("images", 64.0, ts, 0), Metric("accuracy", 0.875, ts, 0)]
+    metrics = [Metric(_metric(k, explainer), v, ts, 0) for k, v in values.items()]
+    metrics += [Metric(mn.random_ordering_metric(mn.AOPC), 1.0, ts, 0), Metric(mn.IMAGES, 64.0, ts, 0),
+                Metric(mn.ACCURACY, 0.875, ts, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
@@ -100,7 +110,7 @@ def _check_grid(table: pd.DataFrame, ids: dict) -> None:
         for key, value in want.items():
             assert row[key] == pytest.approx(value), (row.explainer, row.region_size, row.perturbation, key)
         assert row.runs == 1 and row.run_ids == ids[row.explainer, int(row.region_size), row.perturbation]
-        assert row.aopc_random == 1.0
+        assert row.random_ordering_aopc == 1.0
 
 
 def test_sweep_report_in_process(store, tmp_path, data_dir):
@@ -170,8 +180,9 @@ def test_other_varying_params_split_cells_and_seeds_average():
                      "tags.model": model.lower(), "tags.perturbation": "uniform",
                      "params.model.net._target_": f"heatmapbench.models.{model}", "params.seed": str(seed),
                      "params.evaluation.seed": str(seed), "params.evaluation.region_size": "9",
-                     "metrics.aopc_rel/gradient": float(i), "metrics.aopc/gradient": float(i) + 1,
-                     "metrics.aopc_random": 1.0})
+                     f"metrics.{mn.explainer_metric(mn.AOPC_REL, 'gradient')}": float(i),
+                     f"metrics.{mn.explainer_metric(mn.AOPC, 'gradient')}": float(i) + 1,
+                     f"metrics.{mn.random_ordering_metric(mn.AOPC)}": 1.0})
     report = build_report(pd.DataFrame(rows))
     assert report.split_by == ["model"]
     table = report.comparison.set_index("model")
@@ -202,11 +213,11 @@ def test_training_runs_give_one_point_per_run_and_explainer(store, tmp_path, dat
     exp_id = _experiment(client, "heatmapbench-train", artifacts)
     truth = {}
     for r in range(3):
-        history = {"aopc/accuracy": [0.5, 0.6, 0.7 + r / 10], "aopc/seconds": [3.0, 3.0, 3.0]}
+        history = {mn.ACCURACY: [0.5, 0.6, 0.7 + r / 10], mn.SECONDS: [3.0, 3.0, 3.0]}
         for e, name in enumerate(EXPLAINERS):
-            history[f"aopc/{name}"] = [0.1, 0.2, 1.0 + r + e / 2]
-            history[f"aopc_rel/{name}"] = [0.0, 0.1, 0.5 + r + e / 2]
-        final = {"val/acc": 0.7 + r / 10} | ({"test/acc": 0.65 + r / 10} if r < 2 else {})
+            history[mn.explainer_metric(mn.AOPC, name)] = [0.1, 0.2, 1.0 + r + e / 2]
+            history[mn.explainer_metric(mn.AOPC_REL, name)] = [0.0, 0.1, 0.5 + r + e / 2]
+        final = {mn.VAL_ACC: 0.7 + r / 10} | ({mn.TEST_ACC: 0.65 + r / 10} if r < 2 else {})
         run_id = log_train_run(client, exp_id, history, final)
         for e, name in enumerate(EXPLAINERS):
             truth[run_id, name] = (final.get("test/acc", final["val/acc"]), 1.0 + r + e / 2, 0.5 + r + e / 2)
@@ -238,7 +249,7 @@ def test_training_runs_give_one_point_per_run_and_explainer(store, tmp_path, dat
 @pytest.mark.parametrize("overrides, message", [
     (["sweep_id=multirun/nope"], "no runs match"),
     (["experiments=[heatmapbench-evaluate,nope]"], "no experiment ['nope']"),
-    (['filter="metrics.aopc_random >>> 1"'], "is invalid"),
+    (['filter="metrics.images >>> 1"'], "is invalid"),
 ])
 def test_bad_selection_raises_and_logs_nothing(store, tmp_path, data_dir, overrides, message):
     with pytest.raises(ConfigError) as err:

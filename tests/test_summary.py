@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
+from heatmapbench import metric_names as mn
 from heatmapbench.evaluation import Evaluation
 from heatmapbench.evaluation.artifacts import summary_markdown
 from heatmapbench.metrics import mean_ci, paired_bootstrap_test
@@ -109,8 +110,8 @@ def test_summary_means_and_cis(evaluation):
         boot = (morf - rand)[idx.numpy()].mean(axis=1)
         assert (row.aopc_rel_lo, row.aopc_rel_hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
         assert row.images == 60
-    assert table.loc["mid", "png"] == pytest.approx(np.arange(60).mean() + 1)
-    assert table.attrs["aopc_random"][0] == pytest.approx(rand.mean())
+    assert table.loc["mid", mn.COMPLEXITY_PNG] == pytest.approx(np.arange(60).mean() + 1)
+    assert table.attrs[mn.random_ordering_metric(mn.AOPC)][0] == pytest.approx(rand.mean())
 
 
 def test_pairwise_tests_are_holm_adjusted(evaluation):

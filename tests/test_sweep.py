@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from heatmapbench import metric_names as mn
 from heatmapbench.perturbation import Perturbation
 from tests.conftest import cli_env
 from tests.test_data import needs_fmnist
@@ -65,9 +66,10 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
                     for p in ("uniform", "blur")}
     for run in runs:
         name = run.data.tags["explainers"]
-        assert f"aopc_rel/{name}" in run.data.metrics and f"aopc/{name}" in run.data.metrics
+        assert mn.explainer_metric(mn.AOPC_REL, name) in run.data.metrics
+        assert mn.explainer_metric(mn.AOPC, name) in run.data.metrics
         assert run.info.run_name.startswith("explainer=")  # named from its overrides
-        assert set(run.data.metrics) >= {"aopc_random", "images", "seconds"}
+        assert set(run.data.metrics) >= {mn.random_ordering_metric(mn.AOPC), mn.IMAGES, mn.SECONDS}
     # the comparison report over this sweep: one row per job, with each run's own numbers
     from heatmapbench.report import run_report
     from tests.conftest import compose_config
@@ -82,7 +84,7 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
         row = table[(table.explainer == name) & (table.region_size.astype(int) == int(run.data.params["evaluation.region_size"]))
                     & (table.perturbation == run.data.tags["perturbation"])]
         assert len(row) == 1
-        assert float(row.aopc_rel.iloc[0]) == pytest.approx(run.data.metrics[f"aopc_rel/{name}"])
+        assert float(row.aopc_rel.iloc[0]) == pytest.approx(run.data.metrics[mn.explainer_metric(mn.AOPC_REL, name)])
 
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, data_dir):

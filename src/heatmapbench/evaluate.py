@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from heatmapbench import metric_names as mn
 from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
@@ -102,15 +103,18 @@ def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation
 
 def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
     """Per-explainer metrics of one evaluation, as logged to MLflow."""
-    metrics: dict[str, float] = {"images": float(evaluation.num_images), "seconds": evaluation.seconds,
-                                 "aopc_random": summary.attrs["aopc_random"][0]}
+    random_ordering = mn.random_ordering_metric(mn.AOPC)
+    m, lo, hi = summary.attrs[random_ordering]
+    metrics: dict[str, float] = {mn.IMAGES: float(evaluation.num_images), mn.SECONDS: evaluation.seconds,
+                                 random_ordering: m, mn.random_ordering_metric(mn.AOPC, "lo"): lo,
+                                 mn.random_ordering_metric(mn.AOPC, "hi"): hi}
     if evaluation.label is not None:
-        metrics["accuracy"] = float((evaluation.target == evaluation.label).double().mean())
+        metrics[mn.ACCURACY] = float((evaluation.target == evaluation.label).double().mean())
     for _, row in summary.iterrows():
-        for key in ("aopc", "aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "aopc_lerf", "abpc", "abpc_lo", "abpc_hi",
-                    "png", "jpeg", "entropy"):
-            if key in row and row[key] == row[key]:  # not NaN
-                metrics[f"{key}/{row.explainer}"] = float(row[key])
+        for column, value in row.items():
+            parsed = mn.parse_explainer_metric(f"{column}/{row.explainer}")
+            if parsed is not None and value == value:  # a measure (or its bound), not NaN
+                metrics[f"{column}/{row.explainer}"] = float(value)
     return metrics
 
 
@@ -133,7 +137,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
-        metrics["seconds"] = seconds
+        metrics[mn.SECONDS] = seconds
         reliability = run_reliability(per_image_table(evaluation), n_boot=settings.n_boot, seed=settings.seed)
         metrics.update(reliability_metrics(reliability))
         retry_locked(logger.log_metrics)(metrics)
@@ -156,7 +160,7 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the mean AOPC relative to random of the first explainer."""
     metrics = run_evaluate(cfg)
     first = cfg.evaluation.explainers[0]
-    return metrics.get(f"aopc_rel/{first}")
+    return metrics.get(mn.explainer_metric(mn.AOPC_REL, first))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from heatmapbench import metric_names as mn
 from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import validate
@@ -74,8 +75,9 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id
 
 def _print_aopc(callback: AOPCCallback) -> None:
     history = callback.history_frame()
-    columns = ["epoch", "accuracy"] + [c for c in history.columns if c.startswith("aopc/")] + ["seconds", "epoch_seconds"]
-    table = history[columns].rename(columns=lambda c: c.replace("aopc/", ""))
+    names = mn.explainers_in(history.columns, measures=(mn.AOPC,))
+    columns = ["epoch", "accuracy"] + [mn.explainer_metric(mn.AOPC, n) for n in names] + ["seconds", "epoch_seconds"]
+    table = history[columns].rename(columns=lambda c: p.explainer if (p := mn.parse_explainer_metric(c)) else c)
     print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time, epoch_seconds = training epoch time ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     corr = correlations(history)

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
 from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
@@ -142,9 +143,9 @@ class AOPCCallback(pl.Callback):
             return
         metrics = {}
         for _, row in corr.iterrows():
-            for kind in ("pearson", "spearman"):
+            for kind in mn.CORRELATION_METHODS:
                 if not math.isnan(row[kind]):
-                    metrics[f"corr_{kind}/{row.explainer}"] = row[kind]
+                    metrics[mn.correlation_metric(kind, mn.AOPC, row.explainer)] = row[kind]
         if metrics:
             logger.log_metrics(metrics, step=int(history.epoch.max()))
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,19 +173,20 @@ class AOPCCallback(pl.Callback):
         row: dict[str, float] = {"epoch": epoch, "accuracy": accuracy if accuracy is not None else float("nan"),
                                  "subset_accuracy": subset_acc, "seconds": seconds,
                                  "epoch_seconds": getattr(self, "_epoch_seconds", float("nan")) if epoch else 0.0}
-        metrics = {"aopc/seconds": seconds, "aopc/subset_accuracy": subset_acc,
-                   "aopc/random_baseline": float(evaluation.random_aopc().mean())}
+        metrics = {mn.SECONDS: seconds, mn.SUBSET_ACCURACY: subset_acc,
+                   mn.random_ordering_metric(mn.AOPC): float(evaluation.random_aopc().mean())}
         for name in evaluation.explainers:
             aopc = float(evaluation.aopc(name).mean())
-            row[f"aopc/{name}"] = aopc
-            metrics[f"aopc/{name}"] = aopc
-            metrics[f"aopc_rel/{name}"] = float(evaluation.aopc_relative(name).mean())
+            row[mn.explainer_metric(mn.AOPC, name)] = aopc
+            metrics[mn.explainer_metric(mn.AOPC, name)] = aopc
+            metrics[mn.explainer_metric(mn.AOPC_REL, name)] = float(evaluation.aopc_relative(name).mean())
             if self.log_abpc:
-                metrics[f"abpc/{name}"] = float(evaluation.abpc(name).mean())
+                metrics[mn.explainer_metric(mn.ABPC, name)] = float(evaluation.abpc(name).mean())
             if self.log_complexity and name in evaluation.complexity:
-                metrics[f"complexity_png/{name}"] = float(evaluation.complexity[name]["png"].double().mean())
+                metrics[mn.explainer_metric(mn.COMPLEXITY_PNG, name)] = float(
+                    evaluation.complexity[name]["png"].double().mean())
         if accuracy is not None:
-            metrics["aopc/accuracy"] = accuracy
+            metrics[mn.ACCURACY] = accuracy
         self.history.append(row)
         logger = self._mlflow(trainer)
         if logger is None:

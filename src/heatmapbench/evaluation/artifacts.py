@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from heatmapbench import metric_names as mn  # noqa: E402
 from heatmapbench.evaluation.core import Evaluation  # noqa: E402
 from heatmapbench.metrics.summary import N_BOOT, Statistics, format_p  # noqa: E402
 from heatmapbench.evaluation.reliability import (  # noqa: E402
@@ -86,11 +87,12 @@ def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None
     fmt = lambda r, k: (f"{r[k]:.4g} [{r[k + '_lo']:.4g}, {r[k + '_hi']:.4g}]"  # noqa: E731
                         if k in r and pd.notna(r[k]) else "–")
     num = lambda r, k, f: format(r[k], f) if k in r and pd.notna(r[k]) else "–"  # noqa: E731
-    for _, row in summary.sort_values("aopc_rel", ascending=False).iterrows():
-        lines.append(f"| {row.explainer} | {fmt(row, 'aopc_rel')} | {num(row, 'aopc', '.4g')} | {fmt(row, 'abpc')} | "
-                     f"{num(row, 'png', '.0f')} | {num(row, 'jpeg', '.0f')} | {num(row, 'entropy', '.3f')} |")
-    if "aopc_random" in summary.attrs:
-        m, lo, hi = summary.attrs["aopc_random"]
+    for _, row in summary.sort_values(mn.AOPC_REL, ascending=False).iterrows():
+        lines.append(f"| {row.explainer} | {fmt(row, mn.AOPC_REL)} | {num(row, mn.AOPC, '.4g')} | {fmt(row, mn.ABPC)} | "
+                     f"{num(row, mn.COMPLEXITY_PNG, '.0f')} | {num(row, mn.COMPLEXITY_JPEG, '.0f')} | "
+                     f"{num(row, mn.COMPLEXITY_ENTROPY, '.3f')} |")
+    if mn.random_ordering_metric(mn.AOPC) in summary.attrs:
+        m, lo, hi = summary.attrs[mn.random_ordering_metric(mn.AOPC)]
         lines.append(f"\nRandom ordering: AOPC {m:.4g} [{lo:.4g}, {hi:.4g}].")
     if pairwise is not None and len(pairwise):
         n_boot = int(pairwise.attrs.get("n_boot", N_BOOT))
@@ -110,16 +112,14 @@ def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None
 def correlations(history: pd.DataFrame, accuracy: str = "accuracy") -> pd.DataFrame:
     """Pearson and Spearman correlation between accuracy and each ``aopc/<explainer>`` over epochs."""
     rows = []
-    for column in history.columns:
-        if not column.startswith("aopc/"):
-            continue
+    for name in mn.explainers_in(history.columns, measures=(mn.AOPC,)):
+        column = mn.explainer_metric(mn.AOPC, name)
         part = history[[accuracy, column]].dropna()
         pearson = spearman = float("nan")
         if len(part) >= 3 and part[accuracy].nunique() > 1 and part[column].nunique() > 1:
             pearson = float(stats.pearsonr(part[accuracy], part[column])[0])
             spearman = float(stats.spearmanr(part[accuracy], part[column])[0])
-        rows.append({"explainer": column[len("aopc/"):], "pearson": pearson, "spearman": spearman,
-                     "epochs": len(part)})
+        rows.append({"explainer": name, "pearson": pearson, "spearman": spearman, "epochs": len(part)})
     return pd.DataFrame(rows, columns=["explainer", "pearson", "spearman", "epochs"])
 
 
@@ -130,9 +130,9 @@ def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "ac
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax2 = ax.twinx()
-    for column in history.columns:
-        if column.startswith("aopc/"):
-            ax2.plot(history.epoch, history[column], marker=".", ls="--", label=column)
+    for name in mn.explainers_in(history.columns, measures=(mn.AOPC,)):
+        column = mn.explainer_metric(mn.AOPC, name)
+        ax2.plot(history.epoch, history[column], marker=".", ls="--", label=column)
     ax2.set_ylabel("AOPC (MoRF)")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]

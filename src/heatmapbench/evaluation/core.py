@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from heatmapbench import metric_names as mn
 from heatmapbench.config.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
 from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size
@@ -134,10 +135,10 @@ class Evaluation:
     # -- tables (heatmapbench.metrics.summary) ----------------------------------------
     def per_image(self, name: str) -> dict[str, Tensor]:
         """(N,) per-image metrics of one explainer: ``aopc``, ``aopc_rel`` (+ ``aopc_lerf``, ``abpc``)."""
-        metrics = {"aopc": self.aopc(name), "aopc_rel": self.aopc_relative(name)}
+        metrics = {mn.AOPC: self.aopc(name), mn.AOPC_REL: self.aopc_relative(name)}
         if "lerf" in self.curves[name]:
-            metrics["aopc_lerf"] = self.aopc(name, "lerf")
-            metrics["abpc"] = self.abpc(name)
+            metrics[mn.AOPC_LERF] = self.aopc(name, "lerf")
+            metrics[mn.ABPC] = self.abpc(name)
         return metrics
 
     def statistics(self, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
@@ -154,8 +155,9 @@ class Evaluation:
     def summary(self, n_boot: int = N_BOOT, seed: int = 0, *, level: float = 0.95,
                 indices: Tensor | None = None) -> pd.DataFrame:
         """One row per explainer: means with bootstrap CIs (Tomsett et al.) and Table I sizes."""
+        complexity = {n: {mn.COMPLEXITY[k]: v for k, v in c.items()} for n, c in self.complexity.items()}
         return summary_table({n: self.per_image(n) for n in self.explainers}, self.random_aopc(),
-                             complexity=self.complexity, level=level, n_boot=n_boot, seed=seed, indices=indices)
+                             complexity=complexity, level=level, n_boot=n_boot, seed=seed, indices=indices)
 
     def pairwise(self, metric: str = "aopc_rel", n_boot: int = N_BOOT, seed: int = 0, *, level: float = 0.95,
                  alpha: float = 0.05, indices: Tensor | None = None) -> pd.DataFrame:

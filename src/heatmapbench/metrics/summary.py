@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from heatmapbench import metric_names as mn
+
 if TYPE_CHECKING:  # the engine itself uses aopc() below
     from heatmapbench.perturbation.engine import PerturbationResult
 
@@ -192,8 +194,8 @@ def format_p(p: float, n_boot: int) -> str:
 class Statistics:
     """Everything printed or logged about one evaluation, from one bootstrap draw.
 
-    summary : one row per explainer (see :func:`summary_table`); ``attrs["aopc_random"]`` holds
-        the random ordering's (mean, lo, hi).
+    summary : one row per explainer (see :func:`summary_table`); ``attrs["eval/random_ordering/aopc"]``
+        holds the random ordering's (mean, lo, hi).
     pairwise : the paired tests of every ordered pair of explainers (see :func:`pairwise_table`).
     n_boot, seed, level : the resampling behind them.
     """
@@ -212,7 +214,8 @@ def summary_table(metrics: Mapping[str, Mapping[str, Tensor]], random_aopc: Tens
 
     ``metrics[explainer][key]`` are (N,) per-image values (``aopc``, ``aopc_rel``, ...); each
     gives columns ``key``, ``key_lo``, ``key_hi``. ``complexity[explainer][key]`` adds plain
-    means (Table I). ``attrs["aopc_random"]`` is the random ordering's ``(mean, lo, hi)``.
+    means (Table I). ``attrs["eval/random_ordering/aopc"]`` (:func:`heatmapbench.metric_names.random_ordering_metric`)
+    is the random ordering's ``(mean, lo, hi)``.
     """
     n = int(torch.as_tensor(random_aopc).numel())
     idx = _indices(n, n_boot, seed, indices)
@@ -226,7 +229,7 @@ def summary_table(metrics: Mapping[str, Mapping[str, Tensor]], random_aopc: Tens
             row[key] = float(torch.as_tensor(values).double().mean())
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.attrs["aopc_random"] = mean_ci(random_aopc, level=level, indices=idx)
+    table.attrs[mn.random_ordering_metric(mn.AOPC)] = mean_ci(random_aopc, level=level, indices=idx)
     return table
 
 

@@ -2,7 +2,7 @@
 
     heatmapbench-report sweep_id=multirun/2025-01-31_12-00-00
     heatmapbench-report experiments=[heatmapbench-evaluate,heatmapbench-train] +tags.model=vgg16
-    heatmapbench-report filter="metrics.accuracy > 0.5 and params.evaluation.steps = '100'"
+    heatmapbench-report filter="metrics.`eval/accuracy` > 0.5 and params.evaluation.steps = '100'"
 
 Reads the selected runs (experiment, sweep id, tag equality, a raw MLflow filter; FINISHED
 only unless ``include_failed=true``) and writes

@@ -84,7 +84,7 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None, *, sweep_id:
                 break
     except MlflowException as err:
         raise ConfigError(f"filter {query!r} is invalid: {err.message}. MLflow syntax: clauses joined by 'and', e.g. "
-                          "tags.model = 'vgg16' and metrics.accuracy > 0.5 and params.`evaluation.steps` = '100'") from err
+                          "tags.model = 'vgg16' and metrics.`eval/accuracy` > 0.5 and params.`evaluation.steps` = '100'") from err
     df = runs_frame(runs, {v: k for k, v in known.items()})
     if len(df) and "tags.task" in df:
         df = df[df["tags.task"].fillna("") != "report"]  # earlier summaries are not runs to compare

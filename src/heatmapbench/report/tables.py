@@ -9,17 +9,17 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from heatmapbench import metric_names as mn
 from heatmapbench.evaluation.artifacts import correlations
 
 #: The cell of the comparison; other parameters join it only when they split a cell.
 BASE_KEYS = ("explainer", "region_size", "perturbation")
-#: Per-explainer metrics of an evaluate run (``<key>/<explainer>``).
-EXPLAINER_METRICS = ("aopc", "aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "aopc_lerf", "abpc", "abpc_lo", "abpc_hi",
-                     "png", "jpeg", "entropy")
-#: Per-run metrics of an evaluate run.
-RUN_METRICS = ("aopc_random", "accuracy", "images", "seconds")
-#: ``aopc/<name>`` metrics of the training callback that are not explainers.
-NOT_EXPLAINERS = frozenset({"accuracy", "seconds", "subset_accuracy", "random_baseline"})
+#: Per-explainer metrics of an evaluate run (``<measure>/<explainer>``, see :mod:`heatmapbench.metric_names`).
+EXPLAINER_METRICS = (mn.AOPC, mn.AOPC_REL, "aopc_rel_lo", "aopc_rel_hi", mn.AOPC_LERF, mn.ABPC, "abpc_lo", "abpc_hi",
+                     mn.COMPLEXITY_PNG, mn.COMPLEXITY_JPEG, mn.COMPLEXITY_ENTROPY)
+#: Per-run metrics of an evaluate run: column of the report → metric name.
+RUN_METRICS = {"random_ordering_aopc": mn.random_ordering_metric(mn.AOPC), "accuracy": mn.ACCURACY,
+               "images": mn.IMAGES, "seconds": mn.SECONDS}
 #: Parameters that never split a cell: replicates (seeds), precision, bookkeeping.
 DEFAULT_IGNORE = ("paths.*", "logger.*", "hydra.*", "task_name", "seed", "evaluation.seed", "evaluation.explainers",
                   "evaluation.batch_size", "evaluation.orders", "evaluation.complexity", "evaluation.repeats",
@@ -53,20 +53,15 @@ def _last_part(series: pd.Series) -> pd.Series:
 def _run_kind(df: pd.DataFrame) -> pd.Series:
     """``evaluate``/``train``/other per run: the ``task`` tag, else guessed from the metrics."""
     kind = _col(df, "tags.task").astype(object)
-    guess = np.where(_col(df, "metrics.aopc_random").notna(), "evaluate",
-                     np.where(_col(df, "metrics.test/acc").notna() | _col(df, "metrics.val/acc").notna()
+    guess = np.where(_col(df, f"metrics.{mn.random_ordering_metric(mn.AOPC)}").notna(), "evaluate",
+                     np.where(_col(df, f"metrics.{mn.TEST_ACC}").notna() | _col(df, f"metrics.{mn.VAL_ACC}").notna()
                               | _col(df, "params.trainer._target_").notna(), "train", "other"))
     return kind.where(kind.notna() & (kind != ""), pd.Series(guess, index=df.index))
 
 
 def _explainers(df: pd.DataFrame) -> list[str]:
     """Explainer names of the ``aopc_rel/<name>`` and ``aopc/<name>`` columns, in first-seen order."""
-    names: dict[str, None] = {}
-    for column in df.columns:
-        for prefix in ("metrics.aopc_rel/", "metrics.aopc/"):
-            if column.startswith(prefix) and column[len(prefix):] not in NOT_EXPLAINERS:
-                names.setdefault(column[len(prefix):])
-    return list(names)
+    return mn.explainers_in(c[len("metrics."):] for c in df.columns if c.startswith("metrics."))
 
 
 def _number(series: pd.Series) -> pd.Series:
@@ -79,8 +74,8 @@ def long_format(runs_df: pd.DataFrame) -> pd.DataFrame:
     params = [c for c in df.columns if c.startswith("params.")]
     rows = []
     for name in _explainers(df):
-        part = df[df.get(f"metrics.aopc_rel/{name}", pd.Series(np.nan, index=df.index)).notna()
-                  | df.get(f"metrics.aopc/{name}", pd.Series(np.nan, index=df.index)).notna()]
+        part = df[_col(df, f"metrics.{mn.explainer_metric(mn.AOPC_REL, name)}").notna()
+                  | _col(df, f"metrics.{mn.explainer_metric(mn.AOPC, name)}").notna()]
         if not len(part):
             continue
         out = pd.DataFrame({
@@ -94,8 +89,8 @@ def long_format(runs_df: pd.DataFrame) -> pd.DataFrame:
         })
         for key in EXPLAINER_METRICS:
             out[key] = _col(part, f"metrics.{key}/{name}").astype(float)
-        for key in RUN_METRICS:
-            out[key] = _col(part, f"metrics.{key}").astype(float)
+        for key, metric in RUN_METRICS.items():
+            out[key] = _col(part, f"metrics.{metric}").astype(float)
         for column in params:
             out[column] = part[column]
         rows.append(out)
@@ -141,14 +136,16 @@ def comparison_table(long: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFr
     """
     keys = list(BASE_KEYS) + list(extra)
     columns = keys + ["aopc_rel", "aopc_rel_lo", "aopc_rel_hi", "aopc_rel_std", "aopc", "abpc", "abpc_lo", "abpc_hi",
-                      "aopc_random", "png", "jpeg", "entropy", "accuracy", "runs", "run_ids"]
+                      "random_ordering_aopc", mn.COMPLEXITY_PNG, mn.COMPLEXITY_JPEG, mn.COMPLEXITY_ENTROPY, "accuracy",
+                      "runs", "run_ids"]
     if not len(long):
         return pd.DataFrame(columns=columns)
     filled = long.copy()
     for key in keys:  # NaN keys would drop out of groupby
         filled[key] = filled[key].astype(object).where(filled[key].notna(), "–")
     grouped = filled.groupby(keys, sort=False)
-    means = grouped[["aopc_rel", "aopc", "abpc", "aopc_random", "png", "jpeg", "entropy", "accuracy"]].mean()
+    means = grouped[["aopc_rel", "aopc", "abpc", "random_ordering_aopc", mn.COMPLEXITY_PNG, mn.COMPLEXITY_JPEG,
+                     mn.COMPLEXITY_ENTROPY, "accuracy"]].mean()
     table = means.join(grouped["aopc_rel"].std().rename("aopc_rel_std"))
     table["runs"] = grouped.size()
     table["run_ids"] = grouped["run_id"].agg(lambda ids: ";".join(sorted(ids)))
@@ -169,12 +166,12 @@ def training_table(runs_df: pd.DataFrame) -> pd.DataFrame:
     df = runs_df[_run_kind(runs_df) == "train"]
     columns = ["run_id", "experiment", "run_name", "model", "data", "explainer", "accuracy", "accuracy_metric",
                "aopc", "aopc_rel"]
-    test, val = _col(df, "metrics.test/acc").astype(float), _col(df, "metrics.val/acc").astype(float)
+    test, val = _col(df, f"metrics.{mn.TEST_ACC}").astype(float), _col(df, f"metrics.{mn.VAL_ACC}").astype(float)
     accuracy = test.where(test.notna(), val)
-    metric = pd.Series(np.where(test.notna(), "test/acc", "val/acc"), index=df.index)
+    metric = pd.Series(np.where(test.notna(), mn.TEST_ACC, mn.VAL_ACC), index=df.index)
     rows = []
     for name in _explainers(df):
-        aopc = _col(df, f"metrics.aopc/{name}").astype(float)
+        aopc = _col(df, f"metrics.{mn.explainer_metric(mn.AOPC, name)}").astype(float)
         keep = aopc.notna() & accuracy.notna()
         if not keep.any():
             continue
@@ -184,7 +181,7 @@ def training_table(runs_df: pd.DataFrame) -> pd.DataFrame:
             "model": _col(part, "tags.model").fillna(_last_part(_col(part, "params.model.net._target_"))),
             "data": _col(part, "tags.data").fillna(_last_part(_col(part, "params.data._target_"))),
             "explainer": name, "accuracy": accuracy[keep], "accuracy_metric": metric[keep], "aopc": aopc[keep],
-            "aopc_rel": _col(part, f"metrics.aopc_rel/{name}").astype(float)}))
+            "aopc_rel": _col(part, f"metrics.{mn.explainer_metric(mn.AOPC_REL, name)}").astype(float)}))
     if not rows:
         return pd.DataFrame(columns=columns)
     return pd.concat(rows, ignore_index=True)[columns].sort_values(["explainer", "accuracy"], ignore_index=True)
@@ -199,7 +196,8 @@ def training_correlation(training: pd.DataFrame) -> pd.DataFrame:
     columns = ["explainer", "runs", "pearson", "spearman"]
     if not len(training):
         return pd.DataFrame(columns=columns)
-    wide = training.pivot(index="run_id", columns="explainer", values="aopc").add_prefix("aopc/")
+    wide = training.pivot(index="run_id", columns="explainer", values="aopc")
+    wide.columns = [mn.explainer_metric(mn.AOPC, name) for name in wide.columns]
     wide["accuracy"] = training.groupby("run_id").accuracy.first()
     return correlations(wide).rename(columns={"epochs": "runs"})[columns]
 
