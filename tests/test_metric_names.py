@@ -64,3 +64,14 @@ def test_no_explainer_config_collides_with_a_measure_or_the_namespace():
 def test_bad_names_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_ranking_and_reliability_names():
+    assert mn.ranking_metric(mn.BEATS_RANDOM, "a") == "beats_random/a"
+    assert mn.ranking_metric(mn.P_BEST, "a", "abpc") == "p_best_abpc/a"
+    assert mn.parse_explainer_metric(mn.ranking_metric(mn.BEATS_RANDOM, "a", "lerf")) == ("beats_random_lerf", "a", None)
+    assert mn.reliability_metric("krippendorff_alpha", "morf", "lo") == "reliability/krippendorff_alpha_lo/morf"
+    assert mn.reliability_metric("morf_lerf_tau") == "reliability/morf_lerf_tau"
+    assert mn.parse_explainer_metric(mn.reliability_metric("morf_lerf_tau")) is None
+    with pytest.raises(ValueError, match="order"):
+        mn.ranking_metric(mn.P_BEST, "a", "random")

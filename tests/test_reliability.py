@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+from heatmapbench import metric_names as mn
 from heatmapbench.evaluation import Evaluation
 from heatmapbench.evaluation.reliability import (
     beats_random,
@@ -230,11 +231,12 @@ def test_run_reliability_metrics_and_markdown():
     assert list(result["alpha"].order) == ["morf", "lerf", "abpc"]
     metrics = reliability_metrics(result)
     ranks = stats.rankdata(-morf, axis=1)
-    assert metrics["reliability/krippendorff_alpha/morf"] == pytest.approx(reference_alpha(ranks, ordinal))
-    assert metrics["reliability/krippendorff_alpha_lo/morf"] <= metrics["reliability/krippendorff_alpha/morf"]
-    assert metrics["beats_random/a"] == np.mean(morf[:, 0] > 0)
-    assert metrics["beats_random_lerf/a"] == np.mean(lerf[:, 0] < 0)
-    assert "p_best_abpc/a" in metrics and "reliability/morf_lerf_tau" in metrics
+    alpha = mn.reliability_metric("krippendorff_alpha", "morf")
+    assert metrics[alpha] == pytest.approx(reference_alpha(ranks, ordinal))
+    assert metrics[mn.reliability_metric("krippendorff_alpha", "morf", "lo")] <= metrics[alpha]
+    assert metrics[mn.ranking_metric(mn.BEATS_RANDOM, "a")] == np.mean(morf[:, 0] > 0)
+    assert metrics[mn.ranking_metric(mn.BEATS_RANDOM, "a", "lerf")] == np.mean(lerf[:, 0] < 0)
+    assert mn.ranking_metric(mn.P_BEST, "a", "abpc") in metrics and mn.reliability_metric("morf_lerf_tau") in metrics
     md = reliability_markdown(result)
     assert "| morf | a | 1 |" in md and "MoRF vs LeRF ranking" in md
     # one explainer: nothing to rank, said so, no α logged

@@ -11,7 +11,10 @@ metric names only through this module. There are three kinds of name:
 * ``aopc_norm``: AOPC divided by the mean clean score f(x⁽⁰⁾) of the same images, so that a
   network whose logits merely grow does not look better;
 * ``aopc_lerf``, ``abpc``: LeRF AOPC and AOPC_MoRF − AOPC_LeRF (when LeRF was run);
-* ``complexity_png``, ``complexity_jpeg``, ``complexity_entropy``: heatmap complexity (Table I).
+* ``complexity_png``, ``complexity_jpeg``, ``complexity_entropy``: heatmap complexity (Table I);
+* ``beats_random``, ``p_best``: the fraction of images on which the explainer beats the random
+  ordering, and the bootstrap probability that it has the best mean; for the LeRF and ABPC
+  rankings with the order appended (``beats_random_lerf``, ``p_best_abpc``; :func:`ranking_metric`).
 
 A 95% confidence interval's bounds append ``_lo`` / ``_hi`` to the measure:
 ``aopc_rel_lo/<explainer>``. The explainer called ``random`` is the random *heatmap*, a method
@@ -20,6 +23,10 @@ like any other; it is not the random-ordering baseline.
 **Correlations** with accuracy across training epochs,
 ``corr_<method>/<measure>/<explainer>`` (``corr_pearson/aopc_rel/lrp_epsilon_0.01``), bounds as
 ``corr_pearson_lo/aopc_rel/<explainer>``.
+
+**Reliability** of the ranking within one evaluation under ``reliability/``
+(:func:`reliability_metric`): ``reliability/krippendorff_alpha/<order>`` (and ``_lo``/``_hi``),
+``reliability/morf_lerf_tau``.
 
 **Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`,
 :data:`ACCURACY`, :data:`SUBSET_ACCURACY`, :data:`EPOCH`, and the random *ordering* baseline
@@ -41,7 +48,8 @@ __all__ = [
     "NAMESPACE", "SECONDS", "IMAGES", "ACCURACY", "SUBSET_ACCURACY", "EPOCH", "RANDOM_ORDERING", "VAL_ACC",
     "TEST_ACC", "ExplainerMetric", "explainer_metric", "parse_explainer_metric", "correlation_metric",
     "parse_correlation_metric", "random_ordering_metric", "random_ordering_correlation", "explainers_in",
-    "MEASURE_LABELS",
+    "MEASURE_LABELS", "BEATS_RANDOM", "P_BEST", "RANKING_ORDERS", "RELIABILITY", "ranking_metric",
+    "reliability_metric",
 ]
 
 # -- explainer measures ------------------------------------------------------------------------
@@ -55,7 +63,13 @@ COMPLEXITY_JPEG = "complexity_jpeg"
 COMPLEXITY_ENTROPY = "complexity_entropy"
 #: Complexity measure of each key of ``Evaluation.complexity`` (``png``, ``jpeg``, ``entropy``).
 COMPLEXITY = {"png": COMPLEXITY_PNG, "jpeg": COMPLEXITY_JPEG, "entropy": COMPLEXITY_ENTROPY}
-MEASURES = (AOPC, AOPC_REL, AOPC_NORM, AOPC_LERF, ABPC, COMPLEXITY_PNG, COMPLEXITY_JPEG, COMPLEXITY_ENTROPY)
+BEATS_RANDOM = "beats_random"
+P_BEST = "p_best"
+#: Orders an explainer ranking is made by (see :mod:`heatmapbench.evaluation.reliability`).
+RANKING_ORDERS = ("morf", "lerf", "abpc")
+_RANKING = tuple(f"{m}{'' if o == 'morf' else '_' + o}" for m in (BEATS_RANDOM, P_BEST) for o in RANKING_ORDERS)
+MEASURES = (AOPC, AOPC_REL, AOPC_NORM, AOPC_LERF, ABPC, COMPLEXITY_PNG, COMPLEXITY_JPEG, COMPLEXITY_ENTROPY,
+            *_RANKING)
 #: Bounds of a 95% confidence interval, appended to a measure or a correlation method.
 BOUNDS = ("lo", "hi")
 #: How a measure reads on an axis or in a table header.
@@ -76,6 +90,7 @@ ACCURACY = f"{NAMESPACE}/accuracy"  #: accuracy the AOPC is compared with (callb
 SUBSET_ACCURACY = f"{NAMESPACE}/subset_accuracy"  #: accuracy on the callback's evaluation subset
 EPOCH = f"{NAMESPACE}/epoch"  #: epochs of training behind the evaluated weights (0: before training)
 RANDOM_ORDERING = f"{NAMESPACE}/random_ordering"  #: prefix of the random-ordering baseline's metrics
+RELIABILITY = "reliability"  #: prefix of the ranking's reliability statistics
 
 # -- Lightning's own ------------------------------------------------------------------------------
 VAL_ACC = "val/acc"
@@ -178,6 +193,25 @@ def random_ordering_correlation(method: str, measure: str = AOPC, bound: Optiona
     """``eval/random_ordering/corr_<method>[_lo|_hi]/<measure>``: the baseline's correlation with accuracy."""
     random_ordering_metric(measure)  # validates the measure
     return f"{RANDOM_ORDERING}/corr_{_with_bound(_check_method(method), bound)}/{measure}"
+
+
+def ranking_metric(measure: str, explainer: str, order: str = "morf") -> str:
+    """``beats_random/<explainer>``, ``p_best_lerf/<explainer>``, …: an explainer's standing in a ranking."""
+    if measure not in (BEATS_RANDOM, P_BEST):
+        raise ValueError(f"measure={measure!r} is not a ranking measure; use {BEATS_RANDOM!r} or {P_BEST!r}")
+    if order not in RANKING_ORDERS:
+        raise ValueError(f"order={order!r} is invalid: choose one of {RANKING_ORDERS}")
+    return explainer_metric(measure if order == "morf" else f"{measure}_{order}", explainer)
+
+
+def reliability_metric(statistic: str, order: Optional[str] = None, bound: Optional[str] = None) -> str:
+    """``reliability/<statistic>[_lo|_hi][/<order>]``, e.g. ``reliability/krippendorff_alpha/morf``."""
+    if not statistic or "/" in statistic:
+        raise ValueError(f"statistic={statistic!r} is invalid: non-empty, without '/'")
+    if order is not None and order not in RANKING_ORDERS:
+        raise ValueError(f"order={order!r} is invalid: choose one of {RANKING_ORDERS} or None")
+    name = f"{RELIABILITY}/{_with_bound(statistic, bound)}"
+    return name if order is None else f"{name}/{order}"
 
 
 def explainers_in(names: Iterable[str], measures: Iterable[str] = (AOPC_REL, AOPC)) -> list[str]:

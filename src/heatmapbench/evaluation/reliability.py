@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from heatmapbench import metric_names as mn
 from heatmapbench.metrics.summary import bootstrap_indices
 
 if TYPE_CHECKING:
@@ -269,16 +270,16 @@ def reliability_metrics(result: dict) -> dict[str, float]:
     """The MLflow metrics of :func:`run_reliability` (NaNs are left out)."""
     metrics: dict[str, float] = {}
     for _, row in result["alpha"].iterrows():
-        for key in ("krippendorff_alpha", "krippendorff_alpha_lo", "krippendorff_alpha_hi"):
-            metrics[f"reliability/{key}/{row.order}"] = float(row[key])
+        for bound in (None, *mn.BOUNDS):
+            key = "krippendorff_alpha" + (f"_{bound}" if bound else "")
+            metrics[mn.reliability_metric("krippendorff_alpha", row.order, bound)] = float(row[key])
     for _, row in result["ranking"].iterrows():
-        suffix = "" if row.order == "morf" else f"_{row.order}"
-        for key in ("beats_random", "p_best"):
+        for key in (mn.BEATS_RANDOM, mn.P_BEST):
             if key in row and pd.notna(row[key]):
-                metrics[f"{key}{suffix}/{row.explainer}"] = float(row[key])
+                metrics[mn.ranking_metric(key, row.explainer, row.order)] = float(row[key])
     for key, value in result["agreement"].items():
         if key != "images":
-            metrics[f"reliability/morf_lerf_{key}"] = float(value)
+            metrics[mn.reliability_metric(f"morf_lerf_{key}")] = float(value)
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
