@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 from PIL import Image
+from scipy import stats
 
 from heatmapbench import metric_names as mn
 from heatmapbench.train import run_train
@@ -34,6 +35,10 @@ def _steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+def _values(client, run_id, key):
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
 def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
     cfg = train_cfg("trainer.max_epochs=2", "logger.experiment_name=t-aopc", *SMALL)
     run_train(cfg)
@@ -44,8 +49,13 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
     for name in EXPLAINERS:
         for measure in (mn.AOPC, mn.AOPC_REL, mn.COMPLEXITY_PNG):
             assert _steps(client, run_id, mn.explainer_metric(measure, name)) == [0, 1, 2], name
-        for method in mn.CORRELATION_METHODS:
-            assert mn.correlation_metric(method, mn.AOPC, name) in run.data.metrics
+        # the logged correlations are those of the logged per-epoch accuracy and AOPC (scipy)
+        aopc = _values(client, run_id, mn.explainer_metric(mn.AOPC, name))
+        accuracy = _values(client, run_id, mn.ACCURACY)
+        for method, reference in (("spearman", stats.spearmanr), ("pearson", stats.pearsonr)):
+            assert method in mn.CORRELATION_METHODS
+            logged = run.data.metrics[mn.correlation_metric(method, mn.AOPC, name)]
+            assert logged == pytest.approx(float(reference(accuracy, aopc)[0]), abs=1e-9)
     assert _steps(client, run_id, mn.SECONDS) == [0, 1, 2]
     # epoch 0 is the untrained net, the later ones use val/acc of the same epoch
     acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}

@@ -22,7 +22,7 @@ from torch import nn
 
 from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
-from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
+from heatmapbench.evaluation import ExplainerSpec, build_explainers, build_perturbation, build_settings, evaluate_batch
 from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
 
 
@@ -36,6 +36,9 @@ class AOPCCallback(pl.Callback):
         random, sensitivity, deconvnet, two LRPs), region size, steps, orders, …
     perturbation
         A perturbation name, config node or instance (default: the paper's uniform noise).
+    explainers
+        Explainer objects or names (see :func:`~heatmapbench.evaluation.build_explainers`) that
+        replace ``settings.explainers``, e.g. ``{"mine": MyExplainer()}``.
     every_n_epochs
         Evaluate after every n-th validation epoch (epoch 0, before training, always).
     subset_size
@@ -51,19 +54,18 @@ class AOPCCallback(pl.Callback):
     def __init__(self, settings: EvaluationSettings | Mapping[str, Any] | None = None,
                  perturbation: Any = "uniform", every_n_epochs: int = 1, subset_size: int | None = None,
                  log_abpc: bool = False, log_complexity: bool = True, artifacts: bool = True,
-                 gallery_size: int = 6) -> None:
+                 gallery_size: int = 6, explainers: ExplainerSpec | None = None) -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if isinstance(settings, Mapping):
-            settings = EvaluationSettings(**dict(settings))
-        self.settings = settings or EvaluationSettings()
+        self.settings = build_settings(settings)
         if self.settings.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("evaluation.precision=fp16 is invalid here: it needs a CUDA device; use bf16 or fp32")
         if log_abpc and "lerf" not in self.settings.orders:
-            self.settings.orders = tuple(self.settings.orders) + ("lerf",)
+            self.settings.orders = list(self.settings.orders) + ["lerf"]
         self.settings.complexity = log_complexity
-        self.explainers = build_explainers(self.settings.explainers)  # before training starts
+        # names resolved once, before training starts
+        self.explainers = build_explainers(self.settings.explainers if explainers is None else explainers)
         self.perturbation = build_perturbation(perturbation)
         self.every_n_epochs = every_n_epochs
         self.subset_size = subset_size

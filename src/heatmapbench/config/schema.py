@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.perturbation.regions import REGION_MODES
-from heatmapbench.registry import available, conf_dir
+from heatmapbench.registry import available, project_root
 from heatmapbench.runtime import LAYOUTS, PRECISIONS
 
 
@@ -267,10 +267,10 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "train
             raise ConfigError(f"{group}: {err}") from err
 
 
-def repo_root() -> str:
-    """The repository root (the folder holding ``conf/``)."""
-    return str(conf_dir().parent)
+def root_dir() -> str:
+    """``paths.root_dir``: the repository in a checkout, the working directory when installed."""
+    return str(project_root())
 
 
 if not OmegaConf.has_resolver("hb_root"):
-    OmegaConf.register_new_resolver("hb_root", repo_root)
+    OmegaConf.register_new_resolver("hb_root", root_dir)

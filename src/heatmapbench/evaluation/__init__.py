@@ -2,11 +2,13 @@
 
 from heatmapbench.evaluation.core import (
     Evaluation,
+    ExplainerSpec,
+    build_settings,
     build_explainers,
     build_perturbation,
     evaluate_batch,
     predicted_class,
 )
 
-__all__ = ["Evaluation", "build_explainers", "build_perturbation",
+__all__ = ["Evaluation", "ExplainerSpec", "build_explainers", "build_settings", "build_perturbation",
            "evaluate_batch", "predicted_class"]

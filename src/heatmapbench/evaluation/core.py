@@ -8,10 +8,11 @@ result to :mod:`heatmapbench.evaluation.artifacts`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from heatmapbench import metric_names as mn
@@ -27,29 +28,56 @@ from heatmapbench.metrics.summary import (
     pairwise_table,
     summary_table,
 )
-from heatmapbench.perturbation import Perturbation, region_perturbation
-from heatmapbench.registry import build
+from heatmapbench.perturbation import Perturbation, get_perturbation, region_perturbation
 from heatmapbench.runtime import autocast, check_precision, fast_model, to_layout
 
 
-def build_explainers(names: Sequence[str]) -> dict[str, Explainer]:
-    """Explainers by config name; an unknown name fails at once, listing the known ones (registry)."""
-    if isinstance(names, str):
-        names = [names]
-    if not names:
+#: Explainers as the Python API takes them: a name, an object, a list of names and objects, or a
+#: mapping from the name shown in tables to a name or an object.
+ExplainerSpec = Union[str, Explainer, Sequence[Union[str, Explainer]], Mapping[str, Union[str, Explainer]]]
+
+
+def build_explainers(explainers: ExplainerSpec) -> dict[str, Explainer]:
+    """Explainers keyed by the name their results are shown under, every name resolved once here.
+
+    A registered name is shown as itself; an object given without a name under its class's
+    ``name`` (pass a mapping to choose, e.g. two LRP variants). Unknown names fail at once,
+    listing the known ones.
+    """
+    if isinstance(explainers, (str, Explainer)):
+        explainers = [explainers]
+    if isinstance(explainers, Mapping):
+        items = list(explainers.items())
+    else:
+        items = [(e if isinstance(e, str) else getattr(e, "name", type(e).__name__), e) for e in explainers]
+    if not items:
         raise ValueError("no explainers configured: set evaluation.explainers=[...] or explainer=<name>")
-    return {name: get_explainer(name) for name in names}
+    labels = [label for label, _ in items]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"explainers {twice} appear more than once; pass a mapping {{label: explainer}} "
+                         "to give each its own label")
+    return {label: get_explainer(e) for label, e in items}
 
 
 def build_perturbation(perturbation: str | Perturbation | Mapping) -> Perturbation:
     """A perturbation from its name, its config node (``_target_``) or an instance."""
-    if isinstance(perturbation, Perturbation):
-        return perturbation
-    if isinstance(perturbation, str):
-        return build("perturbation", perturbation)
-    from hydra.utils import instantiate
+    if isinstance(perturbation, Mapping) or OmegaConf.is_config(perturbation):
+        from hydra.utils import instantiate
 
-    return instantiate(perturbation)
+        perturbation = instantiate(perturbation)
+    return get_perturbation(perturbation)
+
+
+def build_settings(settings: EvaluationSettings | Mapping | None) -> EvaluationSettings:
+    """Evaluation settings from an instance, a mapping of its fields, or the defaults (None)."""
+    if settings is None:
+        return EvaluationSettings()
+    if isinstance(settings, EvaluationSettings):
+        return settings
+    if OmegaConf.is_config(settings):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    return EvaluationSettings(**dict(settings))
 
 
 @dataclass
@@ -181,18 +209,26 @@ def predicted_class(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tenso
     return torch.cat(parts)  # outside inference mode: a normal tensor
 
 
-def evaluate_batch(model: nn.Module, x: Tensor, explainers: Mapping[str, Explainer],
-                   settings: EvaluationSettings, perturbation: Perturbation, *,
+def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None = None,
+                   settings: EvaluationSettings | Mapping | None = None,
+                   perturbation: str | Perturbation | Mapping = "uniform", *,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                    value_range: tuple[float, float] = (0.0, 1.0), target: Tensor | None = None,
                    label: Tensor | None = None, gallery_size: int = 0, seed_offset: int = 0) -> Evaluation:
     """Heatmaps of every explainer and their perturbation curves on one batch ``x`` (model space).
 
+    ``explainers`` and ``perturbation`` are objects or registered names (see
+    :func:`build_explainers`); default: ``settings.explainers`` and the paper's uniform noise.
+    ``settings`` fixes what is scored (default: the paper's, :class:`EvaluationSettings`).
+    Names are resolved once here; pass objects when calling this per batch.
     ``seed_offset`` makes the draws of consecutive batches differ while staying reproducible.
     """
     import time
 
     start = time.perf_counter()
+    settings = build_settings(settings)
+    explainers = build_explainers(settings.explainers if explainers is None else explainers)
+    perturbation = build_perturbation(perturbation)
     check_precision(settings.precision, x.device)
     # one layout for the whole batch: the explainers' and the engine's passes all run in it
     with fast_model(model, settings.layout) as nhwc:

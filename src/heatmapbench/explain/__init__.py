@@ -38,17 +38,14 @@ __all__ = [
 
 
 def available_explainers() -> list[str]:
-    """Names of the configured explainers (``conf/explainer/*.yaml``)."""
+    """Names of the known explainers (configs and classes registered from Python)."""
     return registry.available("explainer")
 
 
-def get_explainer(name: str, **overrides: Any) -> Explainer:
-    """Build the explainer ``conf/explainer/<name>.yaml`` with ``overrides`` applied.
+def get_explainer(explainer: str | Explainer, **overrides: Any) -> Explainer:
+    """An :class:`Explainer` from its registered name (with ``overrides`` of its parameters) or as given.
 
-    Unknown names raise ``ValueError`` listing the known ones.
+    Names come from :mod:`heatmapbench.registry` (``conf/explainer/<name>.yaml``, a user config
+    folder, or ``register_explainer``); unknown names raise ``ValueError`` listing the known ones.
     """
-    explainer = registry.build("explainer", name, **overrides)
-    if not isinstance(explainer, Explainer):
-        raise TypeError(f"conf/explainer/{name}.yaml builds {type(explainer).__name__}, not an Explainer.")
-    explainer.config_name = name
-    return explainer
+    return registry.resolve("explainer", explainer, Explainer, **overrides)

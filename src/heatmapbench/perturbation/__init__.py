@@ -13,12 +13,13 @@ from heatmapbench.perturbation.perturbations import (
     Perturbation,
     PixelSpace,
     Uniform,
+    get_perturbation,
 )
 from heatmapbench.perturbation.road import Road, RoadWalk, road_impute
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, select_regions
 
 __all__ = [
     "region_perturbation", "PerturbationResult", "eval_mode",
-    "Perturbation", "PixelSpace", "Uniform", "Mean", "Constant", "Blur", "Road", "RoadWalk", "road_impute",
+    "get_perturbation", "Perturbation", "PixelSpace", "Uniform", "Mean", "Constant", "Blur", "Road", "RoadWalk", "road_impute",
     "ORDERS", "REGION_MODES", "select_regions",
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from heatmapbench.metrics.summary import aopc
-from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace
+from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
 from heatmapbench.runtime import autocast, check_layout, check_precision, fast_model, to_layout
 
@@ -57,10 +57,6 @@ class PerturbationResult:
     def steps(self) -> int:
         return self.curves.shape[-1] - 1
 
-    def mean_curve(self) -> Tensor:
-        """The AOPC curve of Fig. 4 before the 1/(L+1) factor: mean over repeats and images, (L+1,)."""
-        return self.curves.mean(dim=(0, 1))
-
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -72,20 +68,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.train(training)
-
-
-def _resolve_perturbation(perturbation: str | Perturbation) -> Perturbation:
-    if isinstance(perturbation, Perturbation):
-        return perturbation
-    if isinstance(perturbation, str):
-        from heatmapbench.registry import build  # the registry lists the known names on error
-
-        obj = build("perturbation", perturbation)
-        if not isinstance(obj, Perturbation):
-            raise TypeError(f"conf/perturbation/{perturbation}.yaml built {type(obj).__name__}, "
-                            "not a heatmapbench.perturbation.Perturbation")
-        return obj
-    raise TypeError(f"perturbation must be a name or a Perturbation, got {type(perturbation).__name__}")
 
 
 def _validate(x: Tensor, heatmap: Tensor, target: Tensor | None, region_size: int, steps: int,
@@ -232,7 +214,7 @@ def region_perturbation(
         raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
     check_precision(precision, x.device)
     check_layout(layout)
-    pert = _resolve_perturbation(perturbation)
+    pert = get_perturbation(perturbation)
     b, c, h, w = x.shape
     dev = x.device
     x = x.detach()

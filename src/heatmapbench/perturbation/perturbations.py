@@ -86,12 +86,9 @@ class Perturbation:
     ----------
     name : str
         Registry name (``conf/perturbation/<name>.yaml``).
-    random : bool
-        Whether :meth:`prepare` draws from the generator (so repeats differ).
     """
 
     name = "base"
-    random = False
 
     def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
         """Return the per-repeat state (here: the fully perturbed image, (B, C, H, W))."""
@@ -123,7 +120,6 @@ class Uniform(Perturbation):
     """
 
     name = "uniform"
-    random = True
 
     def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -202,3 +198,14 @@ class Blur(Perturbation):
         y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
         y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
         return y.view(b, c, h, w)
+
+
+def get_perturbation(perturbation: str | Perturbation, **overrides) -> Perturbation:
+    """A :class:`Perturbation` from its registered name (with ``overrides`` of its parameters) or as given.
+
+    Names come from :mod:`heatmapbench.registry` (``conf/perturbation/<name>.yaml``, a user config
+    folder, or ``register_perturbation``); unknown names raise ``ValueError`` listing the known ones.
+    """
+    from heatmapbench import registry
+
+    return registry.resolve("perturbation", perturbation, Perturbation, **overrides)

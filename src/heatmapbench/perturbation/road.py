@@ -323,7 +323,6 @@ class Road(Perturbation):
     """
 
     name = "road"
-    random = True
     WALK_TABLE_LIMIT = 1 << 27  # bool entries per region table (two tables: 256 MiB)
 
     def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None) -> None:
