@@ -76,6 +76,7 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
             assert im.size[0] > 500 and im.size[1] > 500
     history = pd.read_csv(local / "aopc_history.csv")
     assert history.epoch.tolist() == [0, 1, 2]
+    assert (history.callback_seconds >= history.seconds).all()  # the whole cost: scoring + logging + artifacts
     corr = pd.read_csv(local / "aopc_accuracy_correlation.csv")
     assert set(corr.explainer) == set(EXPLAINERS)
     assert corr.set_index("explainer").loc["lrp_epsilon_0.01", "pearson"] == pytest.approx(
@@ -112,3 +113,13 @@ def test_callback_does_not_disturb_training(train_cfg):
     assert with_cb.keys() == without_cb.keys()
     for key in with_cb:
         assert torch.equal(with_cb[key], without_cb[key]), key
+
+
+def test_callback_cost_line():
+    from heatmapbench.train import callback_cost
+
+    history = pd.DataFrame({"epoch": [0, 1, 2], "seconds": [1.5, 1.5, 2.5], "callback_seconds": [2.0, 2.0, 3.0],
+                            "epoch_seconds": [0.0, float("nan"), 10.0]})
+    assert callback_cost(history) == ("AOPC callback: 2.3 s per evaluation (scoring, logging, artifacts) = "
+                                      "23% of a training epoch (10.0 s without it)")
+    assert callback_cost(history.assign(epoch_seconds=[0.0, float("nan"), float("nan")])) is None

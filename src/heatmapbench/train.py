@@ -73,6 +73,19 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id
     print("\n".join(lines), flush=True)
 
 
+def callback_cost(history) -> str | None:
+    """One line: the callback's mean time per evaluation (scoring, logging, artifacts) as a share of
+    a training epoch without it; None before any epoch was timed."""
+    if "callback_seconds" not in history or "epoch_seconds" not in history:
+        return None
+    epochs = history.epoch_seconds[(history.epoch > 0) & (history.epoch_seconds > 0)].dropna()
+    spent = history.callback_seconds.dropna()
+    if epochs.empty or spent.empty:
+        return None
+    return (f"AOPC callback: {spent.mean():.1f} s per evaluation (scoring, logging, artifacts) = "
+            f"{100 * spent.mean() / epochs.mean():.0f}% of a training epoch ({epochs.mean():.1f} s without it)")
+
+
 def _print_aopc(callback: AOPCCallback) -> None:
     history = callback.history_frame()
     names = mn.explainers_in(history.columns, measures=(mn.AOPC,))
@@ -80,6 +93,9 @@ def _print_aopc(callback: AOPCCallback) -> None:
     table = history[columns].rename(columns=lambda c: p.explainer if (p := mn.parse_explainer_metric(c)) else c)
     print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time, epoch_seconds = training epoch time ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    cost = callback_cost(history)
+    if cost:
+        print(cost)
     corr = correlations(history)
     print("\n== correlation of accuracy and AOPC across epochs ==")
     print(corr.to_string(index=False, float_format=lambda v: f"{v:+.3f}"), flush=True)

@@ -1,0 +1,188 @@
+"""Layout and precision: forward speed, explainer speed and what low precision does to AOPC.
+
+Prints ratios measured in one run (contenders interleaved, each one's best of ``--reps``):
+  (a) forward images/s on EfficientNet-Lite0 (224²), VGGSmall (32²) and the demo's SmallCNN (28²):
+      fp32 contiguous (the old path) / fp32 channels_last (the default now) / bf16 autocast, both
+      layouts, with the largest logit difference from fp32 contiguous;
+  (b) heatmaps/s of a few explainers, contiguous against channels_last, on the same nets;
+  (c) the AOPC deviation of bf16 from fp32: ``evaluate_batch`` on the real Lite0 and the ImageNet
+      sample images (paper grid 9×9, uniform noise), per explainer |Δ AOPC rel. random| in units
+      of the fp32 95% CI half-width, and the wall-time ratio of the two runs;
+  (d) with ``--compile``: ``torch.compile`` of the fp32 channels_last SmallCNN and VGGSmall
+      (steady-state ratio and the compile time it has to win back).
+
+    python benches/bench_runtime.py [--threads 2] [--reps 3] [--images 8] [--steps 50] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from heatmapbench.models import SmallCNN, VGGSmall
+from heatmapbench.runtime import autocast, channels_last
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Best time of each contender, alternating them (one warm-up round) so load changes hit all."""
+    best = {k: float("inf") for k in fns}
+    for i in range(reps + 1):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if i:
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def nets(lite0: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    if lite0:
+        from heatmapbench.models.zoo import efficientnet_lite0
+
+        out["EfficientNet-Lite0"] = (efficientnet_lite0().eval(), torch.randn(32, 3, 224, 224, generator=g))
+    torch.manual_seed(0)
+    out["VGGSmall"] = (VGGSmall().eval(), torch.randn(256, 3, 32, 32, generator=g))
+    out["SmallCNN"] = (SmallCNN().eval(), torch.randn(512, 1, 28, 28, generator=g))
+    return out
+
+
+def forward_fn(model: nn.Module, x: torch.Tensor, precision: str):
+    def run():
+        with torch.inference_mode(), autocast(precision, "cpu"):
+            return model(x).float()
+    return run
+
+
+def forwards(all_nets, reps: int) -> None:
+    print("\n(a) forward images/s (× = ratio to fp32 contiguous, the path before this change)")
+    for name, (net, x) in all_nets.items():
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        fns = {"fp32 contiguous": forward_fn(net, x, "fp32"), "fp32 channels_last": forward_fn(net_cl, x_cl, "fp32"),
+               "bf16 contiguous": forward_fn(net, x, "bf16"), "bf16 channels_last": forward_fn(net_cl, x_cl, "bf16")}
+        ref = fns["fp32 contiguous"]()
+        diffs = {k: float((fn() - ref).abs().max()) for k, fn in fns.items()}
+        t = interleaved(fns, reps)
+        base = t["fp32 contiguous"]
+        print(f"  {name} (batch {x.shape[0]}):")
+        for k, v in t.items():
+            print(f"    {k:20s} {x.shape[0] / v:8.1f} img/s  ×{base / v:.2f}   max|Δlogit| {diffs[k]:.2g}")
+
+
+def explainers(all_nets, reps: int) -> None:
+    from heatmapbench.explain import get_explainer
+
+    names = ["sensitivity_l2", "deconvnet_l2", "guided_backprop", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+    print("\n(b) heatmaps/s, contiguous → channels_last (the model and inputs the evaluation hands over)")
+    for name, (net, x) in all_nets.items():
+        if name == "SmallCNN":
+            continue
+        x = x[:8] if x.shape[-1] > 100 else x[:64]
+        with torch.no_grad():
+            target = net(x).argmax(1)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        net_cl = copy.deepcopy(net)
+        row = []
+        with channels_last(net_cl):
+            for e_name in names:
+                e = get_explainer(e_name)
+                t = interleaved({"c": lambda: e(net, x, target), "cl": lambda: e(net_cl, x_cl, target)}, reps)
+                row.append(f"{e_name} {x.shape[0] / t['c']:.1f}→{x.shape[0] / t['cl']:.1f} (×{t['c'] / t['cl']:.2f})")
+        print(f"  {name} (batch {x.shape[0]}): " + "; ".join(row))
+
+
+def aopc_deviation(n_images: int, steps: int, random_repeats: int) -> None:
+    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.data.samples import ImageNetSamplesDataModule
+    from heatmapbench.evaluation import build_explainers, evaluate_batch
+    from heatmapbench.metrics.summary import mean_ci
+    from heatmapbench.models.zoo import efficientnet_lite0, preprocessing_of
+    from heatmapbench.perturbation import Uniform
+
+    net = efficientnet_lite0().eval()
+    dm = ImageNetSamplesDataModule(**preprocessing_of(net).data_kwargs())
+    dm.setup("test")
+    x, _ = dm.eval_subset(n_images)
+    names = ["sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+    print(f"\n(c) AOPC rel. random, bf16 vs fp32: EfficientNet-Lite0, {x.shape[0]} ImageNet sample images, "
+          f"9×9 grid, L={steps}, uniform noise, random ×{random_repeats}, both channels_last")
+    results, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        settings = EvaluationSettings(explainers=names, steps=steps, random_repeats=random_repeats,
+                                      batch_size=64, complexity=False, precision=precision)
+        start = time.perf_counter()
+        results[precision] = evaluate_batch(net, x, build_explainers(names), settings, Uniform(),
+                                            **dm.normalization)
+        seconds[precision] = time.perf_counter() - start
+    ref, low = results["fp32"], results["bf16"]
+    worst = 0.0
+    for name in names:
+        m, lo, hi = mean_ci(ref.aopc_relative(name), n_boot=2000, seed=0)
+        m2 = float(low.aopc_relative(name).mean())
+        half = (hi - lo) / 2
+        worst = max(worst, abs(m2 - m) / half)
+        per_image = float((low.aopc_relative(name) - ref.aopc_relative(name)).abs().max())
+        print(f"  {name:18s} fp32 {m:8.3f} [{lo:.3f}, {hi:.3f}]  bf16 {m2:8.3f}  |Δ| {abs(m2 - m):.3f} "
+              f"= {abs(m2 - m) / half:.2f} CI half-widths; per image max|Δ| {per_image:.3f}")
+    rank = lambda e: sorted(names, key=lambda n: -float(e.aopc_relative(n).mean()))  # noqa: E731
+    print(f"  ranking fp32 {rank(ref)}\n          bf16 {rank(low)} ({'same' if rank(ref) == rank(low) else 'DIFFERENT'})")
+    print(f"  wall time bf16 / fp32: {seconds['bf16'] / seconds['fp32']:.2f} "
+          f"({seconds['fp32']:.1f} s vs {seconds['bf16']:.1f} s, one pass each); worst |Δ| {worst:.2f} half-widths")
+
+
+def compiled(all_nets, reps: int) -> None:
+    print("\n(d) torch.compile (inductor), fp32 channels_last, steady state after compiling")
+    for name, (net, x) in all_nets.items():
+        if name == "EfficientNet-Lite0":
+            continue  # minutes of compile time on two cores; the small nets show the trade-off
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
+        comp = torch.compile(net_cl)
+        forward_fn(comp, x_cl, "fp32")()
+        t_compile = time.perf_counter() - start
+        t = interleaved({"eager": forward_fn(net_cl, x_cl, "fp32"), "compiled": forward_fn(comp, x_cl, "fp32")}, reps)
+        gain = t["eager"] - t["compiled"]
+        per_batch = f"{t_compile / gain:.0f} batches of {x.shape[0]} to break even" if gain > 0 else "never pays off"
+        print(f"  {name}: compiled ×{t['eager'] / t['compiled']:.2f} vs eager channels_last; "
+              f"compile {t_compile:.1f} s → {per_batch}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--images", type=int, default=8, help="images of (c)")
+    ap.add_argument("--steps", type=int, default=50, help="L of (c)")
+    ap.add_argument("--random-repeats", type=int, default=3, help="random orderings of (c)")
+    ap.add_argument("--no-lite0", action="store_true", help="skip EfficientNet-Lite0 (needs the [zoo] extra)")
+    ap.add_argument("--skip-aopc", action="store_true", help="skip (c)")
+    ap.add_argument("--compile", action="store_true", help="also (d), minutes of compiling")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    print(f"setup: torch {torch.__version__}, {args.threads} threads, cpu, native bf16: "
+          f"{', '.join(native) or 'none (bf16 is emulated)'}, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    all_nets = nets(not args.no_lite0)
+    forwards(all_nets, args.reps)
+    explainers(all_nets, args.reps)
+    if not args.skip_aopc and not args.no_lite0:
+        aopc_deviation(args.images, args.steps, args.random_repeats)
+    if args.compile:
+        compiled(all_nets, args.reps)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
