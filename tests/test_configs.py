@@ -104,7 +104,21 @@ def test_typo_in_group_key_fails_at_composition(train_cfg):
 
 def test_wrong_type_fails_at_composition(train_cfg):
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        train_cfg("trainer.max_epochs=three")
+        train_cfg("data.batch_size=three")
+
+
+def test_trainer_schema_is_lightnings_signature(train_cfg):
+    # keys and defaults come from pytorch_lightning.Trainer itself; the YAML sets only what differs
+    import inspect
+
+    params = inspect.signature(pl.Trainer.__init__).parameters
+    cfg = train_cfg()
+    assert set(cfg.trainer) - {"_target_"} == set(params) - {"self"}
+    assert cfg.trainer.max_steps == params["max_steps"].default and cfg.trainer.max_epochs == 1
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        train_cfg("trainer.max_epoch=3")  # a typo
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        validate(train_cfg("trainer.max_epochs=three"))
 
 
 @pytest.mark.parametrize("override, key", [("trainer.max_epochs=-1", "trainer.max_epochs"),

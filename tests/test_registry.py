@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch import nn
 
 from heatmapbench import registry
@@ -166,3 +167,19 @@ def test_installed_layout_puts_outputs_in_the_working_directory(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert registry.conf_dir() == package / "conf" and not registry.in_checkout()
     assert registry.project_root() == tmp_path
+
+
+@pytest.mark.parametrize("group", ["model", "data", "evaluation"])
+def test_load_config_composes_a_group_option_as_hydra_does(group, tmp_path, data_dir):
+    # shared bases (model/_torchvision.yaml, ...) and schemas in a defaults list: the registry's
+    # reading of one option must equal the group node Hydra composes for it
+    try:
+        for name in registry.available(group):
+            hydra_node = compose_config("evaluate", [f"{group}={name}"], tmp_path, data_dir)[group]
+            want = OmegaConf.to_container(hydra_node, resolve=False)
+            got = OmegaConf.to_container(registry.load_config(group, name), resolve=False)
+            if group == "data":  # compose_config points the data folder at the test's own
+                want.pop("data_dir", None), got.pop("data_dir", None)
+            assert got == want, name
+    finally:
+        GlobalHydra.instance().clear()

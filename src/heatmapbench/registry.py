@@ -130,10 +130,13 @@ def _yaml_path(group: str, name: str) -> Path | None:
 
 
 def available(group: str) -> list[str]:
-    """Every name of ``group``: registered from Python or a YAML file in a config folder; sorted."""
+    """Every name of ``group``: registered from Python or a YAML file in a config folder; sorted.
+
+    Files named ``_*.yaml`` are shared bases of the others (e.g. ``model/_torchvision.yaml``), not choices.
+    """
     names = set(_REGISTERED.get(group, {}))
     for folder in config_dirs():
-        names.update(p.name[: -len(".yaml")] for p in (folder / group).glob("*.yaml"))
+        names.update(p.name[: -len(".yaml")] for p in (folder / group).glob("*.yaml") if not p.name.startswith("_"))
     return sorted(names)
 
 
@@ -144,12 +147,45 @@ def _unknown(group: str, name: str) -> ValueError:
         f"_target_) in a folder on Hydra's search path (hydra.searchpath=[file:///path/to/conf]).")
 
 
-def load_config(group: str, name: str, **overrides: Any) -> DictConfig:
-    """The YAML config ``<group>/<name>.yaml`` merged with ``overrides``; unknown names list the known ones."""
+def _compose(group: str, name: str, chain: tuple[str, ...] = ()) -> DictConfig:
+    """``<group>/<name>.yaml`` over its defaults list, as Hydra composes a group option.
+
+    A defaults entry names a config of the same group: another YAML file (a shared base such as
+    ``model/_torchvision.yaml``) or a schema in Hydra's ConfigStore; ``_self_`` places the file
+    itself (by default last, as in Hydra).
+    """
+    if name in chain:
+        raise ValueError(f"{group}/{name}.yaml: its defaults list includes itself ({' → '.join(chain + (name,))})")
     path = _yaml_path(group, name)
     if path is None:
+        from hydra.core.config_store import ConfigStore
+
+        stored = ConfigStore.instance().repo.get(group, {}).get(f"{name}.yaml")
+        if stored is None:
+            raise _unknown(group, name)
+        return OmegaConf.structured(stored.node)
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", None) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    cfg = OmegaConf.create()
+    for entry in defaults:
+        if not isinstance(entry, str):
+            raise ValueError(f"{path}: defaults entry {entry!r} is not supported here; name a config of the "
+                             f"{group!r} group (or _self_)")
+        part = own if entry == "_self_" else _compose(group, entry, chain + (name,))
+        cfg = OmegaConf.merge(cfg, part)
+    return cfg
+
+
+def load_config(group: str, name: str, **overrides: Any) -> DictConfig:
+    """The config ``<group>/<name>.yaml`` (over its defaults list) merged with ``overrides``.
+
+    Unknown names raise ``ValueError`` listing the known ones.
+    """
+    if _yaml_path(group, name) is None:
         raise _unknown(group, name)
-    cfg = OmegaConf.load(path)
+    cfg = _compose(group, name)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     return cfg

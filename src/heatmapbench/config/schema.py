@@ -8,7 +8,7 @@ dataclass), before any data is read or any MLflow run exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,13 +39,12 @@ class PathsConfig:
 
 
 @dataclass
-class TorchvisionDataConfig:
+class DataConfig:
+    """Fields every heatmapbench data module takes (the defaults of its ``data`` YAML files)."""
+
     _target_: str = MISSING
-    data_dir: str = MISSING
-    download: bool = False
     batch_size: int = 128
     num_workers: int = 0
-    val_size: int = 5000
     eval_subset_size: int = 256
     seed: int = 0
     pin_memory: bool = False
@@ -53,73 +52,102 @@ class TorchvisionDataConfig:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
-        _require(self.val_size >= 0, "data.val_size", self.val_size, "must be >= 0")
-        _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size,
-                 "must be >= 0")
+        _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size, "must be >= 0")
+        val_size = getattr(self, "val_size", 0)
+        _require(val_size >= 0, "data.val_size", val_size, "must be >= 0")
 
 
 @dataclass
-class ImageFolderDataConfig:
-    _target_: str = "heatmapbench.data.ImageFolderDataModule"
-    path: str = MISSING
-    train_path: Optional[str] = None
+class TorchvisionDataConfig(DataConfig):
+    """MNIST, Fashion-MNIST, CIFAR-10 (torchvision datasets, 50/60k train images)."""
+
+    data_dir: str = MISSING
+    download: bool = False
+    val_size: int = 5000
+
+
+@dataclass
+class PreprocessedDataConfig(DataConfig):
+    """Photographs resized, centre-cropped and normalised like an ImageNet model's input."""
+
     image_size: int = 224
     resize: int = 256
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     batch_size: int = 32
-    num_workers: int = 0
-    val_size: int = 0
-    eval_subset_size: int = 256
-    seed: int = 0
-    pin_memory: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        _require(Path(self.path).is_dir(), "data.path", self.path,
-                 "no such folder; point it at images laid out as <path>/<class>/<image>")
+        super().__post_init__()
         _require(len(self.mean) == len(self.std), "data.mean", self.mean,
                  "needs one value per channel, like data.std")
 
 
 @dataclass
-class TrainerConfig:
-    _target_: str = "pytorch_lightning.Trainer"
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    strategy: Any = "auto"
-    num_nodes: int = 1
-    precision: Any = "32-true"
-    max_epochs: int = 3
-    min_epochs: Optional[int] = None
-    max_steps: int = -1
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
-    val_check_interval: Optional[float] = None
-    check_val_every_n_epoch: Optional[int] = 1
-    num_sanity_val_steps: Optional[int] = None
-    log_every_n_steps: Optional[int] = 50
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = True
-    enable_checkpointing: bool = True
-    gradient_clip_val: Optional[float] = None
-    accumulate_grad_batches: int = 1
-    deterministic: Any = False
-    benchmark: Optional[bool] = None
-    default_root_dir: Optional[str] = None
-    fast_dev_run: Any = False
+class ImageFolderDataConfig(PreprocessedDataConfig):
+    _target_: str = "heatmapbench.data.ImageFolderDataModule"
+    path: str = MISSING
+    train_path: Optional[str] = None
+    val_size: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
-                 "must be >= 1 (training runs a fixed number of epochs)")
-        _require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "must be >= 1")
-        _require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
-                 self.accumulate_grad_batches, "must be >= 1")
+        _require(Path(self.path).is_dir(), "data.path", self.path,
+                 "no such folder; point it at images laid out as <path>/<class>/<image>")
+        super().__post_init__()
+
+
+@dataclass
+class ImageNetSamplesDataConfig(PreprocessedDataConfig):
+    """The 20 ImageNet images bundled with foolbox (evaluation only)."""
+
+    _target_: str = "heatmapbench.data.ImageNetSamplesDataModule"
+    data_dir: Optional[str] = None
+    batch_size: int = 20
+    eval_subset_size: int = 20
+
+
+class _TrainerChecks:
+    """Ranges of the Trainer arguments heatmapbench relies on; the rest Lightning checks itself."""
+
+    def __post_init__(self) -> None:
+        def integer(key: str, low: int, none_ok: bool = True) -> None:
+            value = getattr(self, key)
+            ok = (value is None and none_ok) or (isinstance(value, int) and not isinstance(value, bool)
+                                                 and value >= low)
+            _require(ok, f"trainer.{key}", value, f"must be an integer >= {low}")
+
+        integer("max_epochs", 1, none_ok=False)  # training runs a fixed number of epochs
+        integer("num_nodes", 1, none_ok=False)
+        integer("accumulate_grad_batches", 1, none_ok=False)
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
             value = getattr(self, key)
-            _require(value is None or value >= 0, f"trainer.{key}", value, "must be >= 0")
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                       and value >= 0), f"trainer.{key}", value, "must be a number >= 0")
+
+
+def _trainer_schema() -> type:
+    """The schema of the ``trainer`` group, read from ``pytorch_lightning.Trainer``'s signature.
+
+    Its keys and defaults are Lightning's own (a typo fails while Hydra composes); the YAML files
+    set only what heatmapbench changes. Values are typed ``Any``: Lightning's annotations are
+    unions OmegaConf cannot hold; :class:`_TrainerChecks` checks the ranges that matter here.
+    """
+    import inspect
+
+    import pytorch_lightning as pl
+
+    fields = [("_target_", str, field(default="pytorch_lightning.Trainer"))]
+    for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
+        if name == "self" or param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+            continue
+        default = param.default
+        if default is inspect.Parameter.empty or not (default is None or isinstance(default, (bool, int, float, str))):
+            default = None
+        fields.append((name, Any, field(default=default)))
+    return make_dataclass("TrainerConfig", fields, bases=(_TrainerChecks,))
+
+
+TrainerConfig = _trainer_schema()
 
 
 @dataclass
@@ -233,7 +261,8 @@ class EvaluationSettings:
 SCHEMAS: dict[str, dict[str, type]] = {
     "paths": {"paths_schema": PathsConfig},
     "data": {"torchvision_data_schema": TorchvisionDataConfig,
-             "imagefolder_data_schema": ImageFolderDataConfig},
+             "imagefolder_data_schema": ImageFolderDataConfig,
+             "imagenet_samples_data_schema": ImageNetSamplesDataConfig},
     "trainer": {"trainer_schema": TrainerConfig},
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
     "evaluation": {"evaluation_schema": EvaluationSettings},
