@@ -188,10 +188,12 @@ def road_curves(args) -> None:
     for order in ("morf", "random"):
         kw = dict(region_size=p, steps=L, order=order, perturbation="road", batch_size=args.road_batch)
         res = region_perturbation(free, xr, hr, **kw)
-        t_ours = best_of(lambda: region_perturbation(free, xr, hr, **kw), args.reps)
+        ours = lambda: region_perturbation(free, xr, hr, **kw)  # noqa: E731
         n = nr * L
-        line = f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s"
-        if NoisyLinearImputer is not None:
+        if NoisyLinearImputer is None:
+            t_ours = best_of(ours, args.reps)
+            print(f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s")
+        else:
             imp = NoisyLinearImputer(noise=0.0)
             n_gc = min(nr, args.road_gc_images)
             # the engine's own removal masks: its region order (seed 0 → generator seed 0) as the
@@ -206,7 +208,10 @@ def road_curves(args) -> None:
                     for k in range(1, L + 1):
                         imp(xr[i], (masks[i] > k).float())  # grad-cam's mask: 1 = keep
 
-            t_gc = best_of(gc_curves, args.road_gc_reps) / (n_gc * L)
+            # alternated, so that a load change on a shared machine hits both sides
+            t = interleaved({"ours": ours, "gc": gc_curves}, args.road_gc_reps)
+            t_ours, t_gc = t["ours"], t["gc"] / (n_gc * L)
+            line = f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s"
             line += (f"; grad-cam NoisyLinearImputer on the same masks: {1 / t_gc:6.1f} image-steps/s "
                      f"→ speed-up ×{t_gc * n / t_ours:.1f} (target ≥ 20×)")
             # agreement on a few steps: the engine's inputs are impute(x) + noise where removed
@@ -219,7 +224,7 @@ def road_curves(args) -> None:
                 w.fill(k, k + 1, 0, 1, m, out[j:j + 1])
                 dmax = max(dmax, (out[j, 0] - imp(xr[0], 1 - m[0, 0, 0])).abs().max().item())
             line += f"; max|Δ| vs grad-cam = {dmax:.1e}"
-        print(line)
+            print(line)
 
 
 def road_single_mask(args) -> None:

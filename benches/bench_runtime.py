@@ -25,20 +25,9 @@ import warnings
 import torch
 from torch import nn
 
+from bench_perturbation import interleaved  # benches/ is on sys.path when run as a script
 from heatmapbench.models import SmallCNN, VGGSmall
 from heatmapbench.runtime import autocast, channels_last
-
-
-def interleaved(fns: dict, reps: int) -> dict:
-    """Best time of each contender, alternating them (one warm-up round) so load changes hit all."""
-    best = {k: float("inf") for k in fns}
-    for i in range(reps + 1):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if i:
-                best[k] = min(best[k], time.perf_counter() - t)
-    return best
 
 
 def nets(lite0: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
