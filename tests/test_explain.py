@@ -73,6 +73,10 @@ def build(arch: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 ARCHS = ["small_cnn", "vgg_small", "vgg16", "alexnet", "resnet18", "efficientnet_lite0"]
+#: The full-size networks (tens of millions of weights, or 224×224 inputs) run in `make test`
+#: only; `make test-fast` keeps the small ones (conv, BN, residual, pooling, linear; no MBConv).
+LARGE_ARCHS = ("vgg16", "alexnet", "efficientnet_lite0")
+ARCH_PARAMS = [pytest.param(a, marks=pytest.mark.slow) if a in LARGE_ARCHS else a for a in ARCHS]
 _CACHE: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
 
 
@@ -112,7 +116,7 @@ def test_registry_lists_every_method():
 # every method x every architecture: contract and no side effects
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 @pytest.mark.parametrize("train_mode", [False])
 def test_every_method_on_architecture(arch, train_mode):
     model, shape = arch_model(arch)
@@ -335,7 +339,7 @@ def test_lrp_epsilon_conserves_relevance_on_bias_free_networks(make, shape, engi
     torch.testing.assert_close(heatmap.sum(dim=(1, 2)), logits[torch.arange(3), target], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_fast_epsilon_engine_equals_zennit(arch):
     """Our one-pass epsilon-LRP (fast_epsilon.py) against Zennit's epsilon rule, per architecture."""
     model, shape = arch_model(arch)

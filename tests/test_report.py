@@ -280,6 +280,7 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli(store, tmp_path):
     proc = _cli(tmp_path, f"sweep_id={SWEEP}")
     assert proc.returncode == 0, proc.stderr[-3000:]

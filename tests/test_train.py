@@ -16,7 +16,7 @@ from heatmapbench.train import run_train
 from tests.conftest import cli_env, store_uri
 from tests.test_data import needs_fmnist
 
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.slow]  # trainings and CLI runs
 
 
 def _only_run(uri: str, experiment: str):
