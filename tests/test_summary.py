@@ -1,6 +1,9 @@
-"""AOPC summaries and their statistics, checked against scipy and hand computations."""
+"""heatmapbench.metrics: AOPC summaries and their statistics (against scipy and hand computations),
+and heatmap complexity."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -11,8 +14,18 @@ from scipy import stats
 from heatmapbench import metric_names as mn
 from heatmapbench.evaluation import Evaluation
 from heatmapbench.evaluation.artifacts import summary_markdown
-from heatmapbench.metrics import mean_ci, paired_bootstrap_test
+from heatmapbench.metrics import (
+    abpc,
+    heatmap_entropy,
+    heatmap_jpeg_size,
+    heatmap_png_size,
+    mean_ci,
+    paired_bootstrap_test,
+    relative_to_random,
+)
 from heatmapbench.metrics.summary import bootstrap_indices, format_p, holm
+from heatmapbench.perturbation import region_perturbation
+from tests.test_perturbation import linear_setup
 
 
 def _normal(n, seed, loc=0.0):
@@ -151,3 +164,79 @@ def test_curves_table_running_mean_and_sem(evaluation):
     np.testing.assert_allclose(part.aopc_rel_hi - part.aopc_rel, 1.96 * stats.sem(rel, axis=0), atol=1e-12)
     # the last step's running mean is the AOPC of the summary
     assert part.aopc.iloc[-1] == pytest.approx(float(evaluation.aopc("mid").mean()))
+
+
+# ------------------------------------------------------------------- per-image summaries
+@pytest.fixture(scope="module")
+def three_orders():
+    model, x, hm, tgt = linear_setup(b=24)
+    kw = dict(target=tgt, region_size=4, steps=8, perturbation="constant", repeats=2)
+    return {o: region_perturbation(model, x, hm, order=o, **kw) for o in ("morf", "lerf", "random")}
+
+
+def test_abpc_and_relative_to_random(three_orders):
+    m, l, r = three_orders["morf"], three_orders["lerf"], three_orders["random"]
+    a = abpc(m, l)
+    # eq. 13 written out: 1/(L+1) Σ_k f(x_LeRF^(k)) − f(x_MoRF^(k)), averaged over repeats
+    want = (l.scores - m.scores).mean(dim=(0, 2))
+    torch.testing.assert_close(a, want)
+    torch.testing.assert_close(a, m.aopc.mean(0) - l.aopc.mean(0))
+    assert (a > 0).float().mean() > 0.9
+    rel = relative_to_random(m, r)
+    torch.testing.assert_close(rel, m.aopc.mean(0) - r.aopc.mean(0))
+    assert rel.mean() > 0
+
+
+def test_summaries_reject_mismatched_results(three_orders):
+    model, x, hm, _ = linear_setup(b=5)
+    other = region_perturbation(model, x, hm, region_size=4, steps=8, perturbation="constant")
+    with pytest.raises(ValueError, match="same images"):
+        abpc(three_orders["morf"], other)
+
+
+def test_mean_ci_covers_and_is_reproducible():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(400, generator=g) + 3.0
+    mean, lo, hi = mean_ci(v, seed=1)
+    assert lo < mean < hi and lo < 3.0 < hi
+    # the CI width is about 2 · 1.96 σ/√n
+    assert abs((hi - lo) - 2 * 1.96 / math.sqrt(400)) < 0.05
+    assert mean_ci(v, seed=1) == (mean, lo, hi)
+    with pytest.raises(ValueError, match="NaN"):
+        mean_ci(torch.tensor([1.0, float("nan")]))
+
+
+def test_paired_bootstrap_test():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, generator=g)
+    better = base + 0.3 + 0.1 * torch.randn(200, generator=g)
+    t = paired_bootstrap_test(better, base, seed=0)
+    assert t.p_value < 0.01 and t.prob_a_better > 0.99 and t.lo < 0.3 < t.hi
+    t2 = paired_bootstrap_test(base, better, seed=0)
+    assert t2.p_value > 0.99
+    same = paired_bootstrap_test(base + 0.01 * torch.randn(200, generator=g), base, seed=0)
+    assert 0.01 < same.p_value < 0.99
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap_test(base, base[:10])
+
+
+# -------------------------------------------------------------------------------- complexity
+def test_complexity_orders_smooth_below_noisy():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    smooth = torch.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 200)[None]
+    noisy = torch.rand(1, 64, 64, generator=g)
+    hms = torch.cat([smooth, noisy])
+    png, jpg = heatmap_png_size(hms), heatmap_jpeg_size(hms)
+    assert png.shape == (2,) and png[0] < png[1] and jpg[0] < jpg[1]
+    assert (png > 50).all() and (jpg > 100).all()
+
+
+def test_entropy_extremes():
+    one = torch.zeros(1, 8, 8)
+    one[0, 3, 3] = -2.0
+    flat = torch.ones(1, 8, 8)
+    e = heatmap_entropy(torch.cat([one, flat, torch.zeros(1, 8, 8)]))
+    torch.testing.assert_close(e, torch.tensor([0.0, 6.0, 6.0]))
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        heatmap_entropy(torch.ones(8, 8))

@@ -33,7 +33,7 @@ import torch
 from scipy import stats
 
 from heatmapbench import metric_names as mn
-from heatmapbench.metrics.summary import bootstrap_indices
+from heatmapbench.metrics.summary import N_BOOT, bootstrap_indices
 
 if TYPE_CHECKING:
     from heatmapbench.evaluation.core import Evaluation
@@ -170,7 +170,7 @@ def krippendorff_alpha(scores: np.ndarray) -> float:
     return _alpha_from_counts(onehot.sum(axis=0), domain)
 
 
-def krippendorff_alpha_ci(scores: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+def krippendorff_alpha_ci(scores: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0,
                           level: float = 0.95) -> tuple[float, float, float]:
     """:func:`krippendorff_alpha` and its percentile-bootstrap CI over images: ``(alpha, lo, hi)``."""
     alpha = krippendorff_alpha(scores)
@@ -196,7 +196,7 @@ def beats_random(table: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                                        "images"])
 
 
-def ranking_stability(scores: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def ranking_stability(scores: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
     """Per explainer: mean score, its rank among the means (1 = best), mean per-image rank, and
     ``p_best``, the fraction of bootstrap resamples of the images in which it has the best mean."""
     values = scores.to_numpy(dtype=np.float64)
@@ -218,7 +218,7 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.kendalltau(a, b).statistic)
 
 
-def order_agreement(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+def order_agreement(table: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, float]:
     """MoRF against LeRF: Kendall τ_b of the explainers' mean scores, and the mean over images of the
     per-image τ_b with a bootstrap CI over images (images where one order ties everything are left out)."""
     morf, lerf = score_matrix(table, "morf"), score_matrix(table, "lerf")
@@ -236,7 +236,7 @@ def order_agreement(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -
     return out
 
 
-def run_reliability(table: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict[str, pd.DataFrame | dict]:
+def run_reliability(table: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, pd.DataFrame | dict]:
     """Everything of one evaluation's per-image table: per order the agreement of images
     (``alpha`` rows), per order × explainer the ranking table, and MoRF–LeRF agreement.
 
