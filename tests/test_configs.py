@@ -84,6 +84,20 @@ def test_experiments_compose(train_cfg, tmp_path, data_dir, name):
         assert cfg.evaluation.region_size == 9 and cfg.evaluation.steps == 100
         assert cfg.evaluation.random_repeats == 10
         assert resolved_config(cfg)["evaluation"]["explainers"]
+    elif name.startswith("protocol_sensitivity"):  # sweeps of heatmapbench-evaluate
+        extra = ["model.net.ckpt_path=/models/last.ckpt"] if name.endswith("demo") else []
+        cfg = compose_config("evaluate", [f"experiment={name}", *extra], tmp_path, data_dir)
+        validate(cfg, groups=("paths", "data", "logger", "evaluation"))
+        assert list(cfg.evaluation.orders) == ["morf", "lerf"] and "random" in cfg.evaluation.explainers
+        sweep = cfg.hydra.sweeper.params
+        assert set(sweep["perturbation"].split(",")) == {"uniform", "mean", "blur", "road"}
+        sizes = [int(r) for r in sweep["evaluation.region_size"].split(",")]
+        side = 224 if name == "protocol_sensitivity" else 28
+        assert sizes == ([4, 9, 16, 32] if side == 224 else [2, 4, 7])
+        for size in sizes:  # every job's L fits its grid: the paper's L, or all regions where fewer
+            cfg.evaluation.region_size = size
+            grid = (-(-side // size)) ** 2  # tiles, the last row/column cropped at the border
+            assert cfg.evaluation.steps == min(100 if side == 224 else 24, grid)
     else:
         cfg = train_cfg(f"experiment={name}")
         validate(cfg)
@@ -150,3 +164,12 @@ def test_ddp_trainer_config(train_cfg):
     cfg = train_cfg("trainer=ddp", "trainer.devices=4")
     validate(cfg)
     assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.devices) == ("ddp", "gpu", 4)
+
+
+def test_an_evaluate_recipe_that_needs_a_checkpoint_says_so(tmp_path, data_dir):
+    from heatmapbench.config import ConfigError
+    from heatmapbench.evaluate import build_inputs
+
+    cfg = compose_config("evaluate", ["experiment=protocol_sensitivity_demo"], tmp_path, data_dir)
+    with pytest.raises(ConfigError, match="model.net.ckpt_path is required"):
+        build_inputs(cfg)

@@ -243,3 +243,81 @@ def test_run_reliability_metrics_and_markdown():
     single = run_reliability(per_image_table(_evaluation(morf[:, :1], np.zeros(12), names=("a",))), n_boot=10)
     assert not len(single["alpha"]) and "nothing to rank" in reliability_markdown(single)
     assert not any("krippendorff" in k for k in reliability_metrics(single))
+
+
+# -- across runs (heatmapbench-report) -------------------------------------------------------------
+def _runs_tables(settings: dict[tuple[str, int], dict[str, np.ndarray]], order: str = "morf"):
+    """Per-image tables of one run per setting × explainer (one explainer per sweep job) and the runs."""
+    tables, runs = [], []
+    for (perturbation, region), scores in settings.items():
+        for name, values in scores.items():
+            run_id = f"{perturbation}-{region}-{name}"
+            runs.append({"run_id": run_id, "perturbation": perturbation, "region_size": float(region)})
+            rel = values if order == "morf" else -values
+            tables.append(pd.DataFrame({"image": np.arange(len(values)), "explainer": name, "order": order,
+                                        "aopc": rel + 1.0, "aopc_random": 1.0, "aopc_rel": rel, "run_id": run_id}))
+    return pd.concat(tables, ignore_index=True), pd.DataFrame(runs)
+
+
+def test_cross_run_agreement_extremes():
+    from heatmapbench.report.reliability import cross_run_reliability, reliability_metrics, setting_scores
+
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=12)
+    same = {(p, r): {"a": base, "b": base + 1.0, "c": 2 * base + 3.0} for p in ("uniform", "blur") for r in (4, 9)}
+    per_image, runs = _runs_tables(same)
+    scores = setting_scores(per_image, runs)
+    assert list(dict.fromkeys(scores.setting)) == ["blur 4px morf", "blur 9px morf", "uniform 4px morf",
+                                                   "uniform 9px morf"]
+    result = cross_run_reliability(scores, n_boot=50)
+    assert result.agreement["kendall_w"] == pytest.approx(1.0)
+    assert result.agreement["kendall_w_lo"] == pytest.approx(1.0) and result.agreement["tau_min"] == pytest.approx(1.0)
+    assert (result.tau.to_numpy() == 1.0).all()
+    consistency = result.consistency.set_index("explainer")
+    assert consistency.cronbach_alpha.to_numpy() == pytest.approx(1.0)  # every setting orders the images alike
+    assert list(consistency.index) == ["c", "b", "a"] and list(consistency.first_in) == [4, 0, 0]
+    assert list(result.settings.ranking) == ["c > b > a"] * 4
+    assert reliability_metrics(result)["reliability/kendall_w"] == pytest.approx(1.0)
+
+    # LeRF runs are oriented (random − AOPC): a heatmap that is better under LeRF ranks first there too
+    lerf_tables, lerf_runs = _runs_tables({("uniform", 4): same["uniform", 4]}, order="lerf")
+    both = setting_scores(pd.concat([per_image, lerf_tables]), pd.concat([runs, lerf_runs]))
+    assert set(cross_run_reliability(both, n_boot=20).settings.ranking) == {"c > b > a"}
+
+    flipped = {("uniform", 4): {"a": base, "b": base + 1.0}, ("blur", 4): {"a": base + 1.0, "b": base}}
+    result = cross_run_reliability(setting_scores(*_runs_tables(flipped)), n_boot=50)
+    assert result.agreement["kendall_w"] == pytest.approx(0.0)
+    assert result.agreement["tau_min"] == pytest.approx(-1.0)
+    assert list(result.settings["rank/a"]) == [1.0, 2.0]  # blur first (sorted), where a leads
+
+
+def test_cross_run_pools_jobs_averages_replicates_and_says_what_it_leaves_out():
+    from heatmapbench.report.reliability import cross_run_reliability, reliability_markdown, setting_scores
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(3, 10, 2))  # settings × images × explainers
+    grid = {("uniform", r): {"a": x[i, :, 0], "b": x[i, :, 1]} for i, r in enumerate((4, 9, 16))}
+    grid["uniform", 16]["c"] = rng.normal(size=10)  # only one setting scores c
+    per_image, runs = _runs_tables(grid)
+    # a replicate of (uniform, 4, a) with other scores: the two runs are averaged per image
+    extra = per_image[per_image.run_id == "uniform-4-a"].assign(run_id="again", aopc_rel=lambda t: t.aopc_rel + 2.0)
+    runs = pd.concat([runs, pd.DataFrame([{"run_id": "again", "perturbation": "uniform", "region_size": 4.0}])])
+    per_image = pd.concat([per_image, extra])
+    x[0, :, 0] += 1.0
+    per_image = per_image[~((per_image.run_id == "uniform-9-b") & (per_image.image == 3))]  # one image missing
+    result = cross_run_reliability(setting_scores(per_image, runs), n_boot=50)
+    assert result.explainers == ["a", "b"]
+    assert any("['c']" in note for note in result.notes) and any("1 images" in note for note in result.notes)
+    keep = np.arange(10) != 3
+    means = x[:, keep].mean(axis=1)
+    ranks = stats.rankdata(-means, axis=1)
+    assert result.settings[["rank/a", "rank/b"]].to_numpy() == pytest.approx(ranks)
+    assert result.agreement["kendall_w"] == pytest.approx(kendall_w(ranks))
+    for j, name in enumerate(["a", "b"]):
+        alpha = result.consistency.set_index("explainer").loc[name, "cronbach_alpha"]
+        assert alpha == pytest.approx(cronbach_alpha(x[:, keep, j].T))
+    assert result.tau.iloc[0, 2] == pytest.approx(stats.kendalltau(means[0], means[2]).statistic)
+    assert "Kendall's W of the 3 settings" in reliability_markdown(result)
+
+    single = cross_run_reliability(setting_scores(*_runs_tables({("uniform", 4): grid["uniform", 4]})), n_boot=10)
+    assert "kendall_w" not in single.agreement and any("one setting" in n for n in single.notes)

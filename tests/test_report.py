@@ -294,3 +294,57 @@ def test_cli(store, tmp_path):
     assert proc.returncode == 2
     assert "error: no runs match" in proc.stderr and "Traceback" not in proc.stderr
     assert len(_summary_runs(store["client"])) == 1
+
+
+def test_reliability_across_runs_from_per_image_tables(store, tmp_path, data_dir):
+    """The sweep's jobs (one explainer each) with per-image tables: the ranking flips in one setting."""
+    from heatmapbench.evaluation.reliability import cronbach_alpha, kendall_w, write_table
+
+    client = store["client"]
+    base = np.linspace(-1.0, 1.0, 10)
+    flipped = ("blur", 9)
+    truth = {}  # (perturbation, region) → (I, E) scores in EXPLAINERS order
+    for (explainer, region, perturbation), run_id in store["ids"].items():
+        e = EXPLAINERS.index(explainer)
+        if (perturbation, region) == flipped:
+            scores = base * (1 - 0.5 * e) + (1.0 - 2.0 * e)  # the second explainer falls behind here
+        else:
+            scores = base * (1 + 0.25 * e) + 0.1 * region + e
+        truth.setdefault((perturbation, region), np.zeros((10, 2)))[:, e] = scores
+        folder = tmp_path / "tables" / run_id
+        folder.mkdir(parents=True)
+        table = pd.DataFrame({"image": np.arange(10), "explainer": explainer, "order": "morf", "aopc": scores + 1.0,
+                              "aopc_random": 1.0, "aopc_rel": scores, "target": 0})
+        client.log_artifact(run_id, str(write_table(table, folder)), "evaluation")
+
+    cfg = _cfg(tmp_path, data_dir, f"sweep_id={SWEEP}", "n_boot=100")
+    result = run_report(cfg)
+    rel = result["report"].reliability
+    settings = sorted(truth)  # blur before uniform, 4 before 9
+    assert list(rel.settings.setting) == [f"{p} {r}px morf" for p, r in settings]
+    ranks = np.array([stats_rank(truth[s].mean(axis=0)) for s in settings])
+    assert rel.settings[[f"rank/{n}" for n in EXPLAINERS]].to_numpy() == pytest.approx(ranks)
+    assert rel.agreement["kendall_w"] == pytest.approx(kendall_w(ranks)) and rel.agreement["kendall_w"] < 1
+    assert rel.agreement["tau_min"] == pytest.approx(-1.0)
+    for e, name in enumerate(EXPLAINERS):
+        items = np.stack([truth[s][:, e] for s in settings], axis=1)
+        assert rel.consistency.set_index("explainer").loc[name, "cronbach_alpha"] == pytest.approx(
+            cronbach_alpha(items))
+
+    out = Path(cfg.output_dir)
+    assert len(pd.read_csv(out / "reliability_settings.csv")) == 4
+    with Image.open(out / "rank_per_setting.png") as img:
+        assert img.format == "PNG"
+    (summary,) = _summary_runs(client)
+    assert summary.data.metrics["reliability/kendall_w"] == pytest.approx(rel.agreement["kendall_w"])
+    assert f"reliability/cronbach_alpha/{EXPLAINERS[0]}" in summary.data.metrics
+    logged = {Path(f.path).name for f in client.list_artifacts(summary.info.run_id, "report")}
+    assert {"reliability.md", "reliability_settings.csv", "reliability_consistency.csv", "reliability_tau.csv",
+            "rank_per_setting.png"} <= logged
+
+
+def stats_rank(means: np.ndarray) -> np.ndarray:
+    """Rank 1 = highest mean."""
+    from scipy.stats import rankdata
+
+    return rankdata(-means)

@@ -49,6 +49,9 @@ def build_inputs(cfg: DictConfig):
     """Model, data, explainers and perturbation from the config; every user error surfaces here."""
     apply_explainer_shortcut(cfg)
     validate(cfg, groups=("paths", "data", "logger", "evaluation"))
+    missing = sorted(OmegaConf.missing_keys(cfg.model))
+    if missing:  # e.g. model=checkpoint without its checkpoint
+        raise ConfigError(f"model.{missing[0]} is required but not set; pass model.{missing[0]}=...")
     if cfg.num_images is not None and cfg.num_images < 1:
         raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
     settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))

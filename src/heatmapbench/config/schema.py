@@ -301,5 +301,16 @@ def root_dir() -> str:
     return str(project_root())
 
 
+def steps_that_fit(steps: int, region_size: int, height: int, width: int | None = None) -> int:
+    """``min(steps, regions)``: the paper's L where the image has that many grid regions, else all
+    of them; a sweep over region sizes then runs (32-px regions of a 224-px image: 49 steps)."""
+    from heatmapbench.perturbation.regions import max_regions
+
+    return min(int(steps), max_regions(int(height), int(width if width is not None else height), int(region_size),
+                                       "grid"))
+
+
 if not OmegaConf.has_resolver("hb_root"):
     OmegaConf.register_new_resolver("hb_root", root_dir)
+if not OmegaConf.has_resolver("hb_steps_that_fit"):
+    OmegaConf.register_new_resolver("hb_steps_that_fit", steps_that_fit)

@@ -33,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from heatmapbench.cli import user_errors_exit
 from heatmapbench.config import ConfigError, validate
 from heatmapbench.registry import conf_dir
-from heatmapbench.report.figures import plot_accuracy_vs_aopc_runs, plot_region_sizes
-from heatmapbench.report.store import filter_string, load_runs
-from heatmapbench.report.tables import DEFAULT_IGNORE, Report, build_report
+from heatmapbench.report.figures import plot_accuracy_vs_aopc_runs, plot_rank_per_setting, plot_region_sizes
+from heatmapbench.report.reliability import reliability_markdown, reliability_metrics
+from heatmapbench.report.store import filter_string, load_runs, per_image_tables
+from heatmapbench.report.tables import DEFAULT_IGNORE, Report, build_report, long_format
 from heatmapbench.tracking import flatten, make_logger, retry_locked, tracked_run
 
 
@@ -58,7 +59,26 @@ def write_report(report: Report, folder: Path) -> dict[str, Path]:
         report.training_correlation.to_csv(folder / "aopc_vs_accuracy_correlation.csv", index=False)
         files["accuracy_corr_csv"] = folder / "aopc_vs_accuracy_correlation.csv"
         plot_accuracy_vs_aopc_runs(report.training, files["accuracy_png"])
+    if report.reliability is not None or report.notes:
+        files["reliability_md"] = folder / "reliability.md"
+        files["reliability_md"].write_text(reliability_markdown_of(report))
+    rel = report.reliability
+    if rel is not None and "ranking" in rel.settings:
+        for kind, table, index in (("settings", rel.settings, False), ("consistency", rel.consistency, False),
+                                   ("tau", rel.tau, True)):
+            files[f"reliability_{kind}_csv"] = folder / f"reliability_{kind}.csv"
+            table.to_csv(files[f"reliability_{kind}_csv"], index=index)
+        files["rank_png"] = folder / "rank_per_setting.png"
+        w = rel.agreement.get("kendall_w", float("nan"))
+        plot_rank_per_setting(rel.settings, rel.explainers, files["rank_png"],
+                              title=f"rank per setting (1 = best), Kendall's W = {w:.2f}")
     return files
+
+
+def reliability_markdown_of(report: Report) -> str:
+    """The across-runs reliability of ``report`` as Markdown, with why parts of it are missing."""
+    text = reliability_markdown(report.reliability) if report.reliability is not None else ""
+    return text + "".join(f"\nNote: {note}.\n" for note in report.notes)
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -84,7 +104,14 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     selection = _selection(cfg)
     runs_df = load_runs(cfg.tracking_uri, exclude_experiment=cfg.summary_experiment, **selection)
     ignore = list(cfg.ignore_params) if cfg.get("ignore_params") is not None else DEFAULT_IGNORE
-    report = build_report(runs_df, ignore)
+    per_image = None
+    if cfg.get("reliability", True):
+        evaluated = runs_df[runs_df.run_id.isin(long_format(runs_df).run_id)]
+        per_image, missing = per_image_tables(evaluated)
+        if missing:
+            print(f"{len(missing)} of {len(evaluated)} evaluate runs have no per-image table (evaluated before it "
+                  "was logged): the reliability across runs leaves them out", flush=True)
+    report = build_report(runs_df, ignore, per_image, n_boot=int(cfg.get("n_boot", 1000)), seed=int(cfg.get("seed", 0)))
     if not len(report.comparison) and not len(report.training):
         raise ConfigError(f"the {len(runs_df)} selected runs hold no AOPC metrics (neither heatmapbench-evaluate nor "
                           "heatmapbench-train runs); check experiments/sweep_id/tags/filter")
@@ -103,9 +130,14 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
         with tracked_run(logger, cfg, extra_tags=tags):
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "report")
-            retry_locked(logger.log_metrics)({"runs": float(len(runs_df)), "rows": float(len(report.comparison))})
+            metrics = {"runs": float(len(runs_df)), "rows": float(len(report.comparison))}
+            if report.reliability is not None:
+                metrics.update(reliability_metrics(report.reliability))
+            retry_locked(logger.log_metrics)(metrics)
         run_id = logger.run_id
     print("\n" + report.markdown())
+    if "reliability_md" in files:
+        print(files["reliability_md"].read_text())
     print(f"{len(runs_df)} runs → {len(report.comparison)} comparison rows"
           + (f", {len(report.training)} training points" if len(report.training) else "")
           + f"; files in {folder}", flush=True)

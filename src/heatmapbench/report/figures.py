@@ -55,3 +55,31 @@ def plot_accuracy_vs_aopc_runs(training: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_rank_per_setting(settings: pd.DataFrame, explainers: Sequence[str], path: Path, title: str = "") -> None:
+    """Each explainer's rank (1 = best mean score) per setting: rows settings, columns explainers.
+
+    Columns are ordered by mean rank: a ranking that never flips shows one colour down each
+    column, a flip shows as a change of colour; each row label carries the setting's Krippendorff α
+    (how far the images agree on that setting's ranking).
+    """
+    ranks = settings[[f"rank/{name}" for name in explainers]].to_numpy(dtype=float)
+    columns = np.argsort(ranks.mean(axis=0), kind="stable")
+    ranks = ranks[:, columns]
+    names = [explainers[j] for j in columns]
+    rows = [f"{s}  (α {a:.2f})" if np.isfinite(a) else str(s)
+            for s, a in zip(settings.setting, settings.get("krippendorff_alpha", pd.Series(np.nan, settings.index)))]
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 3.6, 0.32 * len(rows) + 1.6), dpi=100)
+    image = ax.imshow(ranks, cmap="viridis_r", vmin=1, vmax=len(names), aspect="auto")
+    for i in range(ranks.shape[0]):
+        for j in range(ranks.shape[1]):
+            ax.text(j, i, f"{ranks[i, j]:g}", ha="center", va="center", fontsize=7,
+                    color="white" if ranks[i, j] > (len(names) + 1) / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title(title or "rank of each explainer per setting (1 = best)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="rank", fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+from urllib.parse import urlparse
 
 import pandas as pd
 
 from heatmapbench.config import ConfigError
+from heatmapbench.evaluation.reliability import PER_IMAGE_STEM, read_table
 from heatmapbench.tracking import retry_locked
+
+#: Where ``heatmapbench-evaluate`` logs its tables in a run's artifacts.
+PER_IMAGE_FOLDER = "evaluation"
 
 
 def _quote(value: str) -> str:
@@ -98,3 +103,42 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None, *, sweep_id:
             raise ConfigError(f"no FINISHED runs match in {where} ({counts}); include_failed=true reports them anyway")
         df = kept
     return df.reset_index(drop=True)
+
+
+def _local_dir(artifact_uri: str) -> Path | None:
+    """The folder of a local artifact URI (a path or ``file://``), else None."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else artifact_uri)
+    return None
+
+
+def _read_per_image(artifact_uri: str) -> pd.DataFrame | None:
+    names = [f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.parquet", f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.csv"]
+    local = _local_dir(artifact_uri)
+    for name in names:
+        if local is not None:
+            if (local / name).is_file():
+                return read_table(local / name)
+            continue
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:  # a remote store: one small file per run
+            return read_table(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{name}"))
+        except (MlflowException, OSError):
+            continue
+    return None
+
+
+def per_image_tables(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The per-image AOPC tables of ``runs`` (one ``run_id`` and ``artifact_uri`` per row) joined, with
+    a ``run_id`` column, and the ids of runs that have none (evaluated before the table existed)."""
+    frames, missing = [], []
+    for run_id, uri in runs[["run_id", "artifact_uri"]].drop_duplicates("run_id").itertuples(index=False):
+        table = _read_per_image(str(uri))
+        if table is None:
+            missing.append(run_id)
+        else:
+            frames.append(table.assign(run_id=run_id))
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), missing

@@ -11,6 +11,7 @@ import pandas as pd
 
 from heatmapbench import metric_names as mn
 from heatmapbench.evaluation.artifacts import correlations
+from heatmapbench.report.reliability import CrossRunReliability, cross_run_reliability, setting_scores
 
 #: The cell of the comparison; other parameters join it only when they split a cell.
 BASE_KEYS = ("explainer", "region_size", "perturbation")
@@ -36,6 +37,8 @@ class Report:
     training: pd.DataFrame
     training_correlation: pd.DataFrame
     split_by: list[str] = field(default_factory=list)
+    reliability: CrossRunReliability | None = None
+    notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
         """The comparison (and the AOPC/accuracy correlation across training runs) as Markdown."""
@@ -202,13 +205,27 @@ def training_correlation(training: pd.DataFrame) -> pd.DataFrame:
     return correlations(wide).rename(columns={"epochs": "runs"})[columns]
 
 
-def build_report(runs_df: pd.DataFrame, ignore: Sequence[str] = DEFAULT_IGNORE) -> Report:
-    """All tables of a report from runs as ``mlflow.search_runs(output_format="pandas")`` returns them."""
+def build_report(runs_df: pd.DataFrame, ignore: Sequence[str] = DEFAULT_IGNORE, per_image: pd.DataFrame | None = None,
+                 *, n_boot: int = 1000, seed: int = 0) -> Report:
+    """All tables of a report from runs as ``mlflow.search_runs(output_format="pandas")`` returns them.
+
+    ``per_image`` (the runs' per-image AOPC tables with a ``run_id`` column, see
+    :func:`~heatmapbench.report.store.per_image_tables`) adds the across-runs reliability.
+    """
     long = long_format(runs_df)
     extra = split_keys(long, ignore)
     training = training_table(runs_df)
-    return Report(comparison=comparison_table(long, extra), runs=long, training=training,
-                  training_correlation=training_correlation(training), split_by=extra)
+    report = Report(comparison=comparison_table(long, extra), runs=long, training=training,
+                    training_correlation=training_correlation(training), split_by=extra)
+    if per_image is not None and len(per_image):
+        data = sorted(long.loc[long.run_id.isin(per_image.run_id), "data"].dropna().astype(str).unique())
+        if len(data) > 1:
+            report.notes.append(f"reliability across runs needs runs on the same images; these runs use {data}: "
+                                "select one data set, e.g. +tags.data=" + data[0])
+        else:
+            scores = setting_scores(per_image, long, [k for k in extra if k != "data"])
+            report.reliability = cross_run_reliability(scores, n_boot=n_boot, seed=seed)
+    return report
 
 
 def _g(value: Any, fmt: str = ".4g") -> str:
