@@ -277,7 +277,9 @@ def test_cross_run_agreement_extremes():
     assert consistency.cronbach_alpha.to_numpy() == pytest.approx(1.0)  # every setting orders the images alike
     assert list(consistency.index) == ["c", "b", "a"] and list(consistency.first_in) == [4, 0, 0]
     assert list(result.settings.ranking) == ["c > b > a"] * 4
-    assert reliability_metrics(result)["reliability/kendall_w"] == pytest.approx(1.0)
+    metrics = reliability_metrics(result)
+    assert metrics["reliability/kendall_w"] == pytest.approx(1.0)  # the documented names
+    assert metrics["reliability/cronbach_alpha/a"] == pytest.approx(1.0)
 
     # LeRF runs are oriented (random − AOPC): a heatmap that is better under LeRF ranks first there too
     lerf_tables, lerf_runs = _runs_tables({("uniform", 4): same["uniform", 4]}, order="lerf")

@@ -336,8 +336,8 @@ def test_reliability_across_runs_from_per_image_tables(store, tmp_path, data_dir
     with Image.open(out / "rank_per_setting.png") as img:
         assert img.format == "PNG"
     (summary,) = _summary_runs(client)
-    assert summary.data.metrics["reliability/kendall_w"] == pytest.approx(rel.agreement["kendall_w"])
-    assert f"reliability/cronbach_alpha/{EXPLAINERS[0]}" in summary.data.metrics
+    assert summary.data.metrics[mn.reliability_metric("kendall_w")] == pytest.approx(rel.agreement["kendall_w"])
+    assert mn.explainer_reliability_metric("cronbach_alpha", EXPLAINERS[0]) in summary.data.metrics
     logged = {Path(f.path).name for f in client.list_artifacts(summary.info.run_id, "report")}
     assert {"reliability.md", "reliability_settings.csv", "reliability_consistency.csv", "reliability_tau.csv",
             "rank_per_setting.png"} <= logged

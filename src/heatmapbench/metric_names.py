@@ -26,7 +26,10 @@ like any other; it is not the random-ordering baseline.
 
 **Reliability** of the ranking within one evaluation under ``reliability/``
 (:func:`reliability_metric`): ``reliability/krippendorff_alpha/<order>`` (and ``_lo``/``_hi``),
-``reliability/morf_lerf_tau``.
+``reliability/morf_lerf_tau``. Across the runs of a sweep (heatmapbench-report's summary run):
+``reliability/kendall_w`` (and ``_lo``/``_hi``, ``reliability/kendall_w_p``), ``reliability/tau_mean``,
+``reliability/tau_min`` and per explainer ``reliability/cronbach_alpha/<explainer>``
+(:func:`explainer_reliability_metric`).
 
 **Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`,
 :data:`ACCURACY`, :data:`SUBSET_ACCURACY`, :data:`EPOCH`, and the random *ordering* baseline
@@ -49,7 +52,7 @@ __all__ = [
     "TEST_ACC", "ExplainerMetric", "explainer_metric", "parse_explainer_metric", "correlation_metric",
     "parse_correlation_metric", "random_ordering_metric", "random_ordering_correlation", "explainers_in",
     "MEASURE_LABELS", "BEATS_RANDOM", "P_BEST", "RANKING_ORDERS", "RELIABILITY", "ranking_metric",
-    "reliability_metric",
+    "reliability_metric", "explainer_reliability_metric",
 ]
 
 # -- explainer measures ------------------------------------------------------------------------
@@ -212,6 +215,14 @@ def reliability_metric(statistic: str, order: Optional[str] = None, bound: Optio
         raise ValueError(f"order={order!r} is invalid: choose one of {RANKING_ORDERS} or None")
     name = f"{RELIABILITY}/{_with_bound(statistic, bound)}"
     return name if order is None else f"{name}/{order}"
+
+
+def explainer_reliability_metric(statistic: str, explainer: str, bound: Optional[str] = None) -> str:
+    """``reliability/<statistic>[_lo|_hi]/<explainer>``, a per-explainer statistic across runs, e.g.
+    ``reliability/cronbach_alpha/lrp_epsilon_0.01`` (logged by heatmapbench-report's summary run)."""
+    if not statistic or "/" in statistic:
+        raise ValueError(f"statistic={statistic!r} is invalid: non-empty, without '/'")
+    return f"{RELIABILITY}/{_with_bound(statistic, bound)}/{_check_explainer(explainer)}"
 
 
 def explainers_in(names: Iterable[str], measures: Iterable[str] = (AOPC_REL, AOPC)) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from heatmapbench import metric_names as mn
 from heatmapbench.evaluation.reliability import (
     bootstrap_weights,
     cronbach_alpha,
@@ -145,11 +146,15 @@ def cross_run_reliability(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int
 
 def reliability_metrics(result: CrossRunReliability) -> dict[str, float]:
     """The summary run's metrics (NaNs left out)."""
-    metrics = {f"reliability/{k}": float(v) for k, v in result.agreement.items()}
+    metrics = {}
+    for key, value in result.agreement.items():
+        stem, bound = (key[:-3], key[-2:]) if key.endswith(("_lo", "_hi")) else (key, None)
+        metrics[mn.reliability_metric(stem, bound=bound)] = float(value)
     if "cronbach_alpha" in result.consistency:
         for _, row in result.consistency.iterrows():
-            for key in ("cronbach_alpha", "cronbach_alpha_lo", "cronbach_alpha_hi"):
-                metrics[f"reliability/{key}/{row.explainer}"] = float(row[key])
+            for bound in (None, "lo", "hi"):
+                key = "cronbach_alpha" + (f"_{bound}" if bound else "")
+                metrics[mn.explainer_reliability_metric("cronbach_alpha", row.explainer, bound)] = float(row[key])
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
 
