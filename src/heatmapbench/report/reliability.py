@@ -126,7 +126,7 @@ def cross_run_reliability(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int
                          tau_mean=float(np.nanmean(off)) if np.isfinite(off).any() else np.nan,
                          tau_min=float(np.nanmin(off)) if np.isfinite(off).any() else np.nan)
         items = np.moveaxis(x, 0, -1)  # (I images, E explainers, S settings)
-        draws = [np.repeat(np.arange(x.shape[1]), w.astype(int)) for w in weights]  # image indices per resample
+        draws = [np.repeat(np.arange(x.shape[1]), c.astype(int)) for c in weights]  # image indices per resample
         alpha, alpha_lo, alpha_hi = [], [], []
         for j in range(len(explainers)):
             alpha.append(cronbach_alpha(items[:, j, :]))
