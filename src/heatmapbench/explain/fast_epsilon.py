@@ -26,6 +26,7 @@ from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Linear
 
 from .canonizers import ExactMergeBatchNorm
+from .graph import BatchNormAffine
 
 
 class _TimesInput(torch.autograd.Function):
@@ -104,7 +105,7 @@ def epsilon_lrp(
         unfolded = any(isinstance(m, BatchNorm) and id(m) not in merged for _, m in modules)
         missing = []
         for name, module in modules:
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, BatchNormAffine)):  # an unfolded BatchNorm: y = s x + t
                 handles.append(module.register_forward_pre_hook(_times_input))
                 handles.append(module.register_forward_hook(partial(_divide, epsilon)))
             elif isinstance(module, (Sum, AvgPool)):

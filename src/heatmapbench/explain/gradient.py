@@ -15,6 +15,7 @@ from zennit.rules import ReLUDeconvNet, ReLUGuidedBackprop
 from zennit.types import Activation
 
 from .base import Explainer, backprop
+from .graph import canonize
 
 #: Activations the deconvnet / guided-backprop rules are defined for.
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
@@ -68,10 +69,13 @@ class _RectifierRuleExplainer(Explainer):
                 )
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self._check_model(model)
+        # the traced graph makes every functional ReLU (F.relu, torch.relu, x.relu_()) a module the
+        # rule can hook; one fresh module per call, so a ReLU module reused in forward is hooked per call
+        net = canonize(model, purpose="gradient")
+        self._check_model(net)
         composite = LayerMapComposite([(RECTIFIERS, self.rule())])
-        with composite.context(model):
-            return backprop(model, x, target)  # (B, C, H, W)
+        with composite.context(net):
+            return backprop(net, x, target)  # (B, C, H, W)
 
 
 class DeconvNet(_RectifierRuleExplainer):

@@ -2,8 +2,9 @@
 
 Relevance starts at the pre-softmax target score ``f(x)`` and is propagated layer by layer;
 relevance passes unchanged through nonlinearities, and the pixel score is the sum over colour
-channels. The rules per layer type are tables (:data:`RULE_TABLES`); canonizers fold BatchNorm
-and expose residual adds first (:mod:`.canonizers`).
+channels. The rules per layer type are tables (:data:`RULE_TABLES`); they are applied to the
+model's traced and rewritten graph (:func:`.graph.canonize`), in which BatchNorm is folded into the
+layer that feeds it and every functional add, mean and activation is an explicit module.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from zennit.rules import AlphaBeta, Epsilon, Flat, Norm, Pass, ZPlus
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear, MaxPool
 
 from .base import Explainer, backprop
-from .canonizers import default_canonizers
 from .fast_epsilon import epsilon_lrp
+from .graph import GATES, BatchNormAffine, canonize
 
 try:
     from efficientnet_lite_pytorch.utils import Identity as _EfficientNetIdentity
@@ -56,19 +57,26 @@ def _base_map(stabilizer: float) -> LayerMap:
 
 
 def _epsilon(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
-    # R_i = sum_j z_ij / (z_j + eps * sign(z_j)) R_j  (paper, eps-rule)
-    return [(Linear, Epsilon(epsilon=p["epsilon"]))], []
+    # R_i = sum_j z_ij / (z_j + eps * sign(z_j)) R_j  (paper, eps-rule); a BatchNorm that no layer
+    # feeds is an elementwise affine layer y = s x + t with the same rule
+    return [(BatchNormAffine, Epsilon(epsilon=p["epsilon"])), (Linear, Epsilon(epsilon=p["epsilon"]))], []
 
 
 def _alpha_beta(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
-    # R_i = sum_j (alpha z+_ij / z+_j - beta z-_ij / z-_j) R_j, alpha - beta = 1 (paper: alpha=2, beta=1)
-    return [(Linear, AlphaBeta(alpha=p["alpha"], beta=p["beta"], stabilizer=p["stabilizer"]))], []
+    # R_i = sum_j (alpha z+_ij / z+_j - beta z-_ij / z-_j) R_j, alpha - beta = 1 (paper: alpha=2, beta=1);
+    # an unfolded BatchNorm (elementwise) keeps the eps-rule with eps = stabilizer
+    return [
+        (BatchNormAffine, Epsilon(epsilon=p["stabilizer"])),
+        (Linear, AlphaBeta(alpha=p["alpha"], beta=p["beta"], stabilizer=p["stabilizer"])),
+    ], []
 
 
 def _epsilon_plus_flat(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
     # Kohlbrenner et al. 2020: flat rule for the first layer, z+ for convolutions, eps for dense layers
+    # (and for an unfolded BatchNorm, elementwise)
     return (
-        [(Convolution, ZPlus(stabilizer=p["stabilizer"])), (nn.Linear, Epsilon(epsilon=p["epsilon"]))],
+        [(BatchNormAffine, Epsilon(epsilon=p["epsilon"])), (Convolution, ZPlus(stabilizer=p["stabilizer"])),
+         (nn.Linear, Epsilon(epsilon=p["epsilon"]))],
         [(Linear, Flat(stabilizer=p["stabilizer"]))],
     )
 
@@ -85,7 +93,7 @@ class RuleComposite(LayerMapComposite):
     """Zennit layer-map composite that finds the first linear layer in registration order (also
     when it is not a leaf module) and refuses models with a leaf layer that has no rule."""
 
-    def __init__(self, layer_map: LayerMap, first_map: LayerMap, canonizers: Sequence[Canonizer]):
+    def __init__(self, layer_map: LayerMap, first_map: LayerMap, canonizers: Sequence[Canonizer] = ()):
         super().__init__(layer_map=layer_map, canonizers=list(canonizers))
         self.first_map = first_map
         self.module_map = self._map
@@ -139,8 +147,14 @@ class LRP(Explainer):
     stabilizer
         Small constant keeping the denominators of the other rules away from 0.
     canonize
-        Apply :func:`.canonizers.default_canonizers` (BatchNorm folding, residual ``Sum``
-        modules). Turning it off gives wrong relevance on BatchNorm / residual networks.
+        Explain the model's traced, rewritten graph (:func:`.graph.canonize`: BatchNorm folded into
+        the layer that feeds it, every functional add / mean / activation given its rule, operations
+        without a sound rule refused). Turning it off hooks the registered modules only, which gives
+        wrong relevance on BatchNorm, residual and functional-style networks.
+    gates
+        ``"refuse"`` (default): a product of two activations (squeeze-excitation, gating, attention)
+        is refused. ``"constant"``: its sigmoid-type factor is held constant and relevance passes to
+        the other factor (the choice of AttnLRP / LXT).
     engine
         ``"fast"`` runs the epsilon table in one forward + one backward pass
         (:mod:`.fast_epsilon`, proven equal to Zennit in the tests); ``"zennit"`` uses Zennit's
@@ -162,6 +176,7 @@ class LRP(Explainer):
         canonize: bool = True,
         engine: str = "fast",
         pooling: str = "sum",
+        gates: str = "refuse",
     ) -> None:
         super().__init__(pooling=pooling)
         if composite not in RULE_TABLES:
@@ -177,18 +192,28 @@ class LRP(Explainer):
         if engine not in ("fast", "zennit"):
             raise ValueError(f"Unknown LRP engine {engine!r}; choose 'fast' or 'zennit'.")
         self.engine = engine
+        if gates not in GATES:
+            raise ValueError(f"Unknown gates rule {gates!r}; choose one of {', '.join(GATES)}.")
+        self.gates = gates
 
     def make_composite(self) -> RuleComposite:
         """A fresh Zennit composite for one call (composites hold per-model state)."""
         params = {"epsilon": self.epsilon, "alpha": self.alpha, "beta": self.beta, "stabilizer": self.stabilizer}
         layer_map, first_map = RULE_TABLES[self.composite](params)
-        canonizers = default_canonizers() if self.canonize else []
-        return RuleComposite(layer_map + _base_map(self.stabilizer), first_map, canonizers)
+        return RuleComposite(layer_map + _base_map(self.stabilizer), first_map)
+
+    def network(self, model: nn.Module) -> nn.Module:
+        """What the rules are applied to: the canonized graph (cached per model), or ``model`` itself."""
+        if not self.canonize:
+            return model
+        graph = canonize(model, purpose="lrp", gates=self.gates)
+        graph.check_lrp()
+        return graph
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        net = self.network(model)
         if self.engine == "fast" and self.composite == "epsilon":
-            canonizers = default_canonizers() if self.canonize else []
-            with epsilon_lrp(model, self.epsilon, self.stabilizer, canonizers, PASS_THROUGH):
-                return backprop(model, x, target, seed_with_score=True)  # (B, C, H, W) relevance
-        with self.make_composite().context(model):
-            return backprop(model, x, target, seed_with_score=True)  # (B, C, H, W) relevance
+            with epsilon_lrp(net, self.epsilon, self.stabilizer, [], PASS_THROUGH):
+                return backprop(net, x, target, seed_with_score=True)  # (B, C, H, W) relevance
+        with self.make_composite().context(net):
+            return backprop(net, x, target, seed_with_score=True)  # (B, C, H, W) relevance
