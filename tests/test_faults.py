@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)
 #: interrupted (many random orderings), quick to start.
 EVAL = ["data=imagefolder", "data.image_size=32", "data.resize=32", "data.batch_size=8", "model=small_cnn",
         "model.num_classes=3", "model.net.in_channels=3", "+model.net.image_size=32", "evaluation=small_images",
-        "evaluation.explainers=[sensitivity_l2]", "device=cpu", "progress=false", "n_boot=50", "gallery_size=0"]
+        "evaluation.explainers=[sensitivity_l2]", "device=cpu", "progress=false", "evaluation.n_boot=50", "gallery_size=0"]
 #: A debug training: few batches, one cheap AOPC explainer on 4 images, no artifacts.
 TRAIN = ["trainer=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
          "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
