@@ -123,3 +123,66 @@ def test_sigterm_during_train_kills_the_run_and_exits_143(tmp_path, data_dir):
     assert code == 143, out[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM received"
+
+
+# -- resume: same run, continued optimiser/epoch/step, AOPC history without gaps or duplicates --
+@pytest.mark.slow
+def test_resume_continues_the_same_run(train_cfg):
+    from heatmapbench.models.checkpoints import KEY, load_checkpoint
+    from heatmapbench.train import run_train
+
+    first = run_train(train_cfg(*TRAIN))
+    last = Path(train_cfg(*TRAIN).paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(last)  # weights_only=True: plain data only
+    assert ckpt[KEY]["mlflow"]["run_id"] == first["run_id"] and ckpt["epoch"] == 0
+    assert ckpt[KEY]["config"]["trainer"]["max_epochs"] == 1
+    assert "optimizer" not in ckpt["hyper_parameters"]
+    cfg = train_cfg(*TRAIN, "trainer.max_epochs=2", f"ckpt_path={last}")
+    second = run_train(cfg)
+    assert second["run_id"] == first["run_id"]
+    client = MlflowClient(f"sqlite:///{cfg.paths.mlruns_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.logger.experiment_name).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    assert "trainer.max_epochs" in run.data.tags["resume_1_changed"] and run.data.params["trainer.max_epochs"] == "1"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "aopc/sensitivity_l2")]
+    assert sorted(steps) == [0, 1, 2]  # epoch 0 (before training) once, then one per epoch
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    assert val_steps == [val_steps[0], val_steps[0] + 3]  # one per epoch; the global step continued (3 batches)
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * ckpt["global_step"]
+    assert resumed["optimizer_states"][0]["state"][0]["step"] == 2 * ckpt["optimizer_states"][0]["state"][0]["step"]
+
+
+# -- checkpoints are plain data, loaded with weights_only=True ---------------------------------
+class _Payload:
+    """Unpickling this calls ``os.system``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, train_cfg):
+    import torch
+
+    from heatmapbench.models import SmallCNN
+    from heatmapbench.models.checkpoints import UnsafeCheckpointError
+    from heatmapbench.models.zoo import from_checkpoint
+    from heatmapbench.train import run_train
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "last.ckpt"
+    torch.save({"state_dict": SmallCNN().state_dict(), "epoch": 0, "loops": {}, "optimizer_states": [],
+                "hyper_parameters": {"x": _Payload(marker)}}, crafted)
+    with pytest.raises(UnsafeCheckpointError, match="need code to unpickle"):
+        from_checkpoint(str(crafted), SmallCNN())
+    cfg = train_cfg(*TRAIN, f"ckpt_path={crafted}")
+    with pytest.raises(UnsafeCheckpointError, match="ckpt_path="):
+        run_train(cfg)
+    assert not marker.exists()
+    assert not Path(cfg.paths.mlruns_dir).exists()  # refused before any run (or store) exists
+    # the same object does run code when unpickled without the allow-list: the test is sound
+    torch.load(crafted, weights_only=False)
+    assert marker.exists()

@@ -14,11 +14,13 @@ from omegaconf import open_dict
 
 from heatmapbench.config import ConfigError
 from heatmapbench.data import DataNotFoundError
+from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import WeightsNotFoundError
 from heatmapbench.tracking import RunInterrupted
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
+                                                 CheckpointError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,10 +15,13 @@ from omegaconf import DictConfig
 from heatmapbench import metric_names as mn
 from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.cli import instantiate_callbacks, user_errors_exit
-from heatmapbench.config import validate
+from heatmapbench.config import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.registry import conf_dir
-from heatmapbench.tracking import make_logger, run_identity, tracked_run
+from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
+from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
+from heatmapbench.tracking import (make_logger, prepare_sqlite_store, resolved_config, retry_locked, run_identity,
+                                   store_lock, tracked_run)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -27,17 +30,27 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     Everything that can be wrong with the config or the data fails before an MLflow run exists.
     """
     validate(cfg)
+    ckpt = training_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # read safely, before anything
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    run_name = run_identity(cfg)[0] if cfg.get("logger") and cfg.logger.get("run_name") is None else None
-    logger = make_logger(cfg.logger, **({"run_name": run_name} if run_name else {})) if cfg.get("logger") else None
+    _check_model_and_data(model, datamodule, callbacks)
+    logger_kwargs: dict[str, Any] = {}
+    if cfg.get("logger"):
+        check_logger(cfg.logger, allow_run_id=True)
+        run_id = _run_to_resume(cfg, ckpt)
+        if run_id is not None:
+            logger_kwargs["run_id"] = run_id
+        elif cfg.logger.get("run_name") is None and run_identity(cfg)[0]:
+            logger_kwargs["run_name"] = run_identity(cfg)[0]
+        callbacks.append(RunRecord(resolved_config(cfg)))  # the run's id and config go into every checkpoint
+    logger = make_logger(cfg.logger, **logger_kwargs) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
 
     def fit_and_test() -> dict[str, Any]:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.get("test"):
             for results in trainer.test(model, datamodule=datamodule, verbose=False):
@@ -56,6 +69,49 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(callback, AOPCCallback) and callback.history:
             _print_aopc(callback)
     return {"run_id": run_id, **metrics}
+
+
+def _check_model_and_data(model: pl.LightningModule, datamodule: Any, callbacks: list[Any]) -> None:
+    """One training image through the net, the AOPC callback's regions against the image size."""
+    if not hasattr(datamodule, "train_set"):
+        return  # not a heatmapbench data module: Lightning will say what is wrong
+    datamodule.setup("fit")
+    x = datamodule.train_set[0][0].unsqueeze(0)  # (1, C, H, W)
+    net = getattr(model, "net", model)
+    check_model_fits_data(net, x, getattr(datamodule, "num_classes", None), exact=True)
+    for callback in callbacks:
+        if isinstance(callback, AOPCCallback):
+            check_regions_fit(callback.settings, tuple(x.shape))
+
+
+def _run_to_resume(cfg: DictConfig, ckpt: dict[str, Any] | None) -> str | None:
+    """The MLflow run to continue: ``logger.run_id``, else the one the checkpoint records in this store."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = str(cfg.logger.tracking_uri)
+    given = cfg.logger.get("run_id")
+    recorded = recorded_run(ckpt) if ckpt is not None else {}
+    run_id = given or recorded.get("run_id")
+    if run_id is None:
+        if ckpt is not None:
+            print(f"note: {cfg.ckpt_path} records no MLflow run; the resumed training logs into a new run", flush=True)
+        return None
+    if not given and recorded.get("tracking_uri") != uri:
+        print(f"note: {cfg.ckpt_path} was written in the store {recorded.get('tracking_uri')}, not {uri}; "
+              "the resumed training logs into a new run (logger.run_id=... picks one)", flush=True)
+        return None
+    try:
+        with store_lock(uri):
+            prepare_sqlite_store(uri)
+            retry_locked(MlflowClient(uri).get_run)(run_id)
+    except MlflowException as err:
+        if given:
+            raise ConfigError(f"logger.run_id={run_id!r} is invalid: no such run in {uri}") from err
+        print(f"note: the run {run_id} of {cfg.ckpt_path} is not in {uri} (deleted?); the resumed training logs "
+              "into a new run", flush=True)
+        return None
+    return run_id
 
 
 def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id: str | None) -> None:

@@ -109,7 +109,7 @@ class AOPCCallback(pl.Callback):
         self._subset = (x.to(self._device), y.to(self._device))
         self._norm = dm.normalization
         self._classes = tuple(getattr(dm, "classes", ()))
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self.history:  # a resumed training has its history back
             net = self._net(pl_module)
             was_training = net.training
             net.eval()
@@ -215,6 +215,13 @@ class AOPCCallback(pl.Callback):
                                          statistics=statistics)
                 for path in files.values():
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"aopc/epoch_{epoch:03d}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history (plain numbers), saved in checkpoints so that a resumed training continues it."""
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self.history = [dict(row) for row in state_dict.get("history", [])]
 
     def history_frame(self) -> pd.DataFrame:
         """One row per evaluation: epoch, accuracy, seconds and ``aopc/<explainer>``."""

@@ -155,6 +155,8 @@ class MLflowLoggerConfig:
     _target_: str = "pytorch_lightning.loggers.MLFlowLogger"
     experiment_name: str = "heatmapbench"
     run_name: Optional[str] = None
+    # continue this run (heatmapbench-train resuming from ckpt_path; the checkpoint records it)
+    run_id: Optional[str] = None
     tracking_uri: str = MISSING
     artifact_location: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)

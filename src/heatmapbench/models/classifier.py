@@ -33,7 +33,9 @@ class ClassifierModule(pl.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        # plain data only, so checkpoints load with weights_only=True (the optimiser partials
+        # are in the run's config, which RunRecord writes into the checkpoint)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer

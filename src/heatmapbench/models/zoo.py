@@ -97,6 +97,7 @@ def _load_into(net: nn.Module, state: Mapping[str, torch.Tensor], what: str, sou
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing/unexpected keys or shape mismatches, listed by torch
         raise ValueError(f"{what}: the weights in {source} do not fit the network: {err}") from err
+    net.weights_source = source  # a plain attribute: evaluate warns about nets without one
 
 
 # -- torchvision --------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
     training (``conf/model/checkpoint.yaml``: ``model.net.net``). Its weights are the
     checkpoint's ``net.*`` entries, loaded strictly.
 
-    A Lightning checkpoint is a pickle holding the optimiser partials: load only files you trust.
+    The file is read with ``weights_only=True``: a file that needs code to unpickle is refused.
 
     Raises
     ------
@@ -310,8 +311,9 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
             "heatmapbench-train trainer.enable_checkpointing=true, or point ckpt_path at a .ckpt file.")
     if not isinstance(net, nn.Module):
         raise TypeError(f"checkpoint: net must be an nn.Module (the architecture trained), got {type(net).__name__}")
-    # weights_only=False: the checkpoint's hyper_parameters hold functools.partial optimisers.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from heatmapbench.models.checkpoints import load_checkpoint  # it imports this module
+
+    ckpt = load_checkpoint(path, "model.net.ckpt_path")
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint: {path} is not a Lightning checkpoint (no 'state_dict' entry)")
@@ -326,4 +328,5 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
             f"checkpoint: the weights in {path} do not fit model.net.net ({type(net).__name__}); set "
             f"model.net.net to the network config used in training (e.g. the net of conf/model/vgg_small.yaml): "
             f"{err}") from err
+    net.weights_source = str(path)
     return net.eval()

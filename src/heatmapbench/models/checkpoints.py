@@ -1,0 +1,98 @@
+"""Checkpoints of ``heatmapbench-train``: plain data only, read with ``weights_only=True``.
+
+A checkpoint holds tensors, numbers, strings and containers of them, nothing that needs code
+to unpickle: the module's hyper-parameters are plain (the optimiser partials are left out),
+and :class:`RunRecord` adds the resolved training config and the MLflow run (id, store,
+experiment) under ``checkpoint["heatmapbench"]``, so that ``ckpt_path=.../last.ckpt``
+resumes into the same run. A file that needs more (a crafted pickle, an old checkpoint that
+pickled Hydra partials) is refused without running any of its code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from heatmapbench.models.zoo import WeightsNotFoundError
+
+#: The checkpoint entry written by :class:`RunRecord`.
+KEY = "heatmapbench"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used as asked; the message names the file and the fix."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file needs code to unpickle (``weights_only=True`` refused it): it is not loaded."""
+
+
+def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]:
+    """Read a checkpoint or state-dict file with ``torch.load(weights_only=True)``.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        No file at ``path``.
+    UnsafeCheckpointError
+        The file holds objects that need code to unpickle; none of it ran.
+    CheckpointError
+        The file is not something ``torch.save`` wrote, or not a mapping.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{what}={str(path)!r}: no such file. Checkpoints of heatmapbench-train are in "
+                                   "outputs/train/runs/<time>/checkpoints/{last,best}.ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise UnsafeCheckpointError(
+            f"{what}={str(path)!r} was not loaded: it holds objects that need code to unpickle, which could run "
+            f"anything ({first or 'not plain data'}). heatmapbench-train writes plain checkpoints; if this file is "
+            "older or from elsewhere and you trust it, re-save its state_dict with torch.save") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{what}={str(path)!r} is not a checkpoint torch can read: {err}") from err
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{what}={str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint (a mapping)")
+    return dict(ckpt)
+
+
+def training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint Lightning can resume from (weights, optimiser, loops), read safely; else ``CheckpointError``."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("state_dict", "optimizer_states", "loops", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"ckpt_path={str(path)!r} cannot resume training: it has no {missing} entries (write it "
+                         "with heatmapbench-train, whose checkpoints/last.ckpt holds the whole training state)")
+    return ckpt
+
+
+def recorded_run(ckpt: Mapping[str, Any]) -> dict[str, str]:
+    """The MLflow run a checkpoint was written in: ``run_id``, ``tracking_uri``, ``experiment_name`` (or ``{}``)."""
+    record = ckpt.get(KEY)
+    run = record.get("mlflow") if isinstance(record, Mapping) else None
+    return {k: str(v) for k, v in run.items() if v is not None} if isinstance(run, Mapping) else {}
+
+
+class RunRecord(pl.Callback):
+    """Writes the resolved config (plain containers) and the trainer's MLflow run into every checkpoint."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        run: dict[str, str] = {}
+        for logger in trainer.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger, "_tracking_uri"):
+                run = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri,
+                       "experiment_name": getattr(logger, "_experiment_name", None)}
+                break
+        checkpoint[KEY] = {"config": self.config, "mlflow": run}
