@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -58,6 +61,7 @@ def runs(tmp: Path) -> list:
 
 
 def start(tmp: Path, module: str, *overrides: str) -> subprocess.Popen:
+    tmp.mkdir(parents=True, exist_ok=True)
     flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
     args = [sys.executable, "-m", f"heatmapbench.{module}", *flags, f"paths.mlruns_dir={tmp}/mlruns",
             f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun",
@@ -186,3 +190,214 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, train_cfg):
     # the same object does run code when unpickled without the allow-list: the test is sound
     torch.load(crafted, weights_only=False)
     assert marker.exists()
+
+
+# -- everything that can be checked is checked before the run exists ---------------------------
+@pytest.fixture
+def eval_cfg(tmp_path, data_dir, images):
+    from tests.conftest import compose_config
+
+    def make(*overrides: str):
+        return compose_config("evaluate", EVAL + [f"data.path={images}", "evaluation.random_repeats=1",
+                                                  "evaluation.steps=4", *overrides], tmp_path, data_dir)
+
+    return make
+
+
+def no_runs(cfg) -> bool:
+    db = Path(cfg.paths.mlruns_dir) / "mlflow.db"
+    if not db.is_file():
+        return True
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["evaluation.region_size=40"], r"evaluation.region_size=40 is invalid: larger than the data's 32×32 images"),
+    (["evaluation.steps=100"], r"evaluation.steps=100 is invalid: the data's 32×32 images have only 64 grid regions"),
+    (["model.net.in_channels=1"], r"the model does not take the data's \(3, 32, 32\) images"),
+    (["model.num_classes=2"], r"the model has 2 outputs but the data has 3 classes"),
+    (["logger.run_id=abc"], r"logger.run_id='abc' is invalid here"),
+])
+def test_evaluate_refuses_before_the_run(eval_cfg, overrides, message):
+    from heatmapbench.config import ConfigError
+    from heatmapbench.evaluate import run_evaluate
+
+    cfg = eval_cfg(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        run_evaluate(cfg)
+    assert no_runs(cfg)
+
+
+def test_train_refuses_regions_larger_than_its_images(train_cfg):
+    from heatmapbench.config import ConfigError
+    from heatmapbench.train import run_train
+
+    cfg = train_cfg(*TRAIN, "evaluation.region_size=40")
+    with pytest.raises(ConfigError, match="evaluation.region_size=40 is invalid: larger than the data's 28×28"):
+        run_train(cfg)
+    assert no_runs(cfg)
+
+
+def test_unreachable_server_fails_fast_naming_the_uri():
+    from heatmapbench.config import ConfigError
+    from heatmapbench.preflight import check_tracking_store
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    start_s = time.monotonic()
+    with pytest.raises(ConfigError, match=f"logger.tracking_uri='{uri}': no MLflow server answers there"):
+        check_tracking_store(uri, timeout=2.0)
+    assert time.monotonic() - start_s < 10  # bounded retries, not minutes
+
+
+def test_unwritable_artifact_folder_fails_before_the_run(eval_cfg, tmp_path):
+    from heatmapbench.config import ConfigError
+    from heatmapbench.evaluate import run_evaluate
+
+    (tmp_path / "a_file").write_text("")
+    cfg = eval_cfg(f"logger.artifact_location={tmp_path}/a_file/artifacts")
+    with pytest.raises(ConfigError, match="logger.artifact_location=.* cannot write to"):
+        run_evaluate(cfg)
+    assert no_runs(cfg)
+
+
+def test_failure_while_logging_the_config_fails_the_run(eval_cfg, monkeypatch):
+    from heatmapbench import tracking
+    from heatmapbench.evaluate import run_evaluate
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tracking, "log_config", broken)
+    cfg = eval_cfg()
+    with pytest.raises(OSError):
+        run_evaluate(cfg)
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "FAILED" and run.data.tags["end_reason"] == "OSError: No space left on device"
+
+
+def test_untrained_weights_warn_and_are_tagged(eval_cfg, capfd):
+    from heatmapbench.evaluate import run_evaluate
+
+    cfg = eval_cfg()
+    result = run_evaluate(cfg)
+    assert "WARNING: model=SmallCNN has untrained (randomly initialised) weights" in capfd.readouterr().err
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.run_id == result["run_id"] and run.data.tags["weights"] == "untrained"
+
+
+@pytest.mark.slow
+def test_cli_exit_status_user_error_2_exception_1(tmp_path, images, data_dir):
+    proc = start(tmp_path / "a", "evaluate", *EVAL, f"data.path={images}", "evaluation.region_size=40")
+    code, out = finish(proc)
+    assert code == 2 and "error: evaluation.region_size=40 is invalid" in out, out[-3000:]
+    assert not (tmp_path / "a" / "mlruns" / "mlflow.db").exists()
+    proc = start(tmp_path / "b", "train", *TRAIN, f"paths.data_dir={data_dir}",
+                 "+callbacks.boom._target_=tests.test_faults.Boom")
+    code, out = finish(proc, timeout=300)
+    assert code == 1, out[-3000:]
+    (run,) = runs(tmp_path / "b")
+    assert run.info.status == "FAILED" and run.data.tags["end_reason"] == "RuntimeError: boom"
+
+
+class Boom(pl.Callback):
+    """Fails after the first training epoch."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise RuntimeError("boom")
+
+
+# -- unreadable and missing images ------------------------------------------------------------
+@pytest.fixture
+def broken_images(tmp_path) -> Path:
+    root = make_images(tmp_path / "broken")
+    (root / "class1" / "9.png").write_bytes(b"not an image")
+    return root
+
+
+def test_an_unreadable_image_fails_before_any_work_naming_it(eval_cfg, broken_images):
+    from heatmapbench.data import DataNotFoundError
+    from heatmapbench.evaluate import run_evaluate
+
+    cfg = eval_cfg(f"data.path={broken_images}")
+    with pytest.raises(DataNotFoundError, match=r"cannot read the image .*class1/9.png; .*data.skip_unreadable=true"):
+        run_evaluate(cfg)
+    assert no_runs(cfg)
+
+
+def test_skip_unreadable_leaves_them_out_and_lists_them_in_the_run(eval_cfg, broken_images, tmp_path):
+    import mlflow
+
+    from heatmapbench.evaluate import run_evaluate
+
+    cfg = eval_cfg(f"data.path={broken_images}", "data.skip_unreadable=true")
+    result = run_evaluate(cfg)
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "FINISHED" and result["images"] == 12  # the 12 readable ones
+    assert run.data.tags["skipped_images"] == "1"
+    listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt",
+                                                 tracking_uri=store(Path(cfg.paths.mlruns_dir).parent),
+                                                 dst_path=str(tmp_path / "dl"))
+    assert Path(listed).read_text() == "class1/9.png\n"
+
+
+@pytest.mark.parametrize("layout", ["no class folders", "empty class folders"])
+def test_an_empty_folder_is_a_one_line_error(eval_cfg, tmp_path, layout):
+    from heatmapbench.data import DataNotFoundError
+    from heatmapbench.evaluate import run_evaluate
+
+    root = tmp_path / "empty"
+    (root / ("a" if layout == "empty class folders" else "")).mkdir(parents=True)
+    cfg = eval_cfg(f"data.path={root}")
+    with pytest.raises(DataNotFoundError, match=f"imagefolder: no images under {root}; it must hold") as err:
+        run_evaluate(cfg)
+    assert "\n" not in str(err.value)
+    assert no_runs(cfg)
+
+
+# -- the library API refuses bad batches with a clear ValueError ------------------------------
+class _Counting(torch.nn.Module):
+    """A 3-class linear model that counts its forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("target 999", r"target holds class 999, outside the model's classes \[0, 3\)"),
+    ("target -1", r"target holds class -1; classes are indices ≥ 0"),
+    ("empty", r"x is an empty batch \(B = 0\)"),
+    ("inf", r"x contains NaN or inf"),
+    ("nan", r"x contains NaN or inf"),
+])
+def test_engine_refuses_bad_batches_before_perturbing(case, message):
+    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.evaluation import evaluate_batch
+    from heatmapbench.explain import get_explainer
+    from heatmapbench.perturbation import region_perturbation
+
+    x = torch.rand(2, 3, 8, 8)
+    target = None
+    if case.startswith("target"):
+        target = torch.tensor([0, int(case.split()[1])])
+    elif case == "empty":
+        x = x[:0]
+    else:
+        x[1, 0, 2, 2] = float(case)
+    model = _Counting()
+    with pytest.raises(ValueError, match=message):
+        region_perturbation(model, x, torch.rand(x.shape[0], 8, 8), target=target, region_size=2, steps=3)
+    assert model.calls <= (1 if case == "target 999" else 0)  # at most the clean forward, never a perturbed one
+    model.calls = 0
+    settings = EvaluationSettings(explainers=["sensitivity_l2"], region_size=2, steps=3, random_repeats=1)
+    with pytest.raises(ValueError, match=message):
+        evaluate_batch(model, x, {"s": get_explainer("sensitivity_l2")}, settings, "uniform", target=target)
+    assert model.calls <= (1 if case == "target 999" else 0)

@@ -31,7 +31,9 @@ from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir
-from heatmapbench.tracking import make_logger, retry_locked, run_identity, tracked_run
+from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
+                                    weights_source)
+from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, tracked_run
 
 PREPROCESSING_KEYS = ("mean", "std", "value_range", "image_size", "resize")
 
@@ -79,6 +81,10 @@ def build_inputs(cfg: DictConfig):
     n = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
     if n == 0:
         raise ConfigError("the data's test split is empty: nothing to evaluate")
+    x0 = dataset[0][0].unsqueeze(0).to(device)  # (1, C, H, W): checks against the real images, before any run
+    check_regions_fit(settings, tuple(x0.shape))
+    check_model_fits_data(net, x0, getattr(datamodule, "num_classes", None), exact=False)
+    check_logger(cfg.logger)
     chosen = selected_explainer(cfg)
     if chosen is None:
         explainers = build_explainers(settings.explainers)
@@ -130,10 +136,15 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     tags = {"task": "evaluate", "model": str(cfg.model.net.get("_target_", "")).rsplit(".", 1)[-1],
             "data": str(cfg.data._target_).rsplit(".", 1)[-1],
             "perturbation": str(cfg.perturbation._target_).rsplit(".", 1)[-1].lower(),
-            "explainers": ",".join(settings.explainers), **sweep_tags}
+            "explainers": ",".join(settings.explainers), **sweep_tags,
+            "weights": weights_source(net) or "untrained"}
+    if weights_source(net) is None:
+        warn_untrained(f"model={tags['model']}")
     print(f"evaluating {len(subset)} images × {len(explainers)} explainers "
           f"({settings.steps} steps of {settings.region_size}×{settings.region_size} regions) on {device}", flush=True)
     with tracked_run(logger, cfg, extra_tags=tags):
+        if getattr(datamodule, "skip_unreadable", False):
+            log_skipped(logger, datamodule.skipped)
         start = time.perf_counter()
         evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
                                       gallery_size=cfg.gallery_size, progress=cfg.progress)

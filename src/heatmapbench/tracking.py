@@ -202,6 +202,13 @@ def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
         return retry_locked(instantiate)(logger_cfg, **kwargs)
 
 
+def log_skipped(logger: Any, skipped: list[str]) -> None:
+    """The count (tag ``skipped_images``) and names (artifact ``skipped_images.txt``) of input files left out."""
+    retry_locked(logger.experiment.set_tag)(logger.run_id, "skipped_images", str(len(skipped)))
+    if skipped:
+        retry_locked(logger.experiment.log_text)(logger.run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
+
+
 class RunInterrupted(BaseException):
     """SIGINT or SIGTERM arrived while a run was open; the entry point exits ``128 + signum``.
 

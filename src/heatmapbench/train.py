@@ -20,8 +20,8 @@ from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
 from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
-from heatmapbench.tracking import (make_logger, prepare_sqlite_store, resolved_config, retry_locked, run_identity,
-                                   store_lock, tracked_run)
+from heatmapbench.tracking import (log_skipped, make_logger, prepare_sqlite_store, resolved_config, retry_locked,
+                                   run_identity, store_lock, tracked_run)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -50,6 +50,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
 
     def fit_and_test() -> dict[str, Any]:
+        if logger is not None and getattr(datamodule, "skip_unreadable", False):
+            log_skipped(logger, datamodule.skipped)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.get("test"):

@@ -89,6 +89,8 @@ class ImageFolderDataConfig(PreprocessedDataConfig):
     path: str = MISSING
     train_path: Optional[str] = None
     val_size: int = 0
+    # leave out files PIL cannot open (listed in the run) instead of failing before any work
+    skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
         _require(Path(self.path).is_dir(), "data.path", self.path,

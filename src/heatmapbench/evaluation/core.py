@@ -29,6 +29,7 @@ from heatmapbench.metrics.summary import (
     summary_table,
 )
 from heatmapbench.perturbation import Perturbation, get_perturbation, region_perturbation
+from heatmapbench.perturbation.engine import check_batch, check_target_range, eval_mode
 from heatmapbench.runtime import autocast, check_precision, fast_model, to_layout
 
 
@@ -230,6 +231,10 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
     explainers = build_explainers(settings.explainers if explainers is None else explainers)
     perturbation = build_perturbation(perturbation)
     check_precision(settings.precision, x.device)
+    check_batch(x, target)  # an empty batch, NaN/inf, negative targets: before any forward
+    if target is not None:  # and classes the model has, before the explainers index with them
+        with eval_mode(model), torch.inference_mode():
+            check_target_range(target, model(x[:1]).shape[1])
     # one layout for the whole batch: the explainers' and the engine's passes all run in it
     with fast_model(model, settings.layout) as nhwc:
         x = to_layout(x, nhwc)

@@ -70,6 +70,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.train(training)
 
 
+def check_target_range(target: Tensor, num_classes: int) -> None:
+    """Every class in ``target`` is below ``num_classes`` (the model's outputs)."""
+    hi = int(target.max())
+    if hi >= num_classes:
+        raise ValueError(f"target holds class {hi}, outside the model's classes [0, {num_classes})")
+
+
+def check_batch(x: Tensor, target: Tensor | None = None, num_classes: int | None = None) -> None:
+    """A non-empty batch of finite images and, if given, integer targets in ``[0, num_classes)``.
+
+    Cheap (one pass over ``x``), at the entry: NaN/inf in ``x`` would otherwise give NaN AOPC.
+    """
+    b = x.shape[0]
+    if b == 0:
+        raise ValueError("x is an empty batch (B = 0); pass at least one image")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf; check the data and its normalisation (std > 0) before evaluating")
+    if target is None:
+        return
+    if not isinstance(target, Tensor) or target.shape != (b,) or target.is_floating_point():
+        raise ValueError(f"target must be None or an integer tensor of shape ({b},)")
+    if int(target.min()) < 0:
+        raise ValueError(f"target holds class {int(target.min())}; classes are indices ≥ 0")
+    if num_classes is not None:
+        check_target_range(target, num_classes)
+
+
 def _validate(x: Tensor, heatmap: Tensor, target: Tensor | None, region_size: int, steps: int,
               order: str, regions: str, score: str, repeats: int, batch_size: int | None,
               mean, std, value_range) -> None:
@@ -77,6 +104,7 @@ def _validate(x: Tensor, heatmap: Tensor, target: Tensor | None, region_size: in
         raise ValueError(f"x must be a floating-point (B, C, H, W) tensor, got "
                          f"{getattr(x, 'shape', type(x))}")
     b, c, h, w = x.shape
+    check_batch(x, target)
     if not isinstance(heatmap, Tensor) or heatmap.ndim != 3 or tuple(heatmap.shape) != (b, h, w):
         raise ValueError(
             f"heatmap must have shape (B, H, W) = {(b, h, w)} to match x {tuple(x.shape)}, got "
@@ -114,9 +142,6 @@ def _validate(x: Tensor, heatmap: Tensor, target: Tensor | None, region_size: in
         raise ValueError(f"std must be positive, got {std}")
     if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
         raise ValueError(f"value_range must be (lo, hi) with lo < hi, got {value_range}")
-    if target is not None:
-        if not isinstance(target, Tensor) or target.shape != (b,) or target.is_floating_point():
-            raise ValueError(f"target must be None or an integer tensor of shape ({b},)")
 
 
 def _segments(start: int, stop: int, b: int) -> Iterator[tuple[int, int, int, int]]:
@@ -206,7 +231,8 @@ def region_perturbation(
 
     Raises
     ------
-    ValueError / TypeError for bad input, before any forward pass.
+    ValueError / TypeError for bad input (an empty batch, NaN/inf in ``x``, …) before any forward
+    pass; a ``target`` beyond the model's classes after the clean forward, before any perturbed one.
     """
     _validate(x, heatmap, target, region_size, steps, order, regions, score, repeats, batch_size,
               mean, std, value_range)
@@ -244,6 +270,8 @@ def region_perturbation(
     with eval_mode(model), fast_model(model, layout) as nhwc, torch.no_grad():
         # Step 0: the clean images, which also fix the default target.
         logits0 = torch.cat([forward(x[i:i + bs]) for i in range(0, b, bs)])
+        if target is not None:  # the class count is known from here on, before any perturbed forward
+            check_target_range(target, logits0.shape[1])
         tgt = logits0.argmax(dim=1) if target is None else target.to(dev)
         f0 = logits0.gather(1, tgt[:, None]).squeeze(1)  # (B,)
         tgt_col = tgt.repeat(steps + 1).unsqueeze(1)  # (n_pairs, 1) step-major

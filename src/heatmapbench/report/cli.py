@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from heatmapbench.cli import user_errors_exit
 from heatmapbench.config import ConfigError, validate
 from heatmapbench.registry import conf_dir
+from heatmapbench.preflight import check_logger, check_tracking_store
 from heatmapbench.report.figures import plot_accuracy_vs_aopc_runs, plot_rank_per_setting, plot_region_sizes
 from heatmapbench.report.reliability import reliability_markdown, reliability_metrics
 from heatmapbench.report.store import filter_string, load_runs, per_image_tables
@@ -102,6 +103,10 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     """Select the runs, write the tables and figures, log them to a summary run, print the table."""
     validate(cfg, groups=("paths", "logger"))
     selection = _selection(cfg)
+    if str(cfg.tracking_uri).startswith(("http://", "https://")):
+        check_tracking_store(cfg.tracking_uri)  # an unreachable server fails in ~10 s, not after minutes of retries
+    if cfg.log_summary:
+        check_logger(cfg.logger)
     runs_df = load_runs(cfg.tracking_uri, exclude_experiment=cfg.summary_experiment, **selection)
     ignore = list(cfg.ignore_params) if cfg.get("ignore_params") is not None else DEFAULT_IGNORE
     per_image = None
