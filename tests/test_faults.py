@@ -20,6 +20,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from heatmapbench import metric_names as mn
 from tests.conftest import REPO
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "HYDRA_FULL_ERROR": "0"}
@@ -148,9 +149,9 @@ def test_resume_continues_the_same_run(train_cfg):
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.logger.experiment_name).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
     assert "trainer.max_epochs" in run.data.tags["resume_1_changed"] and run.data.params["trainer.max_epochs"] == "1"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "aopc/sensitivity_l2")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, mn.explainer_metric("aopc", "sensitivity_l2"))]
     assert sorted(steps) == [0, 1, 2]  # epoch 0 (before training) once, then one per epoch
-    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, mn.VAL_ACC)]
     assert val_steps == [val_steps[0], val_steps[0] + 3]  # one per epoch; the global step continued (3 batches)
     resumed = load_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * ckpt["global_step"]
@@ -335,7 +336,7 @@ def test_skip_unreadable_leaves_them_out_and_lists_them_in_the_run(eval_cfg, bro
     cfg = eval_cfg(f"data.path={broken_images}", "data.skip_unreadable=true")
     result = run_evaluate(cfg)
     (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
-    assert run.info.status == "FINISHED" and result["images"] == 12  # the 12 readable ones
+    assert run.info.status == "FINISHED" and result[mn.IMAGES] == 12  # the 12 readable ones
     assert run.data.tags["skipped_images"] == "1"
     listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt",
                                                  tracking_uri=store(Path(cfg.paths.mlruns_dir).parent),
