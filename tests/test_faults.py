@@ -21,9 +21,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from heatmapbench import metric_names as mn
-from tests.conftest import REPO
+from tests.conftest import cli_env
+from tests.test_data import needs_fmnist
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "HYDRA_FULL_ERROR": "0"}
+ENV = cli_env(HYDRA_FULL_ERROR="0")
 #: A tiny evaluation on a 32×32 RGB image folder with an untrained small CNN, long enough to be
 #: interrupted (many random orderings), quick to start.
 EVAL = ["data=imagefolder", "data.image_size=32", "data.resize=32", "data.batch_size=8", "model=small_cnn",
@@ -118,6 +119,7 @@ def test_sigterm_in_a_multirun_kills_the_job_and_stops_the_sweep(tmp_path, image
     assert run.info.status == "KILLED"
 
 
+@needs_fmnist
 @pytest.mark.slow
 def test_sigterm_during_train_kills_the_run_and_exits_143(tmp_path, data_dir):
     proc = start(tmp_path, "train", *TRAIN, f"paths.data_dir={data_dir}", "trainer.max_epochs=50", "trainer.limit_train_batches=50")
@@ -131,6 +133,7 @@ def test_sigterm_during_train_kills_the_run_and_exits_143(tmp_path, data_dir):
 
 
 # -- resume: same run, continued optimiser/epoch/step, AOPC history without gaps or duplicates --
+@needs_fmnist
 @pytest.mark.slow
 def test_resume_continues_the_same_run(train_cfg):
     from heatmapbench.models.checkpoints import KEY, load_checkpoint
@@ -230,6 +233,7 @@ def test_evaluate_refuses_before_the_run(eval_cfg, overrides, message):
     assert no_runs(cfg)
 
 
+@needs_fmnist
 def test_train_refuses_regions_larger_than_its_images(train_cfg):
     from heatmapbench.config import ConfigError
     from heatmapbench.train import run_train
@@ -289,6 +293,7 @@ def test_untrained_weights_warn_and_are_tagged(eval_cfg, capfd):
     assert run.info.run_id == result["run_id"] and run.data.tags["weights"] == "untrained"
 
 
+@needs_fmnist
 @pytest.mark.slow
 def test_cli_exit_status_user_error_2_exception_1(tmp_path, images, data_dir):
     proc = start(tmp_path / "a", "evaluate", *EVAL, f"data.path={images}", "evaluation.region_size=40")

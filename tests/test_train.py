@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import yaml
 from mlflow import MlflowClient
 
+from heatmapbench import metric_names as mn
 from heatmapbench.train import run_train
 from tests.conftest import cli_env, store_uri
 from tests.test_data import needs_fmnist
@@ -108,4 +109,4 @@ def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
                                      "progress=false", "evaluation.n_boot=100"], tmp_path / "ev", data_dir)
     metrics = run_evaluate(ev)
     # the trained weights were loaded: accuracy well above chance on the first test images
-    assert metrics["accuracy"] >= 0.5 and result["test/acc"] > 0.5
+    assert metrics[mn.ACCURACY] >= 0.5 and result["test/acc"] > 0.5
