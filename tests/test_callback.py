@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
@@ -46,21 +47,37 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
     run = _run(client, "t-aopc")
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
+    # every evaluation metric is logged at the step Lightning logs val/acc at (one chart in the UI)
+    val_steps = _steps(client, run_id, mn.VAL_ACC)
+    assert len(val_steps) == 2 and val_steps[0] > 0
+    steps = [0, *val_steps]  # step 0: before training
     for name in EXPLAINERS:
-        for measure in (mn.AOPC, mn.AOPC_REL, mn.COMPLEXITY_PNG):
-            assert _steps(client, run_id, mn.explainer_metric(measure, name)) == [0, 1, 2], name
-        # the logged correlations are those of the logged per-epoch accuracy and AOPC (scipy)
-        aopc = _values(client, run_id, mn.explainer_metric(mn.AOPC, name))
+        for measure in (mn.AOPC, mn.AOPC_REL, mn.AOPC_NORM, mn.COMPLEXITY_PNG):
+            assert _steps(client, run_id, mn.explainer_metric(measure, name)) == steps, (measure, name)
+        # the logged correlations are those of the logged per-epoch accuracy and measures (scipy)
         accuracy = _values(client, run_id, mn.ACCURACY)
-        for method, reference in (("spearman", stats.spearmanr), ("pearson", stats.pearsonr)):
-            assert method in mn.CORRELATION_METHODS
-            logged = run.data.metrics[mn.correlation_metric(method, mn.AOPC, name)]
-            assert logged == pytest.approx(float(reference(accuracy, aopc)[0]), abs=1e-9)
-    assert _steps(client, run_id, mn.SECONDS) == [0, 1, 2]
-    # epoch 0 is the untrained net, the later ones use val/acc of the same epoch
+        for measure in mn.CORRELATED_MEASURES:
+            values = _values(client, run_id, mn.explainer_metric(measure, name))
+            for method, reference in (("spearman", stats.spearmanr), ("pearson", stats.pearsonr)):
+                assert method in mn.CORRELATION_METHODS
+                logged = run.data.metrics[mn.correlation_metric(method, measure, name)]
+                assert logged == pytest.approx(float(reference(accuracy, values)[0]), abs=1e-9)
+    for key in (mn.SECONDS, mn.ACCURACY, mn.SUBSET_ACCURACY, mn.random_ordering_metric(mn.AOPC)):
+        assert _steps(client, run_id, key) == steps, key
+    epochs = {m.step: m.value for m in client.get_metric_history(run_id, mn.EPOCH)}
+    assert epochs == {steps[0]: 0.0, steps[1]: 1.0, steps[2]: 2.0}
+    assert mn.random_ordering_correlation("pearson", mn.AOPC) in run.data.metrics
+    # epoch 0 is the untrained net, the later ones use val/acc of the same step
     acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}
-    val = client.get_metric_history(run_id, mn.VAL_ACC)
-    assert acc[2] == pytest.approx(val[-1].value)
+    val = {m.step: m.value for m in client.get_metric_history(run_id, mn.VAL_ACC)}
+    for step in val_steps:
+        assert acc[step] == pytest.approx(val[step])
+    # AOPC relative to random is the raw AOPC minus the random ordering's, at every step
+    raw = {m.step: m.value for m in client.get_metric_history(run_id, mn.explainer_metric(mn.AOPC, "sensitivity_l2"))}
+    rel = {m.step: m.value for m in client.get_metric_history(run_id, mn.explainer_metric(mn.AOPC_REL, "sensitivity_l2"))}
+    rnd = {m.step: m.value for m in client.get_metric_history(run_id, mn.random_ordering_metric(mn.AOPC))}
+    for step in steps:
+        assert rel[step] == pytest.approx(raw[step] - rnd[step], abs=1e-6)
     # artifacts of every evaluation epoch
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="aopc",
                                                      tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
@@ -70,19 +87,21 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
         assert set(curves.explainer) == set(EXPLAINERS)
         assert sorted(curves.step.unique()) == list(range(7))
         assert (curves[curves.step == 0].aopc == 0).all()  # f(x0) − f(x0)
-        with Image.open(folder / "aopc_curves.png") as im:
-            assert im.size == (640, 420)
-        with Image.open(folder / "heatmap_gallery.png") as im:
-            assert im.size[0] > 500 and im.size[1] > 500
+        for png in ("aopc_curves.png", "heatmap_gallery.png"):
+            with Image.open(folder / png) as im:
+                assert im.size[0] >= 1200 and im.info["dpi"][0] == pytest.approx(150, abs=1), png
     history = pd.read_csv(local / "aopc_history.csv")
-    assert history.epoch.tolist() == [0, 1, 2]
+    assert history.epoch.tolist() == [0, 1, 2] and history.step.tolist() == steps
     assert (history.callback_seconds >= history.seconds).all()  # the whole cost: scoring + logging + artifacts
+    assert (history.epoch_seconds[1:] > 0).all()  # measured in the epoch it belongs to (no NaN, no lag)
     corr = pd.read_csv(local / "aopc_accuracy_correlation.csv")
-    assert set(corr.explainer) == set(EXPLAINERS)
-    assert corr.set_index("explainer").loc["lrp_epsilon_0.01", "pearson"] == pytest.approx(
-        run.data.metrics[mn.correlation_metric("pearson", mn.AOPC, "lrp_epsilon_0.01")])
+    assert set(corr.explainer) == set(EXPLAINERS) | {"random ordering"}
+    row = corr[(corr.explainer == "lrp_epsilon_0.01") & (corr.measure == mn.AOPC_REL)].iloc[0]
+    assert row.pearson == pytest.approx(run.data.metrics[mn.correlation_metric("pearson", mn.AOPC_REL, "lrp_epsilon_0.01")])
+    column = mn.explainer_metric(mn.AOPC_REL, "lrp_epsilon_0.01")
+    assert row.pearson == pytest.approx(np.corrcoef(history.accuracy, history[column])[0, 1])
     with Image.open(local / "accuracy_vs_aopc.png") as im:
-        assert im.size == (640, 420)
+        assert im.size[0] >= 1200
 
 
 def test_every_n_epochs(train_cfg):

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from heatmapbench import metric_names as mn
 from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
-from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
-from heatmapbench.evaluation.artifacts import summary_markdown, write_evaluation
+from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
+from heatmapbench.evaluation.artifacts import settings_title, summary_markdown, write_evaluation
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir
@@ -96,17 +96,25 @@ def build_inputs(cfg: DictConfig):
 
 def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device, *,
                      gallery_size: int = 6, progress: bool = True) -> Evaluation:
-    """Evaluate ``subset`` in batches of ``data.batch_size`` and join the results."""
+    """Evaluate ``subset`` in batches of ``data.batch_size`` and join the results.
+
+    The progress bar counts the inputs the perturbation engine forwards (updated after every
+    forward chunk), so its rate and ETA hold from the first batch on.
+    """
     loader = DataLoader(subset, batch_size=datamodule.batch_size, shuffle=False,
                         num_workers=getattr(datamodule, "num_workers", 0))
     parts = []
     start = 0
-    for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        parts.append(evaluate_batch(net, x, explainers, settings, perturbation, label=y,
-                                    gallery_size=gallery_size if start == 0 else 0, seed_offset=start,
-                                    **datamodule.normalization))
-        start += len(x)
+    total = engine_forwards(settings, len(subset), len(explainers))
+    with tqdm(total=total, desc="evaluate", unit="img", unit_scale=True, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for x, y in loader:
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            bar.set_postfix_str(f"images {start}-{start + len(x)} of {len(subset)}", refresh=False)
+            parts.append(evaluate_batch(net, x, explainers, settings, perturbation, label=y,
+                                        gallery_size=gallery_size if start == 0 else 0, seed_offset=start,
+                                        progress=bar.update, **datamodule.normalization))
+            start += len(x)
     return Evaluation.concat(parts, gallery_size=gallery_size)
 
 
@@ -157,8 +165,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         retry_locked(logger.log_metrics)(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             files = write_evaluation(evaluation, Path(tmp), tuple(getattr(datamodule, "classes", ())),
-                                     title=f"{len(subset)} images, {settings.region_size}×{settings.region_size} "
-                                           f"regions", statistics=statistics, reliability=reliability)
+                                     title=settings_title(settings, perturbation, len(subset)),
+                                     statistics=statistics, reliability=reliability)
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
             table = files["summary_md"].read_text() + "\n" + files["reliability_md"].read_text()

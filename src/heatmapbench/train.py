@@ -16,7 +16,7 @@ from heatmapbench import metric_names as mn
 from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import ConfigError, validate
-from heatmapbench.evaluation.artifacts import correlations
+from heatmapbench.evaluation.artifacts import correlation_markdown
 from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
 from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
@@ -145,18 +145,22 @@ def callback_cost(history) -> str | None:
 
 
 def _print_aopc(callback: AOPCCallback) -> None:
+    """Per epoch: AOPC relative to the random ordering first (the unsupervised measure), then the
+    correlations of accuracy with each measure and a plain note when the random ordering correlates too."""
     history = callback.history_frame()
-    names = mn.explainers_in(history.columns, measures=(mn.AOPC,))
-    columns = ["epoch", "accuracy"] + [mn.explainer_metric(mn.AOPC, n) for n in names] + ["seconds", "epoch_seconds"]
+    names = mn.explainers_in(history.columns, measures=(mn.AOPC_REL,))
+    columns = ["epoch", "step", "accuracy"] + [mn.explainer_metric(mn.AOPC_REL, n) for n in names]
     table = history[columns].rename(columns=lambda c: p.explainer if (p := mn.parse_explainer_metric(c)) else c)
-    print("\n== AOPC (MoRF) per epoch; accuracy = validation accuracy; seconds = callback time, epoch_seconds = training epoch time ==")
+    table["callback s"] = history.seconds
+    table["epoch s"] = history.epoch_seconds
+    print("\n== AOPC relative to the random ordering (MoRF), per epoch; accuracy = validation accuracy; "
+          "callback s = time of this evaluation, epoch s = the training epoch's (with validation) ==")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     cost = callback_cost(history)
     if cost:
         print(cost)
-    corr = correlations(history)
-    print("\n== correlation of accuracy and AOPC across epochs ==")
-    print(corr.to_string(index=False, float_format=lambda v: f"{v:+.3f}"), flush=True)
+    print("\n== correlation of accuracy with AOPC across epochs ==")
+    print(correlation_markdown(callback.correlations()), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")

@@ -19,11 +19,26 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
-from heatmapbench.evaluation import ExplainerSpec, build_explainers, build_perturbation, build_settings, evaluate_batch
-from heatmapbench.evaluation.artifacts import correlations, plot_accuracy_vs_aopc, write_evaluation
+from heatmapbench.evaluation import (
+    ExplainerSpec,
+    build_explainers,
+    build_perturbation,
+    build_settings,
+    engine_forwards,
+    evaluate_batch,
+)
+from heatmapbench.evaluation.artifacts import (
+    RANDOM_ORDERING_LABEL,
+    correlation_markdown,
+    correlations,
+    plot_accuracy_vs_aopc,
+    settings_title,
+    write_evaluation,
+)
 
 
 class AOPCCallback(pl.Callback):
@@ -49,12 +64,19 @@ class AOPCCallback(pl.Callback):
         Write the curves CSV, the Fig. 4 plot and the heatmap gallery per evaluation epoch.
     gallery_size
         Images in the gallery.
+    progress
+        Show a progress bar (with ETA, per forward chunk) when an evaluation runs longer than a
+        few seconds; ``False`` keeps it quiet.
+
+    Metrics are logged at Lightning's logging step (the step of ``val/acc``), so they overlay
+    ``val/acc`` on the Step axis of the MLflow UI; ``eval/epoch`` gives the epoch beside them.
+    Names: :mod:`heatmapbench.metric_names`.
     """
 
     def __init__(self, settings: EvaluationSettings | Mapping[str, Any] | None = None,
                  perturbation: Any = "uniform", every_n_epochs: int = 1, subset_size: int | None = None,
                  log_abpc: bool = False, log_complexity: bool = True, artifacts: bool = True,
-                 gallery_size: int = 6, explainers: ExplainerSpec | None = None) -> None:
+                 gallery_size: int = 6, explainers: ExplainerSpec | None = None, progress: bool = True) -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -73,6 +95,7 @@ class AOPCCallback(pl.Callback):
         self.log_complexity = log_complexity
         self.artifacts = artifacts
         self.gallery_size = gallery_size
+        self.progress = progress
         self.history: list[dict[str, float]] = []
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_start = 0.0
@@ -89,6 +112,13 @@ class AOPCCallback(pl.Callback):
             if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
                 return logger
         return None
+
+    @staticmethod
+    def _step(trainer: pl.Trainer) -> int:
+        """The step Lightning logs ``val/acc`` at (batches that stepped the optimizer), else the global step."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        step = getattr(loop, "_batches_that_stepped", None)
+        return int(trainer.global_step if step is None else step)
 
     def _accuracy(self, net: nn.Module, loader) -> float:
         correct = total = 0
@@ -124,48 +154,58 @@ class AOPCCallback(pl.Callback):
         self._epoch_start = time.perf_counter()
         self._busy = 0.0  # seconds of this callback inside the epoch, kept out of the epoch's time
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_seconds = time.perf_counter() - self._epoch_start - getattr(self, "_busy", 0.0)
-
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        # Lightning validates inside the training epoch (before on_train_epoch_end): the epoch's
+        # time so far, training and validation, is measured here, before this callback's own work
+        epoch_seconds = time.perf_counter() - self._epoch_start
         epoch = trainer.current_epoch + 1  # epochs of training behind these weights
         if epoch % self.every_n_epochs:
             return
-        acc = trainer.callback_metrics.get("val/acc")
-        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=None if acc is None else float(acc))
+        acc = trainer.callback_metrics.get(mn.VAL_ACC)
+        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=None if acc is None else float(acc),
+                       epoch_seconds=epoch_seconds)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
             return
         history = self.history_frame()
-        corr = correlations(history)
+        corr = self.correlations()
         logger = self._mlflow(trainer)
         if logger is None:
             return
         metrics = {}
         for _, row in corr.iterrows():
-            for kind in mn.CORRELATION_METHODS:
-                if not math.isnan(row[kind]):
-                    metrics[mn.correlation_metric(kind, mn.AOPC, row.explainer)] = row[kind]
+            for method in mn.CORRELATION_METHODS:
+                for bound in (None, *mn.BOUNDS):
+                    value = row[method + (f"_{bound}" if bound else "")]
+                    if math.isnan(value):
+                        continue
+                    name = (mn.random_ordering_correlation(method, row.measure, bound)
+                            if row.explainer == RANDOM_ORDERING_LABEL
+                            else mn.correlation_metric(method, row.measure, row.explainer, bound))
+                    metrics[name] = float(value)
         if metrics:
-            logger.log_metrics(metrics, step=int(history.epoch.max()))
+            logger.log_metrics(metrics, step=int(history.step.max()))
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             history.to_csv(folder / "aopc_history.csv", index=False)
             corr.to_csv(folder / "aopc_accuracy_correlation.csv", index=False)
-            plot_accuracy_vs_aopc(history, folder / "accuracy_vs_aopc.png")
+            (folder / "aopc_accuracy_correlation.md").write_text(correlation_markdown(corr))
+            plot_accuracy_vs_aopc(history, folder / "accuracy_vs_aopc.png", corr=corr,
+                                  title=settings_title(self.settings, self.perturbation, len(self._subset[0]),
+                                                       "Accuracy and AOPC during training · "))
             for file in folder.iterdir():
                 logger.experiment.log_artifact(logger.run_id, str(file), artifact_path="aopc")
 
     # -- the evaluation ------------------------------------------------------------------
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
-                  accuracy: float | None) -> None:
+                  accuracy: float | None, epoch_seconds: float = 0.0) -> None:
         """Score, log and write artifacts; ``callback_seconds`` is the whole cost to training."""
         start = time.perf_counter()
         try:
-            self._score_and_log(trainer, pl_module, epoch, accuracy)
+            self._score_and_log(trainer, pl_module, epoch, accuracy, epoch_seconds)
         finally:
             spent = time.perf_counter() - start
             self._busy = getattr(self, "_busy", 0.0) + spent
@@ -173,28 +213,35 @@ class AOPCCallback(pl.Callback):
                 self.history[-1]["callback_seconds"] = spent
 
     def _score_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
-                       accuracy: float | None) -> None:
+                       accuracy: float | None, epoch_seconds: float) -> None:
         assert self._subset is not None
         start = time.perf_counter()
         x, y = self._subset
         net = self._net(pl_module)
-        # the callback must not disturb training: its random draws use a forked RNG state
-        with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
-            evaluation = evaluate_batch(net, x, self.explainers, self.settings, self.perturbation,
-                                        label=y, gallery_size=self.gallery_size if self.artifacts else 0,
-                                        **self._norm)
+        total = engine_forwards(self.settings, len(x), len(self.explainers))
+        # shown only when the evaluation takes longer than a few seconds
+        with tqdm(total=total, desc=f"AOPC epoch {epoch}", unit="img", unit_scale=True, leave=False, delay=3,
+                  disable=not self.progress, dynamic_ncols=True) as bar:
+            # the callback must not disturb training: its random draws use a forked RNG state
+            with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+                evaluation = evaluate_batch(net, x, self.explainers, self.settings, self.perturbation,
+                                            label=y, gallery_size=self.gallery_size if self.artifacts else 0,
+                                            progress=bar.update, **self._norm)
         seconds = time.perf_counter() - start
         subset_acc = float((evaluation.target == y.cpu()).double().mean())
-        row: dict[str, float] = {"epoch": epoch, "accuracy": accuracy if accuracy is not None else float("nan"),
-                                 "subset_accuracy": subset_acc, "seconds": seconds,
-                                 "epoch_seconds": getattr(self, "_epoch_seconds", float("nan")) if epoch else 0.0}
-        metrics = {mn.SECONDS: seconds, mn.SUBSET_ACCURACY: subset_acc,
-                   mn.random_ordering_metric(mn.AOPC): float(evaluation.random_aopc().mean())}
+        step = self._step(trainer)
+        row: dict[str, float] = {"epoch": epoch, "step": step,
+                                 "accuracy": accuracy if accuracy is not None else float("nan"),
+                                 "subset_accuracy": subset_acc, "seconds": seconds, "epoch_seconds": epoch_seconds}
+        metrics = {mn.EPOCH: float(epoch), mn.SECONDS: seconds, mn.SUBSET_ACCURACY: subset_acc,
+                   mn.random_ordering_metric(mn.AOPC): float(evaluation.random_aopc().mean()),
+                   mn.random_ordering_metric(mn.AOPC_NORM): evaluation.aopc_norm()}
+        row.update({k: metrics[k] for k in (mn.random_ordering_metric(mn.AOPC), mn.random_ordering_metric(mn.AOPC_NORM))})
         for name in evaluation.explainers:
-            aopc = float(evaluation.aopc(name).mean())
-            row[mn.explainer_metric(mn.AOPC, name)] = aopc
-            metrics[mn.explainer_metric(mn.AOPC, name)] = aopc
-            metrics[mn.explainer_metric(mn.AOPC_REL, name)] = float(evaluation.aopc_relative(name).mean())
+            for measure, value in ((mn.AOPC_REL, float(evaluation.aopc_relative(name).mean())),
+                                   (mn.AOPC_NORM, evaluation.aopc_norm(name)),
+                                   (mn.AOPC, float(evaluation.aopc(name).mean()))):
+                row[mn.explainer_metric(measure, name)] = metrics[mn.explainer_metric(measure, name)] = value
             if self.log_abpc:
                 metrics[mn.explainer_metric(mn.ABPC, name)] = float(evaluation.abpc(name).mean())
             if self.log_complexity and name in evaluation.complexity:
@@ -206,12 +253,13 @@ class AOPCCallback(pl.Callback):
         logger = self._mlflow(trainer)
         if logger is None:
             return
-        logger.log_metrics(metrics, step=epoch)
+        logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
         if self.artifacts:
             with tempfile.TemporaryDirectory() as tmp:
                 statistics = evaluation.statistics(n_boot=self.settings.n_boot, seed=self.settings.seed)
                 files = write_evaluation(evaluation, Path(tmp), self._classes,
-                                         title=f"epoch {epoch}, {evaluation.num_images} images",
+                                         title=settings_title(self.settings, self.perturbation, evaluation.num_images,
+                                                              f"epoch {epoch} · "),
                                          statistics=statistics)
                 for path in files.values():
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"aopc/epoch_{epoch:03d}")
@@ -224,5 +272,11 @@ class AOPCCallback(pl.Callback):
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
     def history_frame(self) -> pd.DataFrame:
-        """One row per evaluation: epoch, accuracy, seconds and ``aopc/<explainer>``."""
+        """One row per evaluation: epoch, step, accuracy, seconds and the measures by metric name
+        (``aopc_rel/<explainer>``, ``aopc_norm/<explainer>``, ``aopc/<explainer>``, ``eval/random_ordering/…``)."""
         return pd.DataFrame(self.history)
+
+    def correlations(self) -> pd.DataFrame:
+        """Correlation of accuracy with every measure across the evaluations so far, with bootstrap CIs."""
+        return correlations(self.history_frame(), measures=mn.CORRELATED_MEASURES, n_boot=self.settings.n_boot,
+                            seed=self.settings.seed)

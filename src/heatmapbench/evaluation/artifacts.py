@@ -5,6 +5,7 @@ The same writers serve the training callback (per epoch) and ``heatmapbench-eval
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -12,13 +13,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from heatmapbench import metric_names as mn  # noqa: E402
 from heatmapbench.evaluation.core import Evaluation  # noqa: E402
-from heatmapbench.metrics.summary import N_BOOT, Statistics, format_p  # noqa: E402
+from heatmapbench.metrics.summary import (  # noqa: E402
+    CORRELATIONS,
+    N_BOOT,
+    Statistics,
+    correlation_ci,
+    curves_table,
+    format_p,
+)
 from heatmapbench.evaluation.reliability import (  # noqa: E402
     per_image_table,
     reliability_markdown,
@@ -34,50 +42,98 @@ def write_curves_csv(evaluation: Evaluation, path: Path) -> pd.DataFrame:
     return table
 
 
+#: Figures: paper-ready resolution and fonts (every writer here draws under it).
+STYLE = {"figure.dpi": 150, "savefig.dpi": 150, "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
+         "legend.fontsize": 9, "xtick.labelsize": 10, "ytick.labelsize": 10, "savefig.bbox": "tight"}
+#: How the random-ordering baseline is labelled in tables and figures (it is not the ``random`` explainer).
+RANDOM_ORDERING_LABEL = "random ordering"
+
+
+def settings_title(settings, perturbation, images: int, prefix: str = "") -> str:
+    """``"<prefix>MoRF · 9×9 grid regions · L=100 · uniform · 64 images"``: the settings a figure shows."""
+    name = type(perturbation).__name__.lower() if perturbation is not None else "?"
+    parts = [f"{settings.region_size}×{settings.region_size} {settings.regions} regions", f"L={settings.steps}",
+             f"perturbation: {name}", f"{settings.score}", f"{images} images"]
+    return prefix + " · ".join(parts)
+
+
 def plot_aopc_curves(evaluation: Evaluation, path: Path, title: str = "") -> None:
-    """Paper Fig. 4: AOPC relative to random against the perturbation step, one line per explainer."""
+    """Paper Fig. 4: AOPC_L against the perturbation steps L.
+
+    Left: the absolute MoRF curve of each explainer beside the random ordering's curve and its
+    95% band (the paper's view); right: the same curves relative to the random ordering.
+    Bands are mean ± 1.96 s.e.m. over images.
+    """
     table = evaluation.curves_table()
     table = table[table.order == "morf"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    for name, part in table.groupby("explainer", sort=False):
-        ax.plot(part.step, part.aopc_rel, label=name)
-        ax.fill_between(part.step, part.aopc_rel_lo, part.aopc_rel_hi, alpha=0.15)
-    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("perturbation steps L")
-    ax.set_ylabel("AOPC relative to random")
-    ax.set_title(title or f"MoRF, {evaluation.num_images} images")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    rand = curves_table({RANDOM_ORDERING_LABEL: {"morf": evaluation.random_curves}}, evaluation.random_curves)
+    with plt.rc_context(STYLE):
+        fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(12, 4.8))
+        ax.plot(rand.step, rand.aopc, color="0.35", ls="--", lw=2, label=RANDOM_ORDERING_LABEL)
+        ax.fill_between(rand.step, rand.aopc_lo, rand.aopc_hi, color="0.5", alpha=0.25)
+        for name, part in table.groupby("explainer", sort=False):
+            line, = ax.plot(part.step, part.aopc, label=name)
+            ax.fill_between(part.step, part.aopc_lo, part.aopc_hi, color=line.get_color(), alpha=0.12)
+            ax_rel.plot(part.step, part.aopc_rel, color=line.get_color(), label=name)
+            ax_rel.fill_between(part.step, part.aopc_rel_lo, part.aopc_rel_hi, color=line.get_color(), alpha=0.12)
+        ax_rel.axhline(0.0, color="0.35", lw=1.2, ls="--", label=RANDOM_ORDERING_LABEL)
+        ax.set_xlabel("perturbation steps L")
+        ax.set_ylabel("AOPC$_L$ (MoRF)")
+        ax.set_title("AOPC (higher: the heatmap finds what matters)")
+        ax_rel.set_xlabel("perturbation steps L")
+        ax_rel.set_ylabel("AOPC$_L$ − AOPC$_L$(random ordering)")
+        ax_rel.set_title("relative to the random ordering")
+        ax.legend(loc="upper left")
+        fig.suptitle(title or f"MoRF, {evaluation.num_images} images")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
 
 
-def plot_gallery(evaluation: Evaluation, path: Path, class_names: Sequence[str] = (), n: int = 6) -> None:
-    """A few images (rows) × explainers (columns), with each image's predicted class."""
+def plot_gallery(evaluation: Evaluation, path: Path, class_names: Sequence[str] = (), n: int = 6,
+                 title: str = "") -> None:
+    """Images (rows) × explainers (columns) on one colour scale.
+
+    Each image is titled with its true label, the predicted (scored) class and the clean score
+    f(x⁽⁰⁾); each heatmap is divided by its own largest |relevance| so that one colour bar,
+    from −1 to 1, reads every panel.
+    """
     if evaluation.gallery_x is None:
         raise ValueError("the evaluation holds no gallery images (gallery_size=0)")
     names = evaluation.explainers
     n = min(n, evaluation.gallery_x.shape[0])
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.6 * (len(names) + 1), 1.7 * n), dpi=100,
-                             squeeze=False)
-    for i in range(n):
-        img = evaluation.gallery_x[i].permute(1, 2, 0).numpy()
-        axes[i, 0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-        pred = int(evaluation.target[i]) if evaluation.target is not None else -1
-        label = class_names[pred] if 0 <= pred < len(class_names) else str(pred)
-        axes[i, 0].set_title(f"pred: {label}"[:22], fontsize=7)
-        for j, name in enumerate(names, start=1):
-            h = evaluation.gallery_heatmaps[name][i].numpy()
-            v = float(np.abs(h).max()) or 1.0
-            axes[i, j].imshow(h, cmap="seismic", vmin=-v, vmax=v)
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    label_of = lambda c: class_names[c] if 0 <= c < len(class_names) else str(c)  # noqa: E731
+    with plt.rc_context(STYLE):
+        cols = len(names) + 1
+        fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols + 0.8, 2.35 * n), squeeze=False)
+        image = None
+        for i in range(n):
+            img = evaluation.gallery_x[i].permute(1, 2, 0).numpy()
+            axes[i, 0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            lines = []
+            if evaluation.label is not None:
+                lines.append(f"true: {label_of(int(evaluation.label[i]))}"[:24])
+            if evaluation.target is not None:
+                lines.append(f"pred: {label_of(int(evaluation.target[i]))}"[:24])
+            if evaluation.clean_scores is not None:
+                lines.append(f"score f(x⁰) = {float(evaluation.clean_scores[i]):.3g}")
+            axes[i, 0].set_title("\n".join(lines), fontsize=9, loc="left")
+            for j, name in enumerate(names, start=1):
+                h = evaluation.gallery_heatmaps[name][i].float().numpy()
+                v = float(np.abs(h).max()) or 1.0
+                image = axes[i, j].imshow(h / v, cmap="seismic", vmin=-1, vmax=1)
+                if i == 0:
+                    axes[i, j].set_title(name, fontsize=10)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(title or "heatmaps", fontsize=12)
+        fig.tight_layout(rect=(0, 0, 0.93, 1))
+        if image is not None:
+            bar = fig.colorbar(image, ax=axes[:, 1:].ravel().tolist(), fraction=0.025, pad=0.02)
+            bar.set_label("relevance / max |relevance| of each heatmap")
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None) -> str:
@@ -109,38 +165,101 @@ def summary_markdown(summary: pd.DataFrame, pairwise: pd.DataFrame | None = None
     return "\n".join(lines) + "\n"
 
 
-def correlations(history: pd.DataFrame, accuracy: str = "accuracy") -> pd.DataFrame:
-    """Pearson and Spearman correlation between accuracy and each ``aopc/<explainer>`` over epochs."""
+def correlations(history: pd.DataFrame, accuracy: str = "accuracy", measures: Sequence[str] = (mn.AOPC,),
+                 n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Correlation of accuracy with each measure of each explainer across the rows (epochs or runs).
+
+    ``history`` has an ``accuracy`` column and metric-name columns (``aopc_rel/<explainer>``,
+    ``eval/random_ordering/aopc``, …); every explainer × measure present gives one row, and the
+    random ordering (``explainer`` = :data:`RANDOM_ORDERING_LABEL`) one per measure it has. Pearson
+    and Spearman with percentile-bootstrap CIs over the rows
+    (:func:`~heatmapbench.metrics.summary.correlation_ci`).
+    """
+    columns = ["explainer", "measure", *(f"{m}{b}" for m in CORRELATIONS for b in ("", "_lo", "_hi")), "epochs"]
+    subjects = [(name, measure, mn.explainer_metric(measure, name))
+                for name in mn.explainers_in(history.columns, measures=measures) for measure in measures]
+    subjects += [(RANDOM_ORDERING_LABEL, measure, mn.random_ordering_metric(measure))
+                 for measure in measures if measure in (mn.AOPC, mn.AOPC_NORM)]
     rows = []
-    for name in mn.explainers_in(history.columns, measures=(mn.AOPC,)):
-        column = mn.explainer_metric(mn.AOPC, name)
+    for name, measure, column in subjects:
+        if column not in history.columns:
+            continue
         part = history[[accuracy, column]].dropna()
-        pearson = spearman = float("nan")
-        if len(part) >= 3 and part[accuracy].nunique() > 1 and part[column].nunique() > 1:
-            pearson = float(stats.pearsonr(part[accuracy], part[column])[0])
-            spearman = float(stats.spearmanr(part[accuracy], part[column])[0])
-        rows.append({"explainer": name, "pearson": pearson, "spearman": spearman, "epochs": len(part)})
-    return pd.DataFrame(rows, columns=["explainer", "pearson", "spearman", "epochs"])
+        row: dict = {"explainer": name, "measure": measure, "epochs": len(part)}
+        for method in CORRELATIONS:
+            r, lo, hi = correlation_ci(part[accuracy], part[column], method, n_boot=n_boot, seed=seed)
+            row.update({method: r, f"{method}_lo": lo, f"{method}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
 
 
-def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "accuracy") -> None:
-    """Paper Fig. 7: accuracy (left axis) and AOPC per explainer (right axis) against the epoch."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    ax.plot(history.epoch, history[accuracy], color="black", marker="o", label=accuracy)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax2 = ax.twinx()
-    for name in mn.explainers_in(history.columns, measures=(mn.AOPC,)):
-        column = mn.explainer_metric(mn.AOPC, name)
-        ax2.plot(history.epoch, history[column], marker=".", ls="--", label=column)
-    ax2.set_ylabel("AOPC (MoRF)")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=7, loc="lower right")
-    ax.set_title("Accuracy and AOPC during training")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def random_ordering_note(corr: pd.DataFrame, threshold: float = 0.5) -> str:
+    """A plain sentence when the random ordering's AOPC correlates with accuracy (|Pearson r| ≥ threshold)."""
+    rand = corr[(corr.explainer == RANDOM_ORDERING_LABEL) & (corr.pearson.abs() >= threshold)]
+    if not len(rand):
+        return ""
+    found = ", ".join(f"{mn.MEASURE_LABELS[r.measure]} r = {r.pearson:+.2f}" for _, r in rand.iterrows())
+    return (f"The random ordering correlates with accuracy too ({found}): those measures grow with the "
+            "network's scores whatever the heatmap, so their correlation says little about the heatmaps; "
+            "read AOPC relative to the random ordering.")
+
+
+def correlation_markdown(corr: pd.DataFrame) -> str:
+    """The correlations as a Markdown table, AOPC relative to random first, then the random ordering's note."""
+    measures = [m for m in mn.CORRELATED_MEASURES if m in set(corr.measure)]
+    head = ["explainer"] + [f"r(accuracy, {mn.MEASURE_LABELS[m]}) [95% CI]" for m in measures]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cell = lambda r: "–" if pd.isna(r.pearson) else (  # noqa: E731
+        f"{r.pearson:+.2f}" + ("" if pd.isna(r.pearson_lo) else f" [{r.pearson_lo:+.2f}, {r.pearson_hi:+.2f}]"))
+    for name, part in corr.groupby("explainer", sort=False):
+        by = part.set_index("measure")
+        lines.append("| " + " | ".join([name] + [cell(by.loc[m]) if m in by.index else "–" for m in measures]) + " |")
+    note = random_ordering_note(corr)
+    epochs = int(corr.epochs.max()) if len(corr) else 0
+    lines.append(f"\nPearson r over {epochs} evaluations; CIs: bootstrap over the evaluations.")
+    return "\n".join(lines + ([note] if note else [])) + "\n"
+
+
+def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "accuracy",
+                          corr: pd.DataFrame | None = None, title: str = "") -> None:
+    """Paper Fig. 7: accuracy and each explainer's AOPC against the epoch, one panel per measure.
+
+    Panels in the order of :data:`~heatmapbench.metric_names.CORRELATED_MEASURES` (relative to
+    the random ordering first); the raw and normalised panels also draw the random ordering.
+    Legends give each line's Pearson r with accuracy when ``corr`` is given.
+    """
+    names = mn.explainers_in(history.columns, measures=(mn.AOPC,))
+    measures = [m for m in mn.CORRELATED_MEASURES if any(mn.explainer_metric(m, n) in history for n in names)]
+    r_of = {} if corr is None else {(r.explainer, r.measure): r.pearson for _, r in corr.iterrows()}
+    label = lambda who, m: who + ("" if pd.isna(r_of.get((who, m), np.nan)) else f" (r={r_of[who, m]:+.2f})")  # noqa: E731
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(measures), figsize=(6.0 * len(measures), 4.8), squeeze=False)
+        for ax, measure in zip(axes[0], measures):
+            ax.plot(history.epoch, history[accuracy], color="black", marker="o", lw=2, label="accuracy")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("accuracy")
+            ax2 = ax.twinx()
+            for k, name in enumerate(names):
+                column = mn.explainer_metric(measure, name)
+                if column in history:
+                    ax2.plot(history.epoch, history[column], marker=".", color=f"C{k}", label=label(name, measure))
+            if measure != mn.AOPC_REL and mn.random_ordering_metric(measure) in history:
+                ax2.plot(history.epoch, history[mn.random_ordering_metric(measure)], color="0.35", ls="--", lw=2,
+                         label=label(RANDOM_ORDERING_LABEL, measure))
+            if measure == mn.AOPC_REL:
+                ax2.axhline(0.0, color="0.35", ls="--", lw=1.2)
+            ax2.set_ylabel(mn.MEASURE_LABELS[measure])
+            ax.set_title(mn.MEASURE_LABELS[measure])
+            handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+            labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+            ax.legend(handles, labels, loc="best", fontsize=8)
+        note = "" if corr is None else random_ordering_note(corr)
+        note = textwrap.fill(note, width=int(55 * len(measures)))
+        fig.suptitle((title or "Accuracy and AOPC during training") + (f"\n{note}" if note else ""), fontsize=11)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence[str] = (),
@@ -175,5 +294,5 @@ def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence
     files["reliability_md"].write_text(reliability_markdown(reliability))
     if evaluation.gallery_x is not None:
         files["gallery"] = folder / "heatmap_gallery.png"
-        plot_gallery(evaluation, files["gallery"], class_names)
+        plot_gallery(evaluation, files["gallery"], class_names, title=title)
     return files

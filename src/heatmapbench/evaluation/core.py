@@ -7,8 +7,9 @@ result to :mod:`heatmapbench.evaluation.artifacts`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import pandas as pd
 import torch
@@ -99,6 +100,8 @@ class Evaluation:
         (N,) the scored (predicted) class and, when known, the true label.
     gallery_x, gallery_heatmaps
         The first images in pixel space and their heatmaps, for the gallery figure.
+    clean_scores
+        (N,) f(x⁽⁰⁾), the unperturbed score of the target class (logit or probability).
     """
 
     steps: int
@@ -110,6 +113,7 @@ class Evaluation:
     gallery_x: Tensor | None = None
     gallery_heatmaps: dict[str, Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    clean_scores: Tensor | None = None
 
     @property
     def explainers(self) -> list[str]:
@@ -130,6 +134,20 @@ class Evaluation:
     def aopc_relative(self, name: str) -> Tensor:
         """(N,) MoRF AOPC minus the random ordering's AOPC on the same image (paper Fig. 4)."""
         return self.aopc(name) - self.random_aopc()
+
+    def aopc_norm(self, name: str | None = None) -> float:
+        """Mean AOPC over mean clean score f(x⁽⁰⁾) of the same images; ``name=None``: the random ordering.
+
+        A ratio of means, so one image with a score near 0 cannot blow it up. NaN when the mean
+        clean score is not positive (the ratio then has no meaning) or was not recorded.
+        """
+        if self.clean_scores is None:
+            return float("nan")
+        f0 = float(self.clean_scores.double().mean())
+        if not f0 > 0:
+            return float("nan")
+        values = self.random_aopc() if name is None else self.aopc(name)
+        return float(values.double().mean()) / f0
 
     def abpc(self, name: str) -> Tensor | None:
         """(N,) ABPC = AOPC_MoRF − AOPC_LeRF (paper appendix eq. 13), when LeRF was run."""
@@ -159,6 +177,7 @@ class Evaluation:
             gallery_heatmaps={n: torch.cat([p.gallery_heatmaps[n] for p in parts if n in p.gallery_heatmaps])
                               [:gallery_size] for n in first.gallery_heatmaps},
             seconds=sum(p.seconds for p in parts),
+            clean_scores=cat([p.clean_scores for p in parts]),
         )
 
     # -- tables (heatmapbench.metrics.summary) ----------------------------------------
@@ -215,7 +234,8 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
                    perturbation: str | Perturbation | Mapping = "uniform", *,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                    value_range: tuple[float, float] = (0.0, 1.0), target: Tensor | None = None,
-                   label: Tensor | None = None, gallery_size: int = 0, seed_offset: int = 0) -> Evaluation:
+                   label: Tensor | None = None, gallery_size: int = 0, seed_offset: int = 0,
+                   progress: Callable[[int], Any] | None = None) -> Evaluation:
     """Heatmaps of every explainer and their perturbation curves on one batch ``x`` (model space).
 
     ``explainers`` and ``perturbation`` are objects or registered names (see
@@ -223,6 +243,8 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
     ``settings`` fixes what is scored (default: the paper's, :class:`EvaluationSettings`).
     Names are resolved once here; pass objects when calling this per batch.
     ``seed_offset`` makes the draws of consecutive batches differ while staying reproducible.
+    ``progress(n)`` is called after every forward pass of the perturbation engine with its ``n``
+    inputs; :func:`engine_forwards` is their total.
     """
     import time
 
@@ -244,17 +266,21 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
                       **settings.engine_kwargs())
         seed = settings.seed + seed_offset
         zeros = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
-        random_curves = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
-                                            seed=seed, **common).curves.mean(dim=0)
+        with _counting_forwards(model, progress):
+            random = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
+                                         seed=seed, **common)
+        random_curves = random.curves.mean(dim=0)
+        clean_scores = random.scores[0, :, 0].detach().float().cpu()
         curves: dict[str, dict[str, Tensor]] = {}
         complexity: dict[str, dict[str, Tensor]] = {}
         gallery: dict[str, Tensor] = {}
         for name, explainer in explainers.items():
             with autocast(settings.precision, x.device):
                 heatmap = explainer(model, x, target)  # (B, H, W)
-            curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
-                                                       seed=seed, **common).curves.mean(dim=0).cpu()
-                            for order in settings.orders}
+            with _counting_forwards(model, progress):
+                curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
+                                                           seed=seed, **common).curves.mean(dim=0).cpu()
+                                for order in settings.orders}
             if settings.complexity:
                 complexity[name] = {"png": heatmap_png_size(heatmap), "jpeg": heatmap_jpeg_size(heatmap, quality=90),
                                     "entropy": heatmap_entropy(heatmap)}
@@ -269,4 +295,30 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
     return Evaluation(steps=settings.steps, curves=curves, random_curves=random_curves.cpu(),
                       complexity=complexity, target=target.cpu(),
                       label=None if label is None else label.cpu(), gallery_x=gallery_x,
-                      gallery_heatmaps=gallery, seconds=time.perf_counter() - start)
+                      gallery_heatmaps=gallery, seconds=time.perf_counter() - start, clean_scores=clean_scores)
+
+
+def engine_forwards(settings: EvaluationSettings, images: int, explainers: int) -> int:
+    """Inputs the perturbation engine forwards in :func:`evaluate_batch` for ``images`` images.
+
+    Each engine call scores the clean images once and R·L perturbed ones per image: the random
+    ordering with R = ``random_repeats``, every explainer and order with R = ``repeats``.
+    """
+    per_call = lambda repeats: images * (1 + repeats * settings.steps)  # noqa: E731
+    return per_call(settings.random_repeats) + explainers * len(settings.orders) * per_call(settings.repeats)
+
+
+@contextlib.contextmanager
+def _counting_forwards(model: nn.Module, progress: Callable[[int], Any] | None) -> Iterator[None]:
+    """Call ``progress(len(inputs))`` after each forward of ``model`` inside the block."""
+    if progress is None:
+        yield
+        return
+    def hook(module: nn.Module, args: tuple, out: Any) -> None:  # returns None: the output stays
+        progress(int(args[0].shape[0]))
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

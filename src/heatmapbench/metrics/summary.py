@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 import torch
 from torch import Tensor
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:  # the engine itself uses aopc() below
     from heatmapbench.perturbation.engine import PerturbationResult
 
 __all__ = ["N_BOOT", "aopc", "relative_to_random", "abpc", "bootstrap_indices", "mean_ci", "paired_bootstrap_test",
-           "PairedTest", "holm", "format_p", "Statistics", "summary_table", "pairwise_table", "curves_table"]
+           "PairedTest", "holm", "format_p", "Statistics", "summary_table", "pairwise_table", "curves_table",
+           "correlation_ci", "CORRELATIONS"]
 
 #: Bootstrap resamples when none are given (evaluation.n_boot sets them for the CLIs and the callback).
 N_BOOT = 2000
@@ -118,6 +120,54 @@ def mean_ci(values: Tensor, *, level: float = 0.95, n_boot: int = N_BOOT, seed: 
     v = _flat(values)
     bm = v[_indices(v.numel(), n_boot, seed, indices)].mean(dim=1)
     return (float(v.mean()), *_percentiles(bm, level))
+
+
+def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row pair of (B, n) arrays; NaN where a row is constant."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    den = np.sqrt((xc * xc).sum(axis=1) * (yc * yc).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (xc * yc).sum(axis=1) / den, np.nan)
+
+
+CORRELATIONS = ("pearson", "spearman")
+
+
+def correlation_ci(x: Sequence[float], y: Sequence[float], method: str = "pearson", *, level: float = 0.95,
+                   n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """Correlation of paired values and its percentile-bootstrap CI: ``(r, lo, hi)``.
+
+    The pairs (x_i, y_i) (e.g. accuracy and AOPC of one epoch) are resampled together with
+    :func:`bootstrap_indices`; resamples with fewer than 3 distinct pairs, or in which x or y is
+    constant, are dropped. ``r`` is NaN below 3 pairs or when x or y is constant; the CI is NaN when fewer than
+    half the resamples have a correlation (with few pairs it is wide: that is the honest answer).
+    """
+    if method not in CORRELATIONS:
+        raise ValueError(f"method={method!r} is invalid: choose one of {CORRELATIONS}")
+    xv, yv = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xv.shape != yv.shape or xv.ndim != 1:
+        raise ValueError(f"x and y must be 1-D and paired, got shapes {xv.shape} and {yv.shape}")
+    keep = np.isfinite(xv) & np.isfinite(yv)
+    xv, yv = xv[keep], yv[keep]
+    nan = (float("nan"),) * 3
+    if len(xv) < 3:
+        return nan
+    if method == "spearman":
+        rank = lambda a: stats.rankdata(a, axis=-1)  # noqa: E731
+    else:
+        rank = lambda a: a  # noqa: E731
+    r = float(_rowwise_pearson(rank(xv)[None], rank(yv)[None])[0])
+    if not math.isfinite(r):
+        return nan
+    idx = bootstrap_indices(len(xv), n_boot, seed).numpy()
+    boot = _rowwise_pearson(rank(xv[idx]), rank(yv[idx]))
+    distinct = 1 + (np.diff(np.sort(idx, axis=1), axis=1) != 0).sum(axis=1)
+    boot = boot[np.isfinite(boot) & (distinct >= 3)]  # two distinct pairs always correlate ±1
+    if len(boot) < n_boot / 2:
+        return r, float("nan"), float("nan")
+    lo, hi = _percentiles(torch.from_numpy(boot), level)
+    return r, lo, hi
 
 
 @dataclass(frozen=True)
