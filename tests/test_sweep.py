@@ -68,7 +68,7 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
         name = run.data.tags["explainers"]
         assert mn.explainer_metric(mn.AOPC_REL, name) in run.data.metrics
         assert mn.explainer_metric(mn.AOPC, name) in run.data.metrics
-        assert run.info.run_name.startswith("explainer=")  # named from its overrides
+        assert run.info.run_name.startswith("evaluate ") and f"explainer={name}" in run.info.run_name  # what ran
         assert set(run.data.metrics) >= {mn.random_ordering_metric(mn.AOPC), mn.IMAGES, mn.SECONDS}
     # the comparison report over this sweep: one row per job, with each run's own numbers
     from heatmapbench.report import run_report
@@ -93,8 +93,8 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, data_dir):
     assert proc.returncode != 0
     assert "exploding perturbation" in proc.stderr
     runs = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    status = {r.data.params["perturbation._target_"]: r.info.status for r in runs}
-    assert status == {"heatmapbench.perturbation.Uniform": "FINISHED", "tests.test_sweep.Exploding": "FAILED"}
+    status = {r.data.params["perturbation"]: r.info.status for r in runs}
+    assert status == {"Uniform": "FINISHED", "Exploding": "FAILED"}
 
 
 def _free_port() -> int:

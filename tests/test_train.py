@@ -35,8 +35,10 @@ def test_one_epoch_run_is_tracked(train_cfg):
     client, run = _only_run(store_uri(cfg), "t-track")
     assert run.info.run_id == result["run_id"]
     assert run.info.status == "FINISHED"
-    # flattened, resolved params
-    assert run.data.params["data._target_"] == "heatmapbench.data.FashionMNISTDataModule"
+    # readable params (class names, no _target_ keys), the same tags as evaluate runs
+    assert run.data.params["data"] == "FashionMNISTDataModule"
+    assert run.data.tags["model"] == "SmallCNN" and run.data.tags["task"] == "train"
+    assert run.data.tags["explainers"] and run.data.tags["perturbation"] == "uniform"
     assert run.data.params["trainer.max_epochs"] == "1"
     assert run.data.params["model.optimizer.lr"] == "0.001"
     # per-epoch metrics

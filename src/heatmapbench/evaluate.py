@@ -33,7 +33,7 @@ from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
 from heatmapbench.registry import conf_dir
 from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
-from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, tracked_run
+from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, run_tags, tracked_run
 
 PREPROCESSING_KEYS = ("mean", "std", "value_range", "image_size", "resize")
 
@@ -138,14 +138,10 @@ def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
-    run_name, sweep_tags = run_identity(cfg)
-    logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None and run_name else {}
+    run_name, sweep_tags = run_identity(cfg, "evaluate")
+    logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None else {}
     logger = make_logger(cfg.logger, **logger_kwargs)
-    tags = {"task": "evaluate", "model": str(cfg.model.net.get("_target_", "")).rsplit(".", 1)[-1],
-            "data": str(cfg.data._target_).rsplit(".", 1)[-1],
-            "perturbation": str(cfg.perturbation._target_).rsplit(".", 1)[-1].lower(),
-            "explainers": ",".join(settings.explainers), **sweep_tags,
-            "weights": weights_source(net) or "untrained"}
+    tags = {**run_tags(cfg, "evaluate", list(explainers)), **sweep_tags, "weights": weights_source(net) or "untrained"}
     if weights_source(net) is None:
         warn_untrained(f"model={tags['model']}")
     print(f"evaluating {len(subset)} images × {len(explainers)} explainers "

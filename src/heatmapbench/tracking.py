@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,9 +21,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import heatmapbench
 
@@ -109,27 +111,115 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
             else cfg[key] for key in cfg if key != "hydra"}
 
 
-def run_identity(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
-    """A run name from the Hydra overrides and, inside a sweep (``-m``), the sweep's tags.
+def _class_name(node: Any) -> str:
+    """The last part of a config node's ``_target_`` (``heatmapbench.models.SmallCNN`` → ``SmallCNN``)."""
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+    return str(target).rsplit(".", 1)[-1] if target else ""
 
-    Every job of one sweep gets the same ``sweep_id`` (its sweep directory) plus its job
-    number and overrides, so the runs can be filtered together in the UI and in ``report``.
+
+def run_tags(cfg: DictConfig, task: str, explainers: Sequence[str] = ()) -> dict[str, str]:
+    """The tags every train and evaluate run carries: task, model, data, perturbation, explainers."""
+    model = cfg.get("model")
+    net = model.get("net") if isinstance(model, DictConfig) else None
+    tags = {"task": task, "model": _class_name(net) or _class_name(model), "data": _class_name(cfg.get("data")),
+            "perturbation": _class_name(cfg.get("perturbation")).lower(), "explainers": ",".join(explainers)}
+    return {k: v for k, v in tags.items() if v}
+
+
+def _short_override(override: str) -> str:
+    """``trainer.max_epochs=2`` → ``max_epochs=2`` (the value whole)."""
+    key, sep, value = override.partition("=")
+    return f"{key.split('.')[-1]}{sep}{value}" if sep else override
+
+
+def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[str, str]]:
+    """A unique, meaningful run name and, inside a sweep (``-m``), the sweep's tags.
+
+    The name reads ``<task> <model>/<data> <overrides> [#<job>] <MMDD-HHMMSS>-<4 hex>``: what ran,
+    what was changed, and a time plus random suffix that keep reruns apart. Every job of one sweep
+    gets the same ``sweep_id`` (its sweep directory) plus its job number and overrides, so the
+    runs can be filtered together in the UI and in ``report``.
     """
+    tags_ = run_tags(cfg, task or str(cfg.get("task_name") or "run"))
+    overrides: list[str] = []
+    sweep: dict[str, str] = {}
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ValueError, ImportError):
-        return None, {}
-    overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "paths.", "logger."))]
-    name = ",".join(overrides)[:250] or None
-    if hc.mode != RunMode.MULTIRUN:
-        return name, {}
-    sweep_dir = Path(str(hc.sweep.dir))
-    tags = {"sweep_id": f"{sweep_dir.parent.parent.name}/{sweep_dir.name}",
-            "sweep_job": str(hc.job.num), "sweep_overrides": " ".join(overrides) or "(none)"}
-    return name or f"job{hc.job.num}", tags
+        hc = None
+    if hc is not None:
+        overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "paths.", "logger."))]
+        if hc.mode == RunMode.MULTIRUN:
+            sweep_dir = Path(str(hc.sweep.dir))
+            sweep = {"sweep_id": f"{sweep_dir.parent.parent.name}/{sweep_dir.name}",
+                     "sweep_job": str(hc.job.num), "sweep_overrides": " ".join(overrides) or "(none)"}
+    parts = [tags_["task"], "/".join(tags_[k] for k in ("model", "data") if k in tags_)]
+    shown = " ".join(_short_override(o) for o in overrides)
+    if shown:
+        parts.append(shown if len(shown) <= 120 else shown[:119] + "…")
+    if sweep:
+        parts.append(f"#{sweep['sweep_job']}")
+    parts.append(f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    return " ".join(p for p in parts if p)[:250], sweep
+
+
+#: Config groups that are bookkeeping (where files go, how runs are stored), not the experiment.
+_NOT_PARAMS = ("hydra", "paths", "logger")
+#: Instantiation keys of Hydra: their class paths become ``<node>=<ClassName>``, the rest are dropped.
+_HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+
+
+def _short_path(value: str) -> str:
+    parts = Path(value).parts
+    return value if len(parts) <= 1 else "…/" + "/".join(parts[-2:])
+
+
+#: Trainer arguments that change what is trained (the others, logging and display, stay in config.yaml).
+TRAINER_PARAMS = ("max_epochs", "max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy",
+                  "accumulate_grad_batches", "gradient_clip_val", "deterministic", "benchmark", "limit_train_batches",
+                  "limit_val_batches", "val_check_interval", "check_val_every_n_epoch")
+
+
+def readable_params(cfg: DictConfig) -> dict[str, str]:
+    """The settings that define the experiment, as MLflow params a person can read.
+
+    From the config: no Hydra instantiation keys (a node's ``_target_`` becomes ``<node>`` = its
+    class name), no interpolations (they restate another param), no ``paths``/``logger``/``hydra``
+    groups, no callbacks but the AOPC callback's own settings, only the Trainer arguments that
+    change what is trained (:data:`TRAINER_PARAMS`), and no absolute paths (shortened to
+    ``…/<folder>/<file>``). The full resolved config is the run's ``config.yaml`` artifact.
+    """
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, DictConfig):
+            if node.get("_target_") and key and key != "trainer":
+                out[key] = _class_name(node)
+            for child in node.keys():
+                name = f"{key}.{child}" if key else str(child)
+                if child in _HYDRA_KEYS or OmegaConf.is_interpolation(node, child):
+                    continue
+                if not key and child in _NOT_PARAMS:
+                    continue
+                if key == "callbacks" and child != "aopc":
+                    continue
+                walk(node._get_node(child), name)
+            return
+        value = node._value() if hasattr(node, "_value") else node
+        if isinstance(node, ListConfig) or isinstance(value, (list, tuple)):
+            value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else value
+        if key.startswith("trainer.") and key[len("trainer."):] not in TRAINER_PARAMS:
+            return
+        text = str(value)
+        if isinstance(value, str) and os.path.isabs(value):
+            text = _short_path(value)
+        out[key] = text[:6000]
+
+    walk(cfg, "")
+    return out
 
 
 def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None,
@@ -141,7 +231,7 @@ def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None =
     """
     client, run_id = logger.experiment, logger.run_id
     resolved = resolved_config(cfg)
-    params = flatten(resolved)
+    params = readable_params(cfg)
     folder = None
     if resumed:
         run = retry_locked(client.get_run)(run_id)

@@ -21,7 +21,7 @@ from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
 from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
 from heatmapbench.tracking import (log_skipped, make_logger, prepare_sqlite_store, resolved_config, retry_locked,
-                                   run_identity, store_lock, tracked_run)
+                                   run_identity, run_tags, store_lock, tracked_run)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -37,14 +37,18 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     _check_model_and_data(model, datamodule, callbacks)
+    run_name, sweep_tags = run_identity(cfg, "train")
+    aopc = (cfg.get("callbacks") or {}).get("aopc")
+    explainers = list(cfg.evaluation.explainers) if aopc and cfg.get("evaluation") else []
+    tags = {**run_tags(cfg, "train", explainers), **sweep_tags}
     logger_kwargs: dict[str, Any] = {}
     if cfg.get("logger"):
         check_logger(cfg.logger, allow_run_id=True)
         run_id = _run_to_resume(cfg, ckpt)
         if run_id is not None:
             logger_kwargs["run_id"] = run_id
-        elif cfg.logger.get("run_name") is None and run_identity(cfg)[0]:
-            logger_kwargs["run_name"] = run_identity(cfg)[0]
+        elif cfg.logger.get("run_name") is None:
+            logger_kwargs["run_name"] = run_name
         callbacks.append(RunRecord(resolved_config(cfg)))  # the run's id and config go into every checkpoint
     logger = make_logger(cfg.logger, **logger_kwargs) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
@@ -63,7 +67,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         metrics = fit_and_test()
         run_id = None
     else:
-        with tracked_run(logger, cfg, extra_tags={"task": "train", **run_identity(cfg)[1]}):
+        with tracked_run(logger, cfg, extra_tags=tags):
             metrics = fit_and_test()
         run_id = logger.run_id
     _print_summary(cfg, metrics, logger, run_id)

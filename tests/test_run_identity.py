@@ -1,0 +1,41 @@
+"""What a person sees in the MLflow runs table: readable params, meaningful unique names, shared tags."""
+
+from __future__ import annotations
+
+import os
+
+from heatmapbench.tracking import readable_params, run_identity, run_tags
+from tests.conftest import compose_config
+
+
+def test_train_params_are_readable(tmp_path, data_dir):
+    cfg = compose_config("train", ["experiment=demo", "trainer.max_epochs=2", "model.optimizer.lr=0.01",
+                                   "ckpt_path=/abs/where/checkpoints/last.ckpt"], tmp_path, data_dir)
+    params = readable_params(cfg)
+    assert not [k for k in params if "_target_" in k or k.split(".")[0] in ("paths", "logger", "hydra")]
+    assert not [v for v in params.values() if os.path.isabs(v)], params
+    assert params["ckpt_path"] == "…/checkpoints/last.ckpt"
+    assert params["model.net"] == "SmallCNN" and params["data"] == "FashionMNISTDataModule"
+    assert params["perturbation"] == "Uniform"
+    assert params["trainer.max_epochs"] == "2" and params["model.optimizer.lr"] == "0.01"
+    assert params["evaluation.region_size"] == str(cfg.evaluation.region_size)
+    assert params["seed"] == str(cfg.seed)
+    assert "callbacks.aopc.every_n_epochs" in params
+    assert not [k for k in params if k.startswith("callbacks.aopc.settings")]  # ${evaluation} restated
+    assert not [k for k in params if k.startswith(("callbacks.model_checkpoint", "callbacks.progress_bar"))]
+    # only the Trainer arguments that change what is trained
+    assert "trainer.enable_checkpointing" not in params and "trainer.devices" in params and "trainer" not in params
+    assert len(params) < 60, sorted(params)
+
+
+def test_names_are_unique_and_say_what_ran_and_tags_match(tmp_path, data_dir):
+    cfg = compose_config("train", ["experiment=demo", "trainer.max_epochs=2"], tmp_path, data_dir)
+    (a, sweep), (b, _) = run_identity(cfg, "train"), run_identity(cfg, "train")
+    assert run_identity(compose_config("train", ["model.optimizer.lr=0.01"], tmp_path, data_dir), "train")[0].split()[2] == "lr=0.01"
+    assert a != b and sweep == {}
+    assert a.startswith("train SmallCNN/FashionMNISTDataModule experiment=demo max_epochs=2 ")
+    train = run_tags(cfg, "train", ["random"])
+    ev = compose_config("evaluate", ["model=small_cnn", "data=fashion_mnist"], tmp_path, data_dir)
+    evaluate = run_tags(ev, "evaluate", ["random"])
+    assert set(train) == set(evaluate) == {"task", "model", "data", "perturbation", "explainers"}
+    assert {k: train[k] for k in ("model", "data", "perturbation")} == {k: evaluate[k] for k in ("model", "data", "perturbation")}
