@@ -12,7 +12,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 help:
 	@echo "make demo   set up .venv, get Fashion-MNIST, train the small CNN with AOPC tracking"
 	@echo "make test   set up .venv, get Fashion-MNIST, run the test suite"
-	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT)"
+	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT) (prints the Model-training view's links)"
 	@echo "make bench  run the benchmarks in benches/ (installs the peers first)"
 
 setup: $(VENV)/.installed
@@ -53,6 +53,7 @@ bench: setup
 
 ui: setup
 	@mkdir -p mlruns/artifacts
+	@$(BIN)/python -m heatmapbench.ui --tracking-uri $(STORE) --port $(PORT)
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host 127.0.0.1 --port $(PORT)
 

@@ -39,3 +39,19 @@ def test_names_are_unique_and_say_what_ran_and_tags_match(tmp_path, data_dir):
     evaluate = run_tags(ev, "evaluate", ["random"])
     assert set(train) == set(evaluate) == {"task", "model", "data", "perturbation", "explainers"}
     assert {k: train[k] for k in ("model", "data", "perturbation")} == {k: evaluate[k] for k in ("model", "data", "perturbation")}
+
+
+def test_ui_links_open_the_model_training_view(tmp_path):
+    from mlflow import MlflowClient
+
+    from heatmapbench.ui import main, training_view_urls
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert training_view_urls(uri, "http://h:1") == []  # no store yet
+    client = MlflowClient(uri)
+    ids = [client.create_experiment(name, artifact_location=str(tmp_path / name)) for name in ("a", "b")]
+    links = dict(training_view_urls(uri, "http://h:1"))
+    assert links["a"] == f"http://h:1/#/experiments/{ids[0]}/runs?workflowType=machine_learning"
+    assert "compare-experiments" in links["all of them"] and "machine_learning" in links["all of them"]
+    assert "Default" not in links  # empty
+    assert main(["--tracking-uri", uri, "--port", "1"]) == 0
