@@ -110,8 +110,12 @@ def test_every_n_epochs(train_cfg):
     run_train(cfg)
     client = MlflowClient(store_uri(cfg))
     run = _run(client, "t-every")
+    val_steps = _steps(client, run.info.run_id, mn.VAL_ACC)  # three epochs; evaluated before and after the 2nd
+    assert len(val_steps) == 3
     for name in ("random", "sensitivity_l2"):
-        assert _steps(client, run.info.run_id, mn.explainer_metric(mn.AOPC, name)) == [0, 2]
+        assert _steps(client, run.info.run_id, mn.explainer_metric(mn.AOPC, name)) == [0, val_steps[1]]
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, mn.EPOCH)]
+    assert epochs == [0.0, 2.0]
     assert mn.explainer_metric(mn.AOPC, "deconvnet_l2") not in run.data.metrics
 
 

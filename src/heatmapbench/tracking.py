@@ -159,7 +159,7 @@ def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[st
     parts = [tags_["task"], "/".join(tags_[k] for k in ("model", "data") if k in tags_)]
     shown = " ".join(_short_override(o) for o in overrides)
     if shown:
-        parts.append(shown if len(shown) <= 120 else shown[:119] + "…")
+        parts.append(shown if len(shown) <= 60 else shown[:59] + "…")
     if sweep:
         parts.append(f"#{sweep['sweep_job']}")
     parts.append(f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}")

@@ -178,7 +178,7 @@ class AOPCCallback(pl.Callback):
         metrics = {}
         for _, row in corr.iterrows():
             for method in mn.CORRELATION_METHODS:
-                for bound in (None, *mn.BOUNDS):
+                for bound in (None, *mn.BOUNDS) if method == "pearson" else (None,):  # Spearman's CI: in the CSV
                     value = row[method + (f"_{bound}" if bound else "")]
                     if math.isnan(value):
                         continue

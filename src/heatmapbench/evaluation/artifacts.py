@@ -216,7 +216,8 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
         lines.append("| " + " | ".join([name] + [cell(by.loc[m]) if m in by.index else "–" for m in measures]) + " |")
     note = random_ordering_note(corr)
     epochs = int(corr.epochs.max()) if len(corr) else 0
-    lines.append(f"\nPearson r over {epochs} evaluations; CIs: bootstrap over the evaluations.")
+    lines.append(f"\nPearson r over {epochs} evaluations; CIs: percentile bootstrap over the evaluations "
+                 "(rough with few evaluations; none below 4).")
     return "\n".join(lines + ([note] if note else [])) + "\n"
 
 
