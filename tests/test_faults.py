@@ -153,9 +153,11 @@ def test_resume_continues_the_same_run(train_cfg):
     assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
     assert "trainer.max_epochs" in run.data.tags["resume_1_changed"] and run.data.params["trainer.max_epochs"] == "1"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, mn.explainer_metric("aopc", "sensitivity_l2"))]
-    assert sorted(steps) == [0, 1, 2]  # epoch 0 (before training) once, then one per epoch
     val_steps = [m.step for m in client.get_metric_history(run.info.run_id, mn.VAL_ACC)]
     assert val_steps == [val_steps[0], val_steps[0] + 3]  # one per epoch; the global step continued (3 batches)
+    assert sorted(steps) == [0, *val_steps]  # before training once, then at each epoch's val/acc step
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, mn.EPOCH)]
+    assert sorted(epochs) == [0.0, 1.0, 2.0]
     resumed = load_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * ckpt["global_step"]
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 2 * ckpt["optimizer_states"][0]["state"][0]["step"]
