@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from heatmapbench.evaluation.artifacts import STYLE  # noqa: E402
+
 
 def plot_region_sizes(comparison: pd.DataFrame, path: Path, extra: Sequence[str] = ()) -> None:
     """AOPC relative to random against the region size: one panel per perturbation, one line per explainer.
@@ -39,7 +41,7 @@ def plot_region_sizes(comparison: pd.DataFrame, path: Path, extra: Sequence[str]
     axes[0, 0].set_ylabel("AOPC relative to random")
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=STYLE["savefig.dpi"])
     plt.close(fig)
 
 
@@ -53,7 +55,7 @@ def plot_accuracy_vs_aopc_runs(training: pd.DataFrame, path: Path) -> None:
     ax.set_title(f"AOPC against accuracy, {training.run_id.nunique()} training runs")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=STYLE["savefig.dpi"])
     plt.close(fig)
 
 
@@ -81,5 +83,5 @@ def plot_rank_per_setting(settings: pd.DataFrame, explainers: Sequence[str], pat
     ax.set_title(title or "rank of each explainer per setting (1 = best)", fontsize=9)
     fig.colorbar(image, ax=ax, label="rank", fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=STYLE["savefig.dpi"])
     plt.close(fig)
