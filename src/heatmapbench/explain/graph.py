@@ -240,6 +240,11 @@ def _user_frame(exc: BaseException) -> str:
 
 def trace(model: nn.Module, record_stack_traces: bool = False) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` (eval); a clear error naming the untraceable code otherwise."""
+    if "forward" in vars(model):
+        raise ValueError(
+            f"{type(model).__name__}'s forward was replaced on the instance; torch.fx traces the class's "
+            "forward, so LRP would explain different code. Define the forward in a (sub)class instead."
+        )
     tracer = _Tracer(record_stack_traces)
     try:
         graph = tracer.trace(model)
@@ -662,7 +667,8 @@ def _callable(node: fx.Node) -> Callable:
 def _fingerprint(model: nn.Module) -> tuple:
     """Identity of every module, parameter and buffer: a replaced one invalidates the cached graph."""
     return (
-        tuple((name, id(m)) for name, m in model.named_modules()),
+        # a module's class or an instance-level forward replaced after tracing changes the graph
+        tuple((name, id(m), type(m), id(vars(m).get("forward"))) for name, m in model.named_modules()),
         tuple((name, id(t)) for name, t in model.named_parameters()),
         tuple((name, id(t)) for name, t in model.named_buffers()),
     )

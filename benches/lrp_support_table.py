@@ -1,0 +1,139 @@
+"""Which architectures LRP (and deconvnet / guided backprop) explains exactly, with a rule, or refuses.
+
+Usage: ``python benches/lrp_support_table.py [--out table.md]``. Random-weight networks in float64
+with randomised BatchNorm statistics, one 64x64 image. For each
+architecture and method it runs the explainer and prints a Markdown table cell:
+
+* ``exact (max rel err e)``: LRP-eps with eps -> 0 against gradient x input (an identity on ReLU
+  nets), or deconvnet / guided backprop against the same method on a copy whose every ReLU is a
+  module (nothing functional left for the rule to miss);
+* ``conserves (rel err e)``: alpha-beta / eps+flat on a bias-free copy, sum of relevance vs score;
+* ``supported with rule ...``: the rules the graph rewrite chose that are not exact identities;
+* ``refused (...)``: the first line of the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torchvision
+from torch import nn
+
+from heatmapbench.explain import LRP, get_explainer
+from heatmapbench.explain.base import explaining
+from heatmapbench.explain.graph import canonize
+
+torch.set_num_threads(2)
+
+
+def randomize_batch_norm(model: nn.Module, centred: bool = False) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
+            m.bias.data.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
+    return model
+
+
+def efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+ARCHS = {
+    "vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=10),
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+    "squeezenet1_1": lambda: torchvision.models.squeezenet1_1(num_classes=10),
+    "efficientnet_lite0 (zoo)": efficientnet_lite0,
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+}
+METHODS = ["lrp_epsilon (eps->0)", "lrp_alpha2_beta1", "lrp_epsilon_plus_flat", "lrp_epsilon, gates=constant",
+           "deconvnet / guided_backprop"]
+EXACT_RULES = {"BatchNorm folded into the conv/linear that feeds it",
+               "BatchNorm not fed by a conv/linear: its own affine layer (epsilon rule)",
+               "scaling by a constant: relevance passes unchanged", "ReLU6: relevance passes unchanged (identity rule)"}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def gradient_x_input(model, x, target):
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x)[torch.arange(len(x)), target].sum(), x)
+    return (g * x).sum(1)
+
+
+def rules_note(model: nn.Module, gates: str) -> str:
+    extra = [r for r in canonize(model, gates=gates).rules_used if r not in EXACT_RULES]
+    return f"; rules: {', '.join(extra)}" if extra else ""
+
+
+def cell(arch: str, method: str) -> str:
+    torch.manual_seed(0)
+    model = randomize_batch_norm(ARCHS[arch]()).double().eval()
+    side = 64
+    x = torch.randn(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([1])
+    try:
+        if method.startswith("lrp_epsilon (") or method.startswith("lrp_epsilon, gates"):
+            gates = "constant" if "gates" in method else "refuse"
+            lrp = LRP(epsilon=1e-12, stabilizer=1e-12, gates=gates)
+            with explaining(model):
+                relevance = lrp.attribute(model, x.clone(), target).sum(1)
+            err = rel(relevance, gradient_x_input(model, x, target))
+            note = rules_note(model, gates)
+            if err <= 1e-8:
+                return f"exact (max rel err {err:.0e}){note}"
+            return f"supported, not an identity (rel err to grad x input {err:.0e}){note}"
+        if method.startswith("lrp_"):
+            model = randomize_batch_norm(model, centred=True)
+            for m in model.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                    m.bias.data.zero_()
+            composite = "alpha_beta" if "alpha" in method else "epsilon_plus_flat"
+            lrp = LRP(composite=composite, epsilon=1e-12, stabilizer=1e-12, engine="zennit")
+            with explaining(model):
+                relevance = lrp.attribute(model, x.clone(), target)
+                score = model(x)[0, 1]
+            err = abs(float(relevance.sum() - score)) / abs(float(score))
+            return f"conserves (rel err {err:.0e}, bias-free copy){rules_note(model, 'refuse')}"
+        for name in ("deconvnet_l2", "guided_backprop"):
+            get_explainer(name)(model, x, target)
+        return "supported (every ReLU, functional or module, gets the rule)"
+    except ValueError as err:
+        first = str(err).splitlines()
+        why = first[1].strip() if len(first) > 1 and first[0].endswith(":") else first[0]
+        return f"refused ({why.split(' (')[0]}: {why.split('): ')[-1][:90]})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--archs", nargs="*", default=list(ARCHS))
+    args = parser.parse_args()
+    lines = ["| architecture | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for arch in args.archs:
+        lines.append(f"| {arch} | " + " | ".join(cell(arch, m).replace("|", "/") for m in METHODS) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
