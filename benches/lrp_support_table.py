@@ -7,7 +7,8 @@ architecture and method it runs the explainer and prints a Markdown table cell:
 * ``exact (max rel err e)``: LRP-eps with eps -> 0 against gradient x input (an identity on ReLU
   nets), or deconvnet / guided backprop against the same method on a copy whose every ReLU is a
   module (nothing functional left for the rule to miss);
-* ``conserves (rel err e)``: alpha-beta / eps+flat on a bias-free copy, sum of relevance vs score;
+* ``conserves (rel err e)`` (err <= 1e-6) or ``DOES NOT conserve``: alpha-beta / eps+flat on a
+  bias-free copy, sum of relevance vs score;
 * ``supported with rule ...``: the rules the graph rewrite chose that are not exact identities;
 * ``refused (...)``: the first line of the error.
 """
@@ -108,7 +109,8 @@ def cell(arch: str, method: str) -> str:
                 relevance = lrp.attribute(model, x.clone(), target)
                 score = model(x)[0, 1]
             err = abs(float(relevance.sum() - score)) / abs(float(score))
-            return f"conserves (rel err {err:.0e}, bias-free copy){rules_note(model, 'refuse')}"
+            verdict = "conserves" if err <= 1e-6 else "DOES NOT conserve"
+            return f"{verdict} (rel err {err:.0e}, bias-free copy){rules_note(model, 'refuse')}"
         for name in ("deconvnet_l2", "guided_backprop"):
             get_explainer(name)(model, x, target)
         return "supported (every ReLU, functional or module, gets the rule)"
