@@ -111,10 +111,6 @@ class Explainer:
 
     #: Short name used in tables and logs.
     name: ClassVar[str] = "explainer"
-    #: Whether the attribution is (something) times the input, as in Captum's self-description.
-    multiplies_by_input: ClassVar[bool] = False
-    #: Whether the heatmap depends on the model at all (False only for the random baseline).
-    uses_model: ClassVar[bool] = True
 
     def __init__(self, pooling: str = "l2") -> None:
         self.pooling = _check_pooling(pooling)

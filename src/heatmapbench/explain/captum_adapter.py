@@ -28,8 +28,6 @@ class CaptumExplainer(Explainer):
         Seed of Captum's random draws (NoiseTunnel noise); the global RNG state is restored after.
     pooling
         Channel pooling of the (B, C, H, W) attribution.
-    multiplies_by_input
-        Defaults to what the Captum class reports about itself.
     """
 
     name = "captum"
@@ -41,7 +39,6 @@ class CaptumExplainer(Explainer):
         noise_tunnel: dict[str, Any] | None = None,
         seed: int = 0,
         pooling: str = "sum",
-        multiplies_by_input: bool | None = None,
     ) -> None:
         super().__init__(pooling=pooling)
         if isinstance(method, str):
@@ -56,10 +53,6 @@ class CaptumExplainer(Explainer):
         self.seed = int(seed)
         probe = getattr(method, "func", method)  # functools.partial from Hydra's _partial_
         self.name = getattr(probe, "__name__", "captum")
-        if multiplies_by_input is None:
-            reported = getattr(probe, "multiplies_by_inputs", False)
-            multiplies_by_input = reported if isinstance(reported, bool) else False
-        self.multiplies_by_input = bool(multiplies_by_input)
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         checked = False

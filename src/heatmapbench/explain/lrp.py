@@ -10,6 +10,7 @@ layer that feeds it and every functional add, mean and activation is an explicit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -18,11 +19,11 @@ from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite
 from zennit.core import Hook
 from zennit.layer import Sum
-from zennit.rules import AlphaBeta, Epsilon, Flat, Norm, Pass, ZPlus
+from zennit import rules as zennit_rules
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear, MaxPool
 
+from . import fast_lrp
 from .base import Explainer, backprop
-from .fast_epsilon import epsilon_lrp
 from .graph import GATES, BatchNormAffine, canonize
 
 try:
@@ -45,44 +46,49 @@ PASS_THROUGH = (
 )
 
 
-def _base_map(stabilizer: float) -> LayerMap:
+#: Where the rule classes come from, per engine: Zennit's hooks, or the same rules as single autograd
+#: functions (:mod:`.fast_lrp`, proven equal to Zennit in the tests). Both have the same names.
+ENGINES: dict[str, ModuleType] = {"fast": fast_lrp, "zennit": zennit_rules}
+
+
+def _base_map(r: ModuleType, stabilizer: float) -> LayerMap:
     """Rules shared by every table: relevance passes through nonlinearities (paper Sec. 2) and
     (folded, identity) BatchNorm; sums and average pools redistribute in proportion to inputs."""
     return [
-        (Activation, Pass()),
-        (BatchNorm, Pass()),
-        (Sum, Norm(stabilizer=stabilizer)),
-        (AvgPool, Norm(stabilizer=stabilizer)),
+        (Activation, r.Pass()),
+        (BatchNorm, r.Pass()),
+        (Sum, r.Norm(stabilizer=stabilizer)),
+        (AvgPool, r.Norm(stabilizer=stabilizer)),
     ]
 
 
-def _epsilon(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+def _epsilon(r: ModuleType, p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
     # R_i = sum_j z_ij / (z_j + eps * sign(z_j)) R_j  (paper, eps-rule); a BatchNorm that no layer
     # feeds is an elementwise affine layer y = s x + t with the same rule
-    return [(BatchNormAffine, Epsilon(epsilon=p["epsilon"])), (Linear, Epsilon(epsilon=p["epsilon"]))], []
+    return [(BatchNormAffine, r.Epsilon(epsilon=p["epsilon"])), (Linear, r.Epsilon(epsilon=p["epsilon"]))], []
 
 
-def _alpha_beta(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+def _alpha_beta(r: ModuleType, p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
     # R_i = sum_j (alpha z+_ij / z+_j - beta z-_ij / z-_j) R_j, alpha - beta = 1 (paper: alpha=2, beta=1);
     # an unfolded BatchNorm (elementwise) keeps the eps-rule with eps = stabilizer
     return [
-        (BatchNormAffine, Epsilon(epsilon=p["stabilizer"])),
-        (Linear, AlphaBeta(alpha=p["alpha"], beta=p["beta"], stabilizer=p["stabilizer"])),
+        (BatchNormAffine, r.Epsilon(epsilon=p["stabilizer"])),
+        (Linear, r.AlphaBeta(alpha=p["alpha"], beta=p["beta"], stabilizer=p["stabilizer"])),
     ], []
 
 
-def _epsilon_plus_flat(p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
+def _epsilon_plus_flat(r: ModuleType, p: dict[str, Any]) -> tuple[LayerMap, LayerMap]:
     # Kohlbrenner et al. 2020: flat rule for the first layer, z+ for convolutions, eps for dense layers
     # (and for an unfolded BatchNorm, elementwise)
     return (
-        [(BatchNormAffine, Epsilon(epsilon=p["epsilon"])), (Convolution, ZPlus(stabilizer=p["stabilizer"])),
-         (nn.Linear, Epsilon(epsilon=p["epsilon"]))],
-        [(Linear, Flat(stabilizer=p["stabilizer"]))],
+        [(BatchNormAffine, r.Epsilon(epsilon=p["epsilon"])), (Convolution, r.ZPlus(stabilizer=p["stabilizer"])),
+         (nn.Linear, r.Epsilon(epsilon=p["epsilon"]))],
+        [(Linear, r.Flat(stabilizer=p["stabilizer"]))],
     )
 
 
-#: composite name -> function(params) -> (layer map, first-layer map)
-RULE_TABLES: dict[str, Callable[[dict[str, Any]], tuple[LayerMap, LayerMap]]] = {
+#: composite name -> function(rule classes, params) -> (layer map, first-layer map)
+RULE_TABLES: dict[str, Callable[[ModuleType, dict[str, Any]], tuple[LayerMap, LayerMap]]] = {
     "epsilon": _epsilon,
     "alpha_beta": _alpha_beta,
     "epsilon_plus_flat": _epsilon_plus_flat,
@@ -156,15 +162,13 @@ class LRP(Explainer):
         is refused. ``"constant"``: its sigmoid-type factor is held constant and relevance passes to
         the other factor (the choice of AttnLRP / LXT).
     engine
-        ``"fast"`` runs the epsilon table in one forward + one backward pass
-        (:mod:`.fast_epsilon`, proven equal to Zennit in the tests); ``"zennit"`` uses Zennit's
-        hooks. Other tables always use Zennit.
+        ``"fast"`` runs every table in one forward + one backward pass (:mod:`.fast_lrp`, proven
+        equal to Zennit in the tests); ``"zennit"`` uses Zennit's hooks.
     pooling
         Channel pooling; the paper sums relevance over colour channels.
     """
 
     name = "lrp"
-    multiplies_by_input = True
 
     def __init__(
         self,
@@ -189,8 +193,8 @@ class LRP(Explainer):
         self.beta = float(beta)
         self.stabilizer = float(stabilizer)
         self.canonize = canonize
-        if engine not in ("fast", "zennit"):
-            raise ValueError(f"Unknown LRP engine {engine!r}; choose 'fast' or 'zennit'.")
+        if engine not in ENGINES:
+            raise ValueError(f"Unknown LRP engine {engine!r}; choose one of {', '.join(ENGINES)}.")
         self.engine = engine
         if gates not in GATES:
             raise ValueError(f"Unknown gates rule {gates!r}; choose one of {', '.join(GATES)}.")
@@ -199,8 +203,9 @@ class LRP(Explainer):
     def make_composite(self) -> RuleComposite:
         """A fresh Zennit composite for one call (composites hold per-model state)."""
         params = {"epsilon": self.epsilon, "alpha": self.alpha, "beta": self.beta, "stabilizer": self.stabilizer}
-        layer_map, first_map = RULE_TABLES[self.composite](params)
-        return RuleComposite(layer_map + _base_map(self.stabilizer), first_map)
+        rules = ENGINES[self.engine]
+        layer_map, first_map = RULE_TABLES[self.composite](rules, params)
+        return RuleComposite(layer_map + _base_map(rules, self.stabilizer), first_map)
 
     def network(self, model: nn.Module) -> nn.Module:
         """What the rules are applied to: the canonized graph (cached per model), or ``model`` itself."""
@@ -212,8 +217,5 @@ class LRP(Explainer):
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         net = self.network(model)
-        if self.engine == "fast" and self.composite == "epsilon":
-            with epsilon_lrp(net, self.epsilon, self.stabilizer, [], PASS_THROUGH):
-                return backprop(net, x, target, seed_with_score=True)  # (B, C, H, W) relevance
         with self.make_composite().context(net):
             return backprop(net, x, target, seed_with_score=True)  # (B, C, H, W) relevance

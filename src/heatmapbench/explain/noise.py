@@ -12,20 +12,15 @@ class RandomExplainer(Explainer):
     """Uniform noise in [0, 1), independent of the model: a random ordering of locations.
 
     Draws come from one ``torch.Generator`` seeded at construction (on the CPU, so the heatmaps
-    are the same on every device); successive calls continue the stream, :meth:`reset` restarts it.
+    are the same on every device); successive calls continue the stream.
     """
 
     name = "random"
-    uses_model = False
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(pooling="sum")
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
-
-    def reset(self) -> None:
-        """Restart the noise stream from ``seed``."""
-        self._generator.manual_seed(self.seed)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from .base import validate_inputs
