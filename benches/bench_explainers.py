@@ -1,21 +1,33 @@
-"""Heatmap throughput of every explainer beside a plain input gradient, Zennit and Captum.
+"""Heatmap throughput of every explainer against a plain input gradient, Captum and Zennit, in one run.
 
-Usage: ``python benches/bench_explainers.py [--quick]``. Prints one markdown table per model:
-images/s of each method and its cost relative to a plain input gradient measured in the same
-run (1 forward + 1 backward), and, where a library does the same thing, that library called
-directly. Targets (issue 3): LRP-eps <= 2.5x a plain gradient and no slower than Zennit.
+Usage: ``python benches/bench_explainers.py [--quick] [--models vgg_small,lite0]``. Prints one
+markdown table per model: images/s of each method, its cost relative to a plain input gradient
+(1 forward + 1 backward) timed in the same round-robin, and, where a library computes the same
+thing, that library called directly as its users would, with our time divided by the library's
+(< 1: ours is faster):
+
+* sensitivity, deconvnet, guided backprop: Captum's ``Saliency``, ``Deconvolution``,
+  ``GuidedBackprop`` (they hook ``nn.ReLU`` only, so on ReLU6 nets they time a plain gradient);
+* LRP eps / alpha-beta / eps+flat: Zennit's own composite with its ``SequentialMergeBatchNorm``
+  canonizer, and our LRP with ``engine="zennit"`` (the same rules through Zennit's hooks).
+
+Targets (issue 15): sensitivity, deconvnet and guided backprop at least as fast as Captum's;
+alpha-beta and eps+flat at most 3x a plain gradient. Each figure is the best of ``reps``
+interleaved calls, so that load drift on a shared machine hits every method alike; the load
+average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from heatmapbench.explain import available_explainers, get_explainer
+from heatmapbench.explain import LRP, available_explainers, get_explainer
 from heatmapbench.models import VGGSmall
 
 torch.set_num_threads(2)
@@ -38,19 +50,35 @@ def plain_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> t
     return g
 
 
-def zennit_epsilon(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
-    """Zennit's own epsilon composite and canonizer, as a user would call it."""
+def zennit_direct(name: str) -> Callable | None:
+    """Zennit's own composite for LRP method ``name``, called as a Zennit user would."""
     from zennit.attribution import Gradient
     from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.composites import LayerMapComposite, layer_map_base
-    from zennit.rules import Epsilon
+    from zennit.composites import EpsilonPlusFlat, LayerMapComposite, layer_map_base
+    from zennit.rules import AlphaBeta, Epsilon
     from zennit.types import Linear
 
-    composite = LayerMapComposite(layer_map_base() + [(Linear, Epsilon(epsilon=eps))],
-                                  canonizers=[SequentialMergeBatchNorm()])
-    with Gradient(model, composite) as attributor:
-        out, relevance = attributor(x, lambda o: torch.zeros_like(o).scatter(1, target[:, None], o.gather(1, target[:, None])))
-    return relevance
+    composites = {
+        "lrp_epsilon_0.01": lambda: LayerMapComposite(layer_map_base() + [(Linear, Epsilon(epsilon=0.01))],
+                                                      canonizers=[SequentialMergeBatchNorm()]),
+        "lrp_epsilon_100": lambda: LayerMapComposite(layer_map_base() + [(Linear, Epsilon(epsilon=100.0))],
+                                                     canonizers=[SequentialMergeBatchNorm()]),
+        "lrp_alpha2_beta1": lambda: LayerMapComposite(layer_map_base() + [(Linear, AlphaBeta(2.0, 1.0))],
+                                                      canonizers=[SequentialMergeBatchNorm()]),
+        "lrp_alpha1_beta0": lambda: LayerMapComposite(layer_map_base() + [(Linear, AlphaBeta(1.0, 0.0))],
+                                                      canonizers=[SequentialMergeBatchNorm()]),
+        "lrp_epsilon_plus_flat": lambda: EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()]),
+    }
+    if name not in composites:
+        return None
+
+    def run(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with Gradient(model, composites[name]()) as attributor:
+            _, relevance = attributor(
+                x, lambda o: torch.zeros_like(o).scatter(1, target[:, None], o.gather(1, target[:, None])))
+        return relevance
+
+    return run
 
 
 def captum_direct(name: str) -> Callable | None:
@@ -58,7 +86,9 @@ def captum_direct(name: str) -> Callable | None:
 
     table = {
         "sensitivity_l2": lambda m, x, t: Saliency(m).attribute(x, target=t, abs=False),
+        "sensitivity_linf": lambda m, x, t: Saliency(m).attribute(x, target=t, abs=False),
         "deconvnet_l2": lambda m, x, t: Deconvolution(m).attribute(x, target=t),
+        "deconvnet_linf": lambda m, x, t: Deconvolution(m).attribute(x, target=t),
         "guided_backprop": lambda m, x, t: GuidedBackprop(m).attribute(x, target=t),
         "integrated_gradients": lambda m, x, t: IntegratedGradients(m).attribute(x, target=t, n_steps=32, baselines=0.0),
         "smoothgrad": lambda m, x, t: NoiseTunnel(Saliency(m)).attribute(
@@ -81,13 +111,18 @@ def interleaved(fns: dict[str, Callable], reps: int) -> dict[str, float]:
 
 
 def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")  # Captum, every call
     model.eval()
     with torch.no_grad():
         target = model(x).argmax(1)
     n = x.shape[0]
-    print(f"\n### {label}: batch {n} x {tuple(x.shape[1:])}, {torch.get_num_threads()} threads, best of {reps}\n")
-    print("| method | images/s | x plain gradient | library direct (images/s) | ours / direct |")
-    print("|---|---:|---:|---|---:|")
+    print(f"\n### {label}: batch {n} x {tuple(x.shape[1:])}, {torch.get_num_threads()} threads, "
+          f"best of {reps}, load average {os.getloadavg()[0]:.1f}\n")
+    print("| method | images/s | x plain gradient | library direct (images/s) | ours / direct "
+          "| ours engine=zennit (images/s) | ours / engine=zennit |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     grad = lambda: plain_gradient(model, x, target)  # noqa: E731
     for name in available_explainers():
         if name == "captum":
@@ -95,26 +130,71 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int) -> None:
         explainer = get_explainer(name)
         fns = {"grad": grad, "ours": lambda: explainer(model, x, target)}
         library = ""
-        if name == "lrp_epsilon_0.01":
-            fns["direct"], library = (lambda: zennit_epsilon(model, x, target)), "Zennit"
+        if (fn := zennit_direct(name)) is not None:
+            fns["direct"], library = (lambda: fn(model, x.clone().requires_grad_(), target)), "Zennit"
         elif (fn := captum_direct(name)) is not None:
             fns["direct"], library = (lambda: fn(model, x.clone().requires_grad_(), target)), "Captum"
+        if isinstance(explainer, LRP):
+            zennit_engine = get_explainer(name, engine="zennit")
+            fns["zennit_engine"] = lambda: zennit_engine(model, x, target)
         heavy = name in ("integrated_gradients", "smoothgrad")
         t = interleaved(fns, 1 if heavy else reps)
-        direct = f"{library} {n / t['direct']:.1f}" if "direct" in t else ""
-        ratio = f"{t['ours'] / t['direct']:.2f}" if "direct" in t else ""
-        print(f"| {name} | {n / t['ours']:.1f} | {t['ours'] / t['grad']:.2f} | {direct} | {ratio} |", flush=True)
-    print(f"| (plain input gradient) | {n / t['grad']:.1f} | 1.00 | | |")
+        cells = [name, f"{n / t['ours']:.1f}", f"{t['ours'] / t['grad']:.2f}"]
+        cells += [f"{library} {n / t['direct']:.1f}", f"{t['ours'] / t['direct']:.2f}"] if "direct" in t else ["", ""]
+        cells += ([f"{n / t['zennit_engine']:.1f}", f"{t['ours'] / t['zennit_engine']:.2f}"]
+                  if "zennit_engine" in t else ["", ""])
+        print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"| (plain input gradient) | {n / t['grad']:.1f} | 1.00 | | | | |")
+    canonization(model, x, target, reps)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+
+
+def canonization(model: nn.Module, x: torch.Tensor, target: torch.Tensor, reps: int) -> None:
+    """eps-LRP (fast engine) as configured (``canonize=True``) against the same rules on the model
+    rewritten by the module canonizers of :mod:`heatmapbench.explain.canonizers` (BatchNorm folding and
+    residual ``Sum`` modules, the path before canonization from the traced graph), in one round-robin."""
+    from heatmapbench.explain.canonizers import default_canonizers
+
+    configured = get_explainer("lrp_epsilon_0.01")
+    bare = get_explainer("lrp_epsilon_0.01", canonize=False)
+
+    def module_canonized() -> torch.Tensor:
+        instances = [inst for canonizer in default_canonizers() for inst in canonizer.apply(model)]
+        try:
+            return bare(model, x, target)
+        finally:
+            for instance in reversed(instances):
+                instance.remove()
+
+    fns = {"grad": lambda: plain_gradient(model, x, target), "configured": lambda: configured(model, x, target),
+           "modules": module_canonized}
+    t = interleaved(fns, reps)
+    n = x.shape[0]
+    print("\n| eps-LRP 0.01, fast engine | images/s | x plain gradient | / module canonizers |")
+    print("|---|---:|---:|---:|")
+    print(f"| module canonizers (before graph canonization) | {n / t['modules']:.1f} | "
+          f"{t['modules'] / t['grad']:.2f} | 1.00 |")
+    print(f"| as configured (canonize=True) | {n / t['configured']:.1f} | {t['configured'] / t['grad']:.2f} | "
+          f"{t['configured'] / t['modules']:.2f} |")
+
+
+MODELS = {
+    "vgg_small": ("VGGSmall (VGG-style CNN with BatchNorm)", VGGSmall, (3, 32, 32), 32, 16),
+    "lite0": ("EfficientNet-Lite0 (pretrained)", efficientnet_lite0, (3, 224, 224), 4, 2),
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--reps", type=int, default=None, help="repeats per method (default 5, --quick 2)")
     args = parser.parse_args()
-    reps = 2 if args.quick else 5
-    torch.manual_seed(0)
-    bench("VGGSmall (VGG-style CNN with BatchNorm)", VGGSmall(), torch.randn(16 if args.quick else 32, 3, 32, 32), reps)
-    bench("EfficientNet-Lite0 (pretrained)", efficientnet_lite0(), torch.randn(2 if args.quick else 4, 3, 224, 224), reps)
+    reps = args.reps or (2 if args.quick else 5)
+    for key in args.models.split(","):
+        label, build, shape, batch, quick_batch = MODELS[key]
+        torch.manual_seed(0)
+        bench(label, build(), torch.randn(quick_batch if args.quick else batch, *shape), reps)
 
 
 if __name__ == "__main__":
