@@ -304,7 +304,8 @@ class AlphaBeta(_BypassRule):
                                 _call_with(module, stacked_neg, split[bottom])])
                 zz = _grouped(zz, groups, 1)
                 plus = [(top, slice(None), 0), (bottom, slice(None), 0)]
-        # z+ >= 0 and z- <= 0 by construction: stab(z+) = z+ + eps, stab(z-) = z- - eps
+        # z+ >= 0 and z- <= 0 by construction: stab(z+) = z+ + eps, stab(z-) = z- - eps (Zennit takes
+        # +eps at z- = 0, a unit without negative contributions or bias: it passes no relevance either way)
         b_pos, b_neg = _grouped_bias(b_pos, b_neg, groups, zz.dim() - 4)
         terms = [(plus, _offset(b_pos, eps, alpha), 1 / alpha)]
         if beta:
