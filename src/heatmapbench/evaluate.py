@@ -19,23 +19,23 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from heatmapbench import metric_names as mn
+from heatmapbench.adapt import apply_model_preprocessing
 from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
 from heatmapbench.evaluation.artifacts import settings_title, summary_markdown, write_evaluation
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
-from heatmapbench.models.zoo import from_checkpoint, preprocessing_of
+from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
 from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
 from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, run_tags, tracked_run
 
-PREPROCESSING_KEYS = ("mean", "std", "value_range", "image_size", "resize")
 
 
 def _device(name: str) -> torch.device:
@@ -66,13 +66,7 @@ def build_inputs(cfg: DictConfig):
     if cfg.get("ckpt_path"):
         from_checkpoint(cfg.ckpt_path, net)
     net = net.to(device).eval()
-    data_kwargs: dict[str, Any] = {}
-    pre = preprocessing_of(net)
-    if pre is not None and cfg.preprocessing_from_model:
-        data_kwargs = {k: v for k, v in pre.data_kwargs().items() if k in cfg.data}
-        with open_dict(cfg):  # the logged config must show what was really used
-            for key, value in data_kwargs.items():
-                cfg.data[key] = value
+    apply_model_preprocessing(cfg, net)
     datamodule = instantiate(cfg.data)
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()

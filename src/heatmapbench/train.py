@@ -13,10 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from heatmapbench import metric_names as mn
+from heatmapbench.adapt import adapt_num_classes, apply_model_preprocessing, describe_preprocessing
 from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.cli import instantiate_callbacks, user_errors_exit
 from heatmapbench.config import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlation_markdown
+from heatmapbench.models.zoo import preprocessing_of
 from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
 from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
@@ -32,15 +34,14 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     ckpt = training_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # read safely, before anything
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model, datamodule, notes = build_model_and_data(cfg)
     datamodule.prepare_data()
-    model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     _check_model_and_data(model, datamodule, callbacks)
     run_name, sweep_tags = run_identity(cfg, "train")
     aopc = (cfg.get("callbacks") or {}).get("aopc")
     explainers = list(cfg.evaluation.explainers) if aopc and cfg.get("evaluation") else []
-    tags = {**run_tags(cfg, "train", explainers), **sweep_tags}
+    tags = {**run_tags(cfg, "train", explainers), **notes, **sweep_tags}
     logger_kwargs: dict[str, Any] = {}
     if cfg.get("logger"):
         check_logger(cfg.logger, allow_run_id=True)
@@ -120,6 +121,28 @@ def _run_to_resume(cfg: DictConfig, ckpt: dict[str, Any] | None) -> str | None:
     return run_id
 
 
+def build_model_and_data(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, dict[str, str]]:
+    """The model sized to the data's classes and the data in the model's preprocessing.
+
+    The data config is instantiated first for its class count (cheap: no images are read),
+    then the model (``head``: a pretrained head of another width is replaced), then the data
+    again if the model's preprocessing changed its config. Returns the MLflow tags saying
+    what was adapted; the same lines are printed.
+    """
+    datamodule = instantiate(cfg.data)
+    head_note = adapt_num_classes(cfg, getattr(datamodule, "num_classes", None))
+    model: pl.LightningModule = instantiate(cfg.model)
+    if apply_model_preprocessing(cfg, model):
+        datamodule = instantiate(cfg.data)
+    pre = preprocessing_of(model)
+    notes = {"preprocessing": describe_preprocessing(pre) if cfg.get("preprocessing_from_model", True)
+             else "the data config's own (preprocessing_from_model=false)"}
+    if head_note:
+        notes["head"] = head_note
+    print("\n".join(f"{key}: {value}" for key, value in notes.items()), flush=True)
+    return model, datamodule, notes
+
+
 def _print_summary(cfg: DictConfig, metrics: dict[str, Any], logger: Any, run_id: str | None) -> None:
     lines = ["", "== heatmapbench-train summary =="]
     for key in ("val/acc", "test/acc", "val/loss", "test/loss"):
@@ -159,12 +182,14 @@ def _print_aopc(callback: AOPCCallback) -> None:
     table["epoch s"] = history.epoch_seconds
     print("\n== AOPC relative to the random ordering (MoRF), per epoch; accuracy = validation accuracy; "
           "callback s = time of this evaluation, epoch s = the training epoch's (with validation) ==")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="not measured"))
     cost = callback_cost(history)
     if cost:
         print(cost)
     print("\n== correlation of accuracy with AOPC across epochs ==")
     print(correlation_markdown(callback.correlations()), flush=True)
+    if history["accuracy"].isna().all():
+        print("(no validation images: accuracy not measured; set data.val_size or data.val_fraction)", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")

@@ -2,9 +2,11 @@
 
 Paper Fig. 7: on CIFAR-10, AOPC rises with test accuracy during training, so heatmap
 quality can assess a network without labels. The callback measures AOPC once before
-training (epoch 0) and every ``every_n_epochs`` validation epochs on the data module's
-fixed evaluation subset, with the predicted classes as targets, and logs everything to the
-trainer's MLflow run.
+training (epoch 0) and after every ``every_n_epochs`` training epochs, whether or not the
+trainer validates, on the data module's fixed evaluation subset, with the predicted classes
+as targets, and logs everything to the trainer's MLflow run. The accuracy beside it is
+measured on the held-out validation images (never trained on); without any, it is NaN
+("not measured"), never 0.
 """
 
 from __future__ import annotations
@@ -120,14 +122,29 @@ class AOPCCallback(pl.Callback):
         step = getattr(loop, "_batches_that_stepped", None)
         return int(trainer.global_step if step is None else step)
 
-    def _accuracy(self, net: nn.Module, loader) -> float:
+    def _held_out_accuracy(self, trainer: pl.Trainer, net: nn.Module) -> float:
+        """Accuracy on the validation batches Lightning would use; NaN without validation images."""
+        dm = trainer.datamodule
+        has_val = getattr(dm, "has_validation", None)
+        if has_val is None or not has_val():
+            return float("nan")
+        loader = dm.val_dataloader()
+        limit = trainer.limit_val_batches
+        n_batches = min(int(limit), len(loader)) if isinstance(limit, int) else int(len(loader) * limit)
         correct = total = 0
-        with torch.no_grad():
-            for x, y in loader:
-                x, y = x.to(self._device), y.to(self._device)
-                correct += int((net(x).argmax(1) == y).sum())
-                total += len(y)
-        return correct / max(total, 1)
+        was_training = net.training
+        net.eval()
+        try:  # in eval mode, with the RNG forked: training must not notice the measurement
+            with torch.no_grad(), torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+                for i, (x, y) in enumerate(loader):
+                    if i >= n_batches:
+                        break
+                    x, y = x.to(self._device), y.to(self._device)
+                    correct += int((net(x).argmax(1) == y).sum())
+                    total += len(y)
+        finally:
+            net.train(was_training)
+        return correct / total if total else float("nan")
 
     # -- hooks ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,23 +156,23 @@ class AOPCCallback(pl.Callback):
         self._subset = (x.to(self._device), y.to(self._device))
         self._norm = dm.normalization
         self._classes = tuple(getattr(dm, "classes", ()))
+        self._validated_epoch = -1
         if trainer.is_global_zero and not self.history:  # a resumed training has its history back
-            net = self._net(pl_module)
-            was_training = net.training
-            net.eval()
-            try:
-                with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
-                    acc = self._accuracy(net, dm.val_dataloader())
-            finally:
-                net.train(was_training)
-            self._evaluate(trainer, pl_module, epoch=0, accuracy=acc)
+            self._evaluate(trainer, pl_module, epoch=0,
+                           accuracy=self._held_out_accuracy(trainer, self._net(pl_module)))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
         self._busy = 0.0  # seconds of this callback inside the epoch, kept out of the epoch's time
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning validates at the end of the epoch before this hook, so val/acc (when the
+        # trainer validated this epoch) belongs to the weights scored here.
+        if not trainer.is_global_zero:
             return
         # Lightning validates inside the training epoch (before on_train_epoch_end): the epoch's
         # time so far, training and validation, is measured here, before this callback's own work
@@ -164,8 +181,11 @@ class AOPCCallback(pl.Callback):
         if epoch % self.every_n_epochs:
             return
         acc = trainer.callback_metrics.get(mn.VAL_ACC)
-        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=None if acc is None else float(acc),
-                       epoch_seconds=epoch_seconds)
+        if self._validated_epoch == trainer.current_epoch and acc is not None:
+            accuracy = float(acc)
+        else:  # no validation this epoch (check_val_every_n_epoch, or no validation images)
+            accuracy = self._held_out_accuracy(trainer, self._net(pl_module))
+        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=accuracy, epoch_seconds=epoch_seconds)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
@@ -247,7 +267,7 @@ class AOPCCallback(pl.Callback):
             if self.log_complexity and name in evaluation.complexity:
                 metrics[mn.explainer_metric(mn.COMPLEXITY_PNG, name)] = float(
                     evaluation.complexity[name]["png"].double().mean())
-        if accuracy is not None:
+        if accuracy is not None and not math.isnan(accuracy):
             metrics[mn.ACCURACY] = accuracy
         self.history.append(row)
         logger = self._mlflow(trainer)

@@ -55,15 +55,29 @@ class DataConfig:
         _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size, "must be >= 0")
         val_size = getattr(self, "val_size", 0)
         _require(val_size >= 0, "data.val_size", val_size, "must be >= 0")
+        train_size = getattr(self, "train_size", None)
+        _require(train_size is None or train_size >= 1, "data.train_size", train_size,
+                 "must be >= 1 or null (all training images)")
 
 
 @dataclass
 class TorchvisionDataConfig(DataConfig):
-    """MNIST, Fashion-MNIST, CIFAR-10 (torchvision datasets, 50/60k train images)."""
+    """MNIST, Fashion-MNIST, CIFAR-10 (torchvision datasets, 50/60k train images).
+
+    ``image_size`` ... ``value_range``: a pretrained model's preprocessing (``heatmapbench-train``
+    fills them from the model); null: the native size and channels, the set's own statistics.
+    """
 
     data_dir: str = MISSING
     download: bool = False
     val_size: int = 5000
+    train_size: Optional[int] = None
+    image_size: Optional[int] = None
+    resize: Optional[int] = None
+    channels: Optional[int] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    value_range: Optional[list[float]] = None
 
 
 @dataclass
@@ -88,13 +102,18 @@ class ImageFolderDataConfig(PreprocessedDataConfig):
     _target_: str = "heatmapbench.data.ImageFolderDataModule"
     path: str = MISSING
     train_path: Optional[str] = None
+    # validation: val_path, else val_size images or a val_fraction of train_path held out of training
+    val_path: Optional[str] = None
     val_size: int = 0
     # leave out files PIL cannot open (listed in the run) instead of failing before any work
     skip_unreadable: bool = False
+    val_fraction: float = 0.2
+    train_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(Path(self.path).is_dir(), "data.path", self.path,
                  "no such folder; point it at images laid out as <path>/<class>/<image>")
+        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
         super().__post_init__()
 
 

@@ -33,7 +33,10 @@ class ImageDataModule(pl.LightningDataModule):
     batch_size, num_workers
         DataLoader settings.
     val_size
-        Images held out of the training set for validation (seeded split).
+        Images held out of the training set for validation (seeded split, disjoint from the
+        images trained on).
+    train_size
+        Keep only this many of the remaining training images (seeded); ``None``: all of them.
     eval_subset_size
         Size of the fixed, seeded evaluation subset of the test set (``eval_subset()``),
         used by the AOPC callback and ``evaluate``.
@@ -53,16 +56,18 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str, batch_size: int = 128, num_workers: int = 0,
                  val_size: int = 5000, eval_subset_size: int = 256, seed: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, train_size: int | None = None) -> None:
         super().__init__()
         for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                ("val_size", val_size, 0), ("eval_subset_size", eval_subset_size, 0)):
+                                ("val_size", val_size, 0), ("eval_subset_size", eval_subset_size, 0),
+                                ("train_size", 1 if train_size is None else train_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_size = val_size
+        self.train_size = train_size
         self.eval_subset_size = eval_subset_size
         self.seed = seed
         self.pin_memory = pin_memory
@@ -96,15 +101,23 @@ class ImageDataModule(pl.LightningDataModule):
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate"):
-            full = self.load_split(train=True)
-            n = len(full)
-            if self.val_size >= n:
-                raise ValueError(f"data.val_size={self.val_size} must be below the {n} training images")
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            self.val_set = Subset(full, perm[: self.val_size])
-            self.train_set = Subset(full, perm[self.val_size:])
+            self.train_set, self.val_set = self.split_train_val(self.load_split(train=True), self.val_size)
         if self.test_set is None and stage in (None, "test", "predict", "fit", "validate"):
             self.test_set = self.load_split(train=False)
+
+    def split_train_val(self, full: Dataset, val_size: int) -> tuple[Subset, Subset]:
+        """Seeded, disjoint ``(train, val)`` subsets of ``full``: ``val_size`` images for validation,
+        the rest (at most ``train_size``) for training."""
+        n = len(full)
+        if val_size >= n:
+            raise ValueError(f"data.val_size={val_size} must be below the {n} training images")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        train = perm[val_size:] if self.train_size is None else perm[val_size:val_size + self.train_size]
+        return Subset(full, train), Subset(full, perm[:val_size])
+
+    def has_validation(self) -> bool:
+        """Whether there are labelled held-out images (``setup("fit")`` must have run)."""
+        return self.val_set is not None and len(self.val_set) > 0
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:

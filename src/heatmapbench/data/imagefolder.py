@@ -8,7 +8,7 @@ from typing import Sequence
 from torch.utils.data import Dataset
 from PIL import Image
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule
 from heatmapbench.data.samples import eval_transform
@@ -16,10 +16,15 @@ from heatmapbench.data.samples import eval_transform
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """An ImageFolder tree for evaluation; every split is the same folder unless ``train_path`` is set.
+    """An ImageFolder tree for evaluation; for training a second tree, ``train_path``.
 
     Images are resized (shorter side ``resize``), centre-cropped to ``image_size``, scaled to
     ``value_range`` and normalised with ``mean``/``std`` (ImageNet's on [0, 1] by default).
+
+    ``path`` is the test split (and the evaluation subset). Validation images are ``val_path``
+    when given, else a seeded part of ``train_path`` held out of training: ``val_size`` images,
+    or when that is 0, ``val_fraction`` of them (at least one). Every tree must hold the same
+    class folders, since class indices follow the sorted folder names.
     """
 
     name = "imagefolder"
@@ -28,21 +33,50 @@ class ImageFolderDataModule(ImageDataModule):
     def __init__(self, path: str, train_path: str | None = None, image_size: int = 224,
                  resize: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, value_range: Sequence[float] = (0.0, 1.0),
-                 data_dir: str = "", val_size: int = 0, skip_unreadable: bool = False, **kwargs) -> None:
+                 data_dir: str = "", val_size: int = 0, skip_unreadable: bool = False,
+                 val_path: str | None = None, val_fraction: float = 0.2, channels: int = 3, **kwargs) -> None:
         super().__init__(data_dir=data_dir or path, val_size=val_size, **kwargs)
         self.skip_unreadable = skip_unreadable
         #: Files left out because PIL cannot read them (``skip_unreadable=true``), relative to their tree.
         self.skipped: list[str] = []
+        if channels != 3:
+            raise ValueError(f"imagefolder: images are read as RGB; channels={channels} is not supported")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"imagefolder: data.val_fraction={val_fraction} must be in [0, 1)")
+        if val_path and val_size:
+            raise ValueError(f"imagefolder: data.val_path={val_path} and data.val_size={val_size} both "
+                             "choose the validation images; set one of them")
         self.path = Path(path)
         self.train_path = Path(train_path) if train_path else None
+        self.val_path = Path(val_path) if val_path else None
+        self.val_fraction = float(val_fraction)
         self.image_size = image_size
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.transform = eval_transform(image_size, resize, self.mean, self.std, self.value_range)
-        self._check(self.path)
-        if self.train_path is not None:
-            self._check(self.train_path)
+        for folder in (self.path, self.train_path, self.val_path):
+            if folder is not None:
+                self._check(folder)
+        self.classes = self._common_classes()
+        self.num_classes = len(self.classes)
+
+    def _common_classes(self) -> tuple[str, ...]:
+        trees = [f for f in (self.train_path, self.val_path, self.path) if f is not None]
+        found = []
+        for folder in trees:
+            try:
+                found.append(tuple(find_classes(str(folder))[0]))
+            except FileNotFoundError as err:  # no class folders in it
+                raise DataNotFoundError(f"imagefolder: {err}; lay the images out as <folder>/<class>/<image>") from err
+        for folder, classes in zip(trees[1:], found[1:]):
+            if classes != found[0]:
+                only = sorted(set(found[0]) ^ set(classes))
+                raise DataNotFoundError(
+                    f"imagefolder: {folder} and {trees[0]} hold different class folders ({', '.join(only[:5])}"
+                    f"{' ...' if len(only) > 5 else ''} in one only); the class indices would not match. "
+                    "Give every tree the same class folders (an empty folder is fine)")
+        return found[0]
 
     @staticmethod
     def _check(path: Path) -> None:
@@ -53,15 +87,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def load_split(self, train: bool) -> Dataset:
         root = self.train_path if (train and self.train_path is not None) else self.path
-        try:
-            ds = datasets.ImageFolder(str(root), transform=self.transform)
-        except FileNotFoundError as err:  # no class folders, or no image files in them
-            raise DataNotFoundError(f"imagefolder: no images under {root}; it must hold <class>/<image> files "
-                                    f"(extensions {', '.join(IMG_EXTENSIONS)})") from err
-        self._scan(ds, Path(root))
-        self.num_classes = len(ds.classes)
-        self.classes = tuple(ds.classes)
-        return ds
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
     def _scan(self, ds: datasets.ImageFolder, root: Path) -> None:
         """Open every file's header (fast: no decoding); an unreadable one fails here, or is left out."""
@@ -91,5 +117,13 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate") and self.train_path is None:
             raise ValueError("imagefolder: training needs data.train_path (a second class-folder tree)")
+        if self.train_set is None and stage in (None, "fit", "validate") and self.train_path is not None:
+            full = self.load_split(train=True)
+            if self.val_path is not None:
+                self.train_set, _ = self.split_train_val(full, 0)
+                self.val_set = self._folder(self.val_path)
+            else:
+                val_size = self.val_size or (max(1, round(self.val_fraction * len(full))) if self.val_fraction else 0)
+                self.train_set, self.val_set = self.split_train_val(full, val_size)
         super().setup(stage)
 

