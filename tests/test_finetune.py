@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError
 from heatmapbench.data import DataNotFoundError, ImageFolderDataModule
 from heatmapbench.models import ClassifierModule, SmallCNN, preprocessing_of, zoo
@@ -206,9 +207,10 @@ def test_callback_runs_every_epoch_without_validation_and_never_reports_accuracy
     client = MlflowClient(store_uri(cfg))
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    for key in ("aopc/sensitivity_l2", "aopc_rel/sensitivity_l2", "aopc/seconds"):
+    for key in (mn.explainer_metric(mn.AOPC, "sensitivity_l2"), mn.explainer_metric(mn.AOPC_REL, "sensitivity_l2"),
+                mn.SECONDS):
         assert _steps(client, run.info.run_id, key) == [0, 1, 2], key
-    assert "aopc/accuracy" not in run.data.metrics and "val/acc" not in run.data.metrics
+    assert mn.ACCURACY not in run.data.metrics and "val/acc" not in run.data.metrics
     out = capsys.readouterr().out
     table = out.split("== AOPC (MoRF) per epoch")[1].split("== correlation")[0]
     assert table.count("not measured") == 3  # the accuracy of epochs 0, 1, 2
@@ -227,7 +229,7 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
     result = run_train(cfg)
     client = MlflowClient(store_uri(cfg))
     run_id = result["run_id"]
-    acc = {m.step: m.value for m in client.get_metric_history(run_id, "aopc/accuracy")}
+    acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}
     assert sorted(acc) == [0, 1, 2] and all(0 < v <= 1 for v in acc.values())
     (val,) = client.get_metric_history(run_id, "val/acc")
     assert acc[2] == pytest.approx(val.value)
