@@ -87,7 +87,16 @@ class ImageFolderDataModule(ImageDataModule):
 
     def load_split(self, train: bool) -> Dataset:
         root = self.train_path if (train and self.train_path is not None) else self.path
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+        return self._folder(root)
+
+    def _folder(self, root: Path) -> Dataset:
+        # allow_empty: a class may lack images in one tree; its index still follows the names
+        ds = datasets.ImageFolder(str(root), transform=self.transform, allow_empty=True)
+        if len(ds) == 0:
+            raise DataNotFoundError(f"imagefolder: no images under {root}; it must hold <class>/<image> files "
+                                    f"(extensions {', '.join(IMG_EXTENSIONS)})")
+        self._scan(ds, Path(root))
+        return ds
 
     def _scan(self, ds: datasets.ImageFolder, root: Path) -> None:
         """Open every file's header (fast: no decoding); an unreadable one fails here, or is left out."""
