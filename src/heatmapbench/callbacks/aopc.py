@@ -168,6 +168,9 @@ class AOPCCallback(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validated_epoch = trainer.current_epoch
+            # the step val/acc is logged at: Lightning validates inside the epoch's last batch,
+            # before it counts that batch, so by on_train_epoch_end the counter is one further
+            self._validated_step = self._step(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning validates at the end of the epoch before this hook, so val/acc (when the
@@ -181,11 +184,12 @@ class AOPCCallback(pl.Callback):
         if epoch % self.every_n_epochs:
             return
         acc = trainer.callback_metrics.get(mn.VAL_ACC)
+        step = None
         if self._validated_epoch == trainer.current_epoch and acc is not None:
-            accuracy = float(acc)
+            accuracy, step = float(acc), self._validated_step  # one chart with val/acc in the UI
         else:  # no validation this epoch (check_val_every_n_epoch, or no validation images)
             accuracy = self._held_out_accuracy(trainer, self._net(pl_module))
-        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=accuracy, epoch_seconds=epoch_seconds)
+        self._evaluate(trainer, pl_module, epoch=epoch, accuracy=accuracy, epoch_seconds=epoch_seconds, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
@@ -221,11 +225,11 @@ class AOPCCallback(pl.Callback):
 
     # -- the evaluation ------------------------------------------------------------------
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
-                  accuracy: float | None, epoch_seconds: float = 0.0) -> None:
+                  accuracy: float | None, epoch_seconds: float = 0.0, step: int | None = None) -> None:
         """Score, log and write artifacts; ``callback_seconds`` is the whole cost to training."""
         start = time.perf_counter()
         try:
-            self._score_and_log(trainer, pl_module, epoch, accuracy, epoch_seconds)
+            self._score_and_log(trainer, pl_module, epoch, accuracy, epoch_seconds, step)
         finally:
             spent = time.perf_counter() - start
             self._busy = getattr(self, "_busy", 0.0) + spent
@@ -233,7 +237,7 @@ class AOPCCallback(pl.Callback):
                 self.history[-1]["callback_seconds"] = spent
 
     def _score_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
-                       accuracy: float | None, epoch_seconds: float) -> None:
+                       accuracy: float | None, epoch_seconds: float, step: int | None = None) -> None:
         assert self._subset is not None
         start = time.perf_counter()
         x, y = self._subset
@@ -249,7 +253,7 @@ class AOPCCallback(pl.Callback):
                                             progress=bar.update, **self._norm)
         seconds = time.perf_counter() - start
         subset_acc = float((evaluation.target == y.cpu()).double().mean())
-        step = self._step(trainer)
+        step = self._step(trainer) if step is None else step
         row: dict[str, float] = {"epoch": epoch, "step": step,
                                  "accuracy": accuracy if accuracy is not None else float("nan"),
                                  "subset_accuracy": subset_acc, "seconds": seconds, "epoch_seconds": epoch_seconds}
