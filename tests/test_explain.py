@@ -439,7 +439,11 @@ def test_fast_explainers_in_channels_last_equal_contiguous(arch):
     target = torch.tensor([1, 4])
     # alpha-beta and z+ amplify the reassociation of the convolution kernels: Zennit's own hooks move
     # by the same 2.4e-4 of the max between the layouts on EfficientNet-Lite0 (alpha 2, beta 1)
-    tolerance = {"sensitivity_l2": 1e-5, "deconvnet_l2": 1e-5, "guided_backprop": 1e-5, "lrp_epsilon_0.01": 1e-4,
+    # A plain gradient is discontinuous at every ReLU6 kink: on EfficientNet-Lite0 the reassociated
+    # float32 convolutions move a few units across a kink and sensitivity by up to 6e-3 of the max
+    # (measured; deconvnet / guided backprop stay below 1e-5). tests/test_runtime.py checks every
+    # explainer equal between the layouts in float64, where no unit moves.
+    tolerance = {"sensitivity_l2": 1e-5 if arch == "vgg_small" else 1e-2, "deconvnet_l2": 1e-5, "guided_backprop": 1e-5, "lrp_epsilon_0.01": 1e-4,
                  "lrp_alpha2_beta1": 1e-3, "lrp_alpha1_beta0": 1e-3, "lrp_epsilon_plus_flat": 1e-3}
     expected = {name: get_explainer(name)(model, x, target) for name in tolerance}
     with channels_last(model):
