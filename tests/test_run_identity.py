@@ -25,7 +25,8 @@ def test_train_params_are_readable(tmp_path, data_dir):
     assert not [k for k in params if k.startswith(("callbacks.model_checkpoint", "callbacks.progress_bar"))]
     # only the Trainer arguments that change what is trained
     assert "trainer.enable_checkpointing" not in params and "trainer.devices" in params and "trainer" not in params
-    assert len(params) < 60, sorted(params)
+    assert "progress" not in params and "data.num_workers" not in params  # display and loading mechanics
+    assert len(params) < 65, sorted(params)  # the demo's settings (~60), not the whole config (~150)
 
 
 def test_names_are_unique_and_say_what_ran_and_tags_match(tmp_path, data_dir):

@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Any, Callable
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -44,6 +45,20 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(code) from err
 
     return wrapper
+
+
+def instantiate_data(cfg: DictConfig) -> Any:
+    """Instantiate the ``data`` node; a data error raised while building it reaches the user as itself.
+
+    Hydra wraps every exception of a ``_target_`` in ``InstantiationException``, which would turn a
+    one-line "no images under ..." into a traceback after the error's own text.
+    """
+    try:
+        return instantiate(cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:

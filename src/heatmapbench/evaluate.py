@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from heatmapbench import metric_names as mn
 from heatmapbench.adapt import apply_model_preprocessing
-from heatmapbench.cli import apply_explainer_shortcut, selected_explainer, user_errors_exit
+from heatmapbench.cli import apply_explainer_shortcut, instantiate_data, selected_explainer, user_errors_exit
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
 from heatmapbench.evaluation.artifacts import settings_title, summary_markdown, write_evaluation
@@ -67,7 +67,7 @@ def build_inputs(cfg: DictConfig):
         from_checkpoint(cfg.ckpt_path, net)
     net = net.to(device).eval()
     apply_model_preprocessing(cfg, net)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_data(cfg.data)
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
     datamodule.setup("test")

@@ -167,7 +167,9 @@ def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[st
 
 
 #: Config groups that are bookkeeping (where files go, how runs are stored), not the experiment.
-_NOT_PARAMS = ("hydra", "paths", "logger")
+_NOT_PARAMS = ("hydra", "paths", "logger", "progress")
+#: How data are loaded, not which: they stay in config.yaml.
+_LOADING_KEYS = ("data.num_workers", "data.pin_memory", "data.download")
 #: Instantiation keys of Hydra: their class paths become ``<node>=<ClassName>``, the rest are dropped.
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
@@ -211,7 +213,7 @@ def readable_params(cfg: DictConfig) -> dict[str, str]:
         value = node._value() if hasattr(node, "_value") else node
         if isinstance(node, ListConfig) or isinstance(value, (list, tuple)):
             value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else value
-        if key.startswith("trainer.") and key[len("trainer."):] not in TRAINER_PARAMS:
+        if key.startswith("trainer.") and key[len("trainer."):] not in TRAINER_PARAMS or key in _LOADING_KEYS:
             return
         text = str(value)
         if isinstance(value, str) and os.path.isabs(value):

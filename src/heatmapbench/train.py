@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from heatmapbench import metric_names as mn
 from heatmapbench.adapt import adapt_num_classes, apply_model_preprocessing, describe_preprocessing
 from heatmapbench.callbacks import AOPCCallback
-from heatmapbench.cli import instantiate_callbacks, user_errors_exit
+from heatmapbench.cli import instantiate_callbacks, instantiate_data, user_errors_exit
 from heatmapbench.config import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
@@ -129,11 +129,11 @@ def build_model_and_data(cfg: DictConfig) -> tuple[pl.LightningModule, pl.Lightn
     again if the model's preprocessing changed its config. Returns the MLflow tags saying
     what was adapted; the same lines are printed.
     """
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_data(cfg.data)
     head_note = adapt_num_classes(cfg, getattr(datamodule, "num_classes", None))
     model: pl.LightningModule = instantiate(cfg.model)
     if apply_model_preprocessing(cfg, model):
-        datamodule = instantiate(cfg.data)
+        datamodule = instantiate_data(cfg.data)
     pre = preprocessing_of(model)
     notes = {"preprocessing": describe_preprocessing(pre) if cfg.get("preprocessing_from_model", True)
              else "the data config's own (preprocessing_from_model=false)"}

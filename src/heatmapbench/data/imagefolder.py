@@ -68,7 +68,8 @@ class ImageFolderDataModule(ImageDataModule):
             try:
                 found.append(tuple(find_classes(str(folder))[0]))
             except FileNotFoundError as err:  # no class folders in it
-                raise DataNotFoundError(f"imagefolder: {err}; lay the images out as <folder>/<class>/<image>") from err
+                raise DataNotFoundError(f"imagefolder: no images under {folder}; it must hold <class>/<image> files "
+                                        f"(extensions {', '.join(IMG_EXTENSIONS)})") from err
         for folder, classes in zip(trees[1:], found[1:]):
             if classes != found[0]:
                 only = sorted(set(found[0]) ^ set(classes))
