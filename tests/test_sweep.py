@@ -140,7 +140,7 @@ def test_evaluate_against_a_real_mlflow_server(tmp_path, data_dir):
         run = found[0]
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert "aopc_rel/sensitivity_l2" in metrics and metrics["images"] == 4
+        assert mn.explainer_metric(mn.AOPC_REL, "sensitivity_l2") in metrics and metrics[mn.IMAGES] == 4
         artifacts = _rest(base, f"artifacts/list?run_id={run['info']['run_id']}&path=evaluation")
         assert "evaluation/summary.csv" in {f["path"] for f in artifacts.get("files", [])}
     finally:
