@@ -131,6 +131,34 @@ def test_precision_bf16_close_to_fp32_and_fp16_refused_on_cpu():
     with pytest.raises(ValueError, match="precision='fp64' is invalid"):
         region_perturbation(net, x, heat, precision="fp64", **kw)
     assert check_precision("fp16", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="precision='tf32' needs a CUDA device"):
+        region_perturbation(net, x, heat, precision="tf32", **kw)
+
+
+def _cuda_fp32_switches() -> tuple:
+    b = torch.backends
+    return b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision
+
+
+def test_fp32_means_ieee_on_cuda_and_tf32_is_asked_for():
+    """PyTorch runs CUDA float32 convolutions in TF32 unless told otherwise: precision=fp32 turns
+    that off for the passes (the reference stays IEEE float32), tf32 turns it on, and both put the
+    user's switches back afterwards, also on error. Only flags are read: no GPU needed."""
+    from heatmapbench.runtime import autocast
+
+    before = _cuda_fp32_switches()
+    with autocast("fp32", "cuda"):
+        assert _cuda_fp32_switches() == ("ieee", "ieee", "ieee")
+    assert _cuda_fp32_switches() == before
+    with autocast("tf32", "cuda"):
+        assert _cuda_fp32_switches() == ("tf32", "tf32", "tf32")
+    assert _cuda_fp32_switches() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with autocast("fp32", "cuda"):
+            raise RuntimeError("boom")
+    assert _cuda_fp32_switches() == before
+    with autocast("fp32", "cpu"):  # nothing to switch on a CPU
+        assert _cuda_fp32_switches() == before
 
 
 # --------------------------------------------------------------------------- the evaluation level

@@ -32,6 +32,7 @@ from heatmapbench.evaluation.artifacts import settings_title, summary_markdown, 
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
+from heatmapbench.runtime import CUDA_ONLY
 from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
 from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, run_tags, tracked_run
@@ -58,9 +59,9 @@ def build_inputs(cfg: DictConfig):
         raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
     settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     device = _device(cfg.device)
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"evaluation.precision=fp16 is invalid on {device.type}: it needs a CUDA device; "
-                          "use evaluation.precision=bf16 or fp32")
+    if settings.precision in CUDA_ONLY and device.type != "cuda":
+        raise ConfigError(f"evaluation.precision={settings.precision} is invalid on {device.type}: it needs a "
+                          "CUDA device; use evaluation.precision=bf16 or fp32")
     module = instantiate(cfg.model)
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):

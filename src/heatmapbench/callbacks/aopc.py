@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
+from heatmapbench.runtime import CUDA_ONLY
 from heatmapbench.evaluation import (
     ExplainerSpec,
     build_explainers,
@@ -83,8 +84,9 @@ class AOPCCallback(pl.Callback):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.settings = build_settings(settings)
-        if self.settings.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("evaluation.precision=fp16 is invalid here: it needs a CUDA device; use bf16 or fp32")
+        if self.settings.precision in CUDA_ONLY and not torch.cuda.is_available():
+            raise ConfigError(f"evaluation.precision={self.settings.precision} is invalid here: it needs a CUDA "
+                              "device; use bf16 or fp32")
         if log_abpc and "lerf" not in self.settings.orders:
             self.settings.orders = list(self.settings.orders) + ["lerf"]
         self.settings.complexity = log_complexity

@@ -225,7 +225,8 @@ class EvaluationSettings:
     n_boot
         Bootstrap resamples of the images behind every confidence interval and paired test.
     precision
-        ``fp32`` (the reference), ``bf16`` or ``fp16`` (CUDA only): autocast dtype of the
+        ``fp32`` (the reference: IEEE float32, also on CUDA), ``tf32`` (CUDA only: TF32
+        convolutions and matrix products), ``bf16`` or ``fp16`` (CUDA only): the math of the
         explainers' and the engine's passes (:mod:`heatmapbench.runtime`); AOPC moves with it.
     layout
         ``auto`` (channels_last for 2-D convnets: the same numbers up to float reassociation,

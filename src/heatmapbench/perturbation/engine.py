@@ -219,8 +219,9 @@ def region_perturbation(
     mean, std : per-channel normalisation (model = (px − mean)/std); default identity.
     value_range : (lo, hi) of pixels, e.g. (0, 1) or (0, 255). The paper's U(0, 1) noise is drawn
         in [0, 1]-scaled intensity and mapped to this range.
-    precision : ``"fp32"`` (default, the reference), ``"bf16"`` or ``"fp16"`` (CUDA only): the
-        forward passes run under ``torch.autocast``; scores are float32. Perturbed inputs are
+    precision : ``"fp32"`` (default, the reference: IEEE float32, TF32 off on CUDA), ``"tf32"``
+        (CUDA only), ``"bf16"`` or ``"fp16"`` (CUDA only): the forward passes run under
+        ``torch.autocast`` or the float32 math asked for; scores are float32. Perturbed inputs are
         built in ``x``'s dtype either way (see :mod:`heatmapbench.runtime`).
     layout : ``"auto"`` (channels_last for models with 2-D convolutions: the same results up
         to float reassociation, faster on oneDNN/cuDNN), ``"channels_last"`` or ``"contiguous"``.
