@@ -124,10 +124,69 @@ def test_frozen_backbone_trains_only_the_head_then_everything(tmp_path):
 
 
 def test_backbone_options_need_a_named_head():
-    with pytest.raises(ValueError, match="names none"):
+    with pytest.raises(ConfigError, match="names none"):
         ClassifierModule(SmallCNN(), num_classes=10, freeze_backbone_epochs=1)
-    with pytest.raises(ValueError, match="backbone_lr_factor must be > 0"):
+    with pytest.raises(ConfigError, match="names none"):
+        ClassifierModule(SmallCNN(), num_classes=10, backbone_bn="eval")
+    with pytest.raises(ConfigError, match="backbone_lr_factor must be > 0"):
         ClassifierModule(_tiny_zoo_like_net(), num_classes=3, backbone_lr_factor=0.0)
+    with pytest.raises(ConfigError, match="model.backbone_bn='off' is invalid: choose train"):
+        ClassifierModule(_tiny_zoo_like_net(), num_classes=3, backbone_bn="off")
+
+
+def _bn_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    net.head_name = "6"
+    # pretrained-looking statistics and affine parameters, far from what the data give
+    net[1].running_mean.fill_(-0.2)
+    net[1].running_var.fill_(2.0)
+    nn.init.uniform_(net[1].weight, 0.5, 1.5)
+    nn.init.uniform_(net[1].bias, 0.1, 0.5)
+    return net.eval()  # as the zoo builds it
+
+
+@NO_VAL_WARNING
+@pytest.mark.filterwarnings("ignore:Found 1 module\\(s\\) in eval mode")
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+def test_backbone_batchnorm_modes(tmp_path, mode):
+    """eval/frozen: the running statistics stay bit-identical through training and validation, BatchNorm
+    normalises with them in training (eval mode) while dropout trains; frozen also keeps γ/β. train: the
+    statistics are re-estimated (the negative control). The module's own train()/eval() still switch modes."""
+    pl.seed_everything(0, verbose=False)
+    net = _bn_net()
+    module = ClassifierModule(net, num_classes=3, freeze_backbone_epochs=1, backbone_bn=mode,
+                              optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))), batch_size=8)
+    seen = []
+
+    class Modes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, net[1].training, net[3].training, net[1].weight.requires_grad))
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Modes()],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, data, data)  # validation after each epoch: Lightning restores the modes it found
+    after = net.state_dict()
+    kept = ("1.running_mean", "1.running_var", "1.num_batches_tracked")
+    affine = ("1.weight", "1.bias")
+    trained = ("0.weight", "6.weight")
+    for key in trained:
+        assert not torch.equal(before[key], after[key]), key
+    for key in kept:
+        assert torch.equal(before[key], after[key]) == (mode != "train"), key
+    for key in affine:
+        assert torch.equal(before[key], after[key]) == (mode == "frozen"), key
+    # epoch 1 (backbone frozen): BatchNorm in eval mode, no γ/β gradients, in every mode
+    assert {s[1:] for s in seen if s[0] == 0} == {(False, True, False)}
+    # epoch 2, after a validation: BatchNorm trains only under "train"; dropout trains; γ/β per the option
+    assert {s[1:] for s in seen if s[0] == 1} == {(mode == "train", True, mode != "frozen")}
+    module.eval()
+    assert not any(m.training for m in module.modules())
+    module.train()
+    assert net[3].training and net[1].training == (mode == "train")
 
 
 # -- training takes the model's preprocessing and sizes the head -------------------------------------
@@ -235,3 +294,4 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
     (val,) = client.get_metric_history(run_id, "val/acc")
     assert acc[max(acc)] == pytest.approx(val.value)
     assert not any(math.isnan(v) for v in acc.values())
+

@@ -6,6 +6,10 @@ network through ``module.net``.
 Fine-tuning a zoo network (whose head is named, ``heatmapbench.models.zoo.head_of``): the
 backbone (everything but the head) can be frozen for the first epochs and trained with a
 smaller learning rate afterwards, the usual recipe for a pretrained net on new classes.
+Its BatchNorm layers can keep the pretrained running statistics throughout (``backbone_bn``):
+in train mode they normalise each batch with the batch's own statistics while evaluation
+uses running statistics that move slowly (Lite0's momentum is 0.01), so training and
+evaluation see different features right after unfreezing.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from heatmapbench.config import ConfigError
 from heatmapbench.models.zoo import head_of
+
+#: What ``backbone_bn`` may be: how the backbone's BatchNorm layers train once it is unfrozen.
+BACKBONE_BN = ("train", "eval", "frozen")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -38,33 +46,44 @@ class ClassifierModule(pl.LightningModule):
         and its BatchNorm layers keep their running statistics (eval mode).
     backbone_lr_factor
         The backbone's learning rate is the optimiser's ``lr`` times this (the head gets ``lr``).
+    backbone_bn
+        The backbone's BatchNorm layers while it trains: ``train`` (batch statistics, running
+        statistics re-estimated, affine parameters trained), ``eval`` (kept in eval mode: the
+        pretrained running statistics normalise in training as in evaluation, affine parameters
+        trained) or ``frozen`` (``eval`` and the affine parameters not trained either).
 
     Raises
     ------
-    ValueError
+    ConfigError
         A backbone option is set but ``net`` does not name its head, or a value is out of range.
     """
 
     def __init__(self, net: nn.Module, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None,
-                 freeze_backbone_epochs: int = 0, backbone_lr_factor: float = 1.0) -> None:
+                 freeze_backbone_epochs: int = 0, backbone_lr_factor: float = 1.0,
+                 backbone_bn: str = "train") -> None:
         super().__init__()
         if not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
-            raise ValueError(f"model.freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}")
+            raise ConfigError(f"model.freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}")
         if not backbone_lr_factor > 0:
-            raise ValueError(f"model.backbone_lr_factor must be > 0 (freeze with model.freeze_backbone_epochs "
+            raise ConfigError(f"model.backbone_lr_factor must be > 0 (freeze with model.freeze_backbone_epochs "
                              f"instead), got {backbone_lr_factor!r}")
+        if backbone_bn not in BACKBONE_BN:
+            raise ConfigError(f"model.backbone_bn={backbone_bn!r} is invalid: choose train (BatchNorm statistics "
+                             "re-estimated), eval (pretrained statistics kept) or frozen (statistics and affine "
+                             "parameters kept)")
         head = head_of(net)
-        if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0):
-            raise ValueError(f"model.freeze_backbone_epochs / model.backbone_lr_factor need a network whose "
-                             f"head is known (a zoo model); {type(net).__name__} names none")
+        if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0 or backbone_bn != "train"):
+            raise ConfigError(f"model.freeze_backbone_epochs / model.backbone_lr_factor / model.backbone_bn need a "
+                             f"network whose head is known (a zoo model); {type(net).__name__} names none")
         # plain data only, so checkpoints load with weights_only=True (the optimiser partials
         # are in the run's config, which RunRecord writes into the checkpoint)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.freeze_backbone_epochs = freeze_backbone_epochs
         self.backbone_lr_factor = float(backbone_lr_factor)
+        self.backbone_bn = backbone_bn
         self._head_prefix = None if head is None else head[0] + "."
         self._frozen = False
         self.num_classes = num_classes
@@ -94,27 +113,40 @@ class ClassifierModule(pl.LightningModule):
         return [m for name, m in self.net.named_modules()
                 if name and name != head and not name.startswith(self._head_prefix)]
 
+    def _backbone_norms(self) -> list[nn.Module]:
+        return [m for m in self._backbone_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
     def freeze_backbone(self, frozen: bool) -> None:
-        """Stop (or restart) training the backbone: no gradients, BatchNorm statistics fixed."""
+        """Stop (or restart) training the backbone: no gradients, BatchNorm statistics fixed.
+
+        Restarted, its BatchNorm affine parameters stay fixed under ``backbone_bn="frozen"``.
+        """
         _, backbone = self.parameter_groups()
         for param in backbone:
             param.requires_grad_(not frozen)
+        if not frozen and self.backbone_bn == "frozen":
+            for module in self._backbone_norms():
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
         self._frozen = frozen
         if self._head_prefix is not None:
             self.train(self.training)  # re-applies the BatchNorm modes
 
     def train(self, mode: bool = True):  # noqa: D102
         super().train(mode)
-        if mode and getattr(self, "_frozen", False):  # Lightning switches to train() each epoch: keep frozen BN in eval
-            for module in self._backbone_modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        # Lightning switches to train() each epoch (and after validating): backbone BatchNorm
+        # layers whose statistics are kept stay in eval mode
+        if mode and (getattr(self, "_frozen", False) or getattr(self, "backbone_bn", "train") != "train"):
+            for module in self._backbone_norms():
+                module.eval()
         return self
 
     def on_fit_start(self) -> None:  # noqa: D102
         # zoo builders return their net in eval mode (for evaluation); Lightning keeps the
         # modes it finds, so without this a pretrained net would train with BatchNorm frozen
         # and dropout off
+        if self._head_prefix is not None:
+            self.freeze_backbone(self._frozen)  # backbone_bn="frozen": affine parameters fixed from the start
         self.train()
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
