@@ -295,3 +295,47 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
     assert acc[max(acc)] == pytest.approx(val.value)
     assert not any(math.isnan(v) for v in acc.values())
 
+
+# -- bad optimiser overrides and checkpoints of another width, before any run ------------------------
+@needs_fmnist
+@pytest.mark.parametrize("override, message", [
+    ("model.optimizer.lr=-0.1", r"^model.optimizer / model.scheduler cannot be built: Invalid learning rate: -0.1;"),
+    ("+model.optimizer.nesterov_typo=true",
+     r"^model.optimizer / model.scheduler cannot be built: .*unexpected keyword argument 'nesterov_typo'"),
+    ("model.optimizer._target_=torch.optim.Adamm",
+     r"^model.optimizer._target_='torch.optim.Adamm' is invalid: no such class or function"),
+])
+def test_a_bad_optimizer_fails_in_one_line_before_any_run(train_cfg, override, message):
+    from tests.test_faults import no_runs
+
+    cfg = train_cfg(override)
+    with pytest.raises(ConfigError, match=message) as err:
+        run_train(cfg)
+    assert "\n" not in str(err.value)
+    assert no_runs(cfg)
+
+
+@needs_fmnist
+def test_a_checkpoint_of_another_width_gets_a_fresh_head_or_a_clear_error(tmp_path, train_cfg):
+    from heatmapbench.models.checkpoints import CheckpointError
+
+    torch.manual_seed(0)
+    trained = SmallCNN(num_classes=2).state_dict()  # a 2-class run's weights, as heatmapbench-train saves them
+    path = tmp_path / "two.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in trained.items()}}, path)
+    torch.manual_seed(1)
+    fresh = SmallCNN(num_classes=10)
+    built = {k: v.clone() for k, v in fresh.state_dict().items()}
+    net = zoo.from_checkpoint(str(path), fresh, adapt_head=True)
+    assert net.adapted_head == (2, 10)
+    for key, value in net.state_dict().items():  # the head as freshly built, everything else the checkpoint's
+        assert torch.equal(value, built[key] if key.startswith("10.") else trained[key]), key
+    assert sum(k.startswith("10.") for k in built) == 2 and len(built) == 8
+    with pytest.raises(CheckpointError, match="has a 2-way head but the model is built with 10 outputs"):
+        zoo.from_checkpoint(str(path), SmallCNN(num_classes=10))
+    # through heatmapbench-train's config: head=adapt (default) replaces, head=keep refuses
+    model, _, notes = build_model_and_data(train_cfg("model=checkpoint", f"model.net.ckpt_path={path}"))
+    assert model.net[10].out_features == 10
+    assert "the checkpoint's 2-way head replaced by a fresh 10-way one" in notes["head"]
+    with pytest.raises(CheckpointError, match="head=adapt to fine-tune a fresh 10-way head"):
+        build_model_and_data(train_cfg("model=checkpoint", f"model.net.ckpt_path={path}", "head=keep"))

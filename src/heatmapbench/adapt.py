@@ -52,7 +52,7 @@ def adapt_num_classes(cfg: DictConfig, data_classes: int | None) -> str | None:
 
     ``head=adapt`` (default) sets ``model.num_classes`` to the data's class count; a zoo model
     whose pretrained head has another width then gets a fresh head of that width, its other
-    weights loaded. ``head=keep`` leaves the model as configured and refuses data with another
+    weights loaded, and so does a checkpoint (``model.net.adapt_head``). ``head=keep`` leaves the model as configured and refuses data with another
     number of classes. Returns a line describing a change, or ``None``.
 
     Raises
@@ -64,6 +64,10 @@ def adapt_num_classes(cfg: DictConfig, data_classes: int | None) -> str | None:
     if policy not in HEAD_POLICIES:
         raise ConfigError(f"head={policy!r} is invalid: use head=adapt (size the head to the data's classes) "
                           "or head=keep (keep the model's head; the data must have as many classes)")
+    net = cfg.model.get("net")
+    if isinstance(net, DictConfig) and "adapt_head" in net:  # a checkpoint's head: refused or replaced
+        with open_dict(cfg):
+            net.adapt_head = policy == "adapt"
     if data_classes is None or "num_classes" not in cfg.model:
         return None
     configured = int(cfg.model.num_classes)

@@ -61,6 +61,21 @@ def instantiate_data(cfg: DictConfig) -> Any:
         raise
 
 
+def instantiate_model(cfg: DictConfig) -> Any:
+    """Instantiate the ``model`` node as :func:`instantiate_data` does the data; a ``_target_`` that names
+    nothing (``model.optimizer._target_=torch.optim.Adamm``) is one line too, not Hydra's traceback."""
+    try:
+        return instantiate_data(cfg)
+    except InstantiationException as err:
+        text = str(err)
+        if not text.startswith("Error locating target '"):
+            raise
+        target = text.split("'")[1]
+        key = text.partition("full_key: ")[2].strip() or "model"
+        raise ConfigError(f"{key}._target_={target!r} is invalid: no such class or function; name one that "
+                          "exists (e.g. torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)") from None
+
+
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` node of the ``callbacks`` group (``null`` entries are off)."""
     if not cfg:

@@ -3,8 +3,9 @@
 The entry points call these after building the model and the data and before opening the
 run: the tracking store and the artifact folder are usable (an HTTP server answers within
 about 10 s), the evaluation's regions fit the data's images, the model takes the data's
-images and has an output per class (a forward of one image), and the model's weights were
-loaded from somewhere (else a loud warning and a ``weights=untrained`` tag).
+images and has an output per class (a forward of one image), the model's optimiser can be
+built, and the model's weights were loaded from somewhere (else a loud warning and a
+``weights=untrained`` tag).
 """
 
 from __future__ import annotations
@@ -120,6 +121,27 @@ def check_model_fits_data(net: nn.Module, x: torch.Tensor, num_classes: int | No
         raise ConfigError(f"the model has {k} outputs but the data has {num_classes} classes; set "
                           f"model.num_classes={num_classes} (and the net's num_classes)")
     return k
+
+
+def check_optimizer(model: Any) -> None:
+    """Build the optimiser (and scheduler) of a ``ClassifierModule`` on its parameters, as training will.
+
+    A bad ``model.optimizer`` / ``model.scheduler`` override (a negative learning rate, an
+    argument the class does not take) then fails here, before any run exists, instead of when
+    Lightning calls ``configure_optimizers``. Building one allocates no state (that comes with
+    the first step). Other modules are left to Lightning.
+    """
+    from heatmapbench.models.classifier import ClassifierModule
+
+    if not isinstance(model, ClassifierModule):
+        return
+    try:
+        model.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.optimizer / model.scheduler cannot be built: {first}; fix the override "
+                          "(e.g. model.optimizer.lr=0.001, or model.optimizer._target_=torch.optim.Adam with "
+                          "arguments it takes)") from err
 
 
 def weights_source(net: nn.Module) -> str | None:

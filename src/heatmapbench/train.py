@@ -15,13 +15,13 @@ from omegaconf import DictConfig
 from heatmapbench import metric_names as mn
 from heatmapbench.adapt import adapt_num_classes, apply_model_preprocessing, describe_preprocessing
 from heatmapbench.callbacks import AOPCCallback
-from heatmapbench.cli import instantiate_callbacks, instantiate_data, user_errors_exit
+from heatmapbench.cli import instantiate_callbacks, instantiate_data, instantiate_model, user_errors_exit
 from heatmapbench.config import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
 from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
-from heatmapbench.preflight import check_logger, check_model_fits_data, check_regions_fit
+from heatmapbench.preflight import check_logger, check_model_fits_data, check_optimizer, check_regions_fit
 from heatmapbench.tracking import (log_skipped, make_logger, prepare_sqlite_store, resolved_config, retry_locked,
                                    run_identity, run_tags, store_lock, tracked_run)
 
@@ -38,6 +38,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     _check_model_and_data(model, datamodule, callbacks)
+    check_optimizer(model)
     run_name, sweep_tags = run_identity(cfg, "train")
     aopc = (cfg.get("callbacks") or {}).get("aopc")
     explainers = list(cfg.evaluation.explainers) if aopc and cfg.get("evaluation") else []
@@ -131,12 +132,16 @@ def build_model_and_data(cfg: DictConfig) -> tuple[pl.LightningModule, pl.Lightn
     """
     datamodule = instantiate_data(cfg.data)
     head_note = adapt_num_classes(cfg, getattr(datamodule, "num_classes", None))
-    model: pl.LightningModule = instantiate(cfg.model)
+    model: pl.LightningModule = instantiate_model(cfg.model)
     if apply_model_preprocessing(cfg, model):
         datamodule = instantiate_data(cfg.data)
     pre = preprocessing_of(model)
     notes = {"preprocessing": describe_preprocessing(pre) if cfg.get("preprocessing_from_model", True)
              else "the data config's own (preprocessing_from_model=false)"}
+    adapted = getattr(getattr(model, "net", None), "adapted_head", None)
+    if adapted is not None:
+        head_note = (f"the checkpoint's {adapted[0]}-way head replaced by a fresh {adapted[1]}-way one "
+                     "(the data's classes; every other weight loaded)")
     if head_note:
         notes["head"] = head_note
     print("\n".join(f"{key}: {value}" for key, value in notes.items()), flush=True)

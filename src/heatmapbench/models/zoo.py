@@ -365,7 +365,7 @@ def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True,
 
 
 # -- checkpoints of heatmapbench-train ------------------------------------------------------------
-def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.Module:
+def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_head: bool = False) -> nn.Module:
     """Load the ``net`` of a ``ClassifierModule`` checkpoint (``heatmapbench-train``) into ``net``.
 
     ``ClassifierModule`` does not save its network's config (only ``num_classes`` and the
@@ -375,10 +375,18 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
 
     The file is read with ``weights_only=True``: a file that needs code to unpickle is refused.
 
+    A checkpoint whose head (the net's named head, else its last ``nn.Linear``) has another
+    number of outputs than ``net``'s: with ``adapt_head`` (``heatmapbench-train head=adapt``)
+    every other weight is loaded and ``net``'s freshly initialised head is kept, recorded as
+    ``net.adapted_head = (checkpoint's width, new width)``; without, a ``CheckpointError``
+    says so.
+
     Raises
     ------
     WeightsNotFoundError
         No file at ``ckpt_path``.
+    CheckpointError
+        The checkpoint's head has another width than ``net``'s and ``adapt_head`` is false.
     ValueError
         The file is not a Lightning checkpoint of a ``ClassifierModule``, or its weights do not
         fit ``net`` (the message says which keys or shapes differ).
@@ -390,7 +398,7 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
             "heatmapbench-train trainer.enable_checkpointing=true, or point ckpt_path at a .ckpt file.")
     if not isinstance(net, nn.Module):
         raise TypeError(f"checkpoint: net must be an nn.Module (the architecture trained), got {type(net).__name__}")
-    from heatmapbench.models.checkpoints import load_checkpoint  # it imports this module
+    from heatmapbench.models.checkpoints import CheckpointError, load_checkpoint  # it imports this module
 
     ckpt = load_checkpoint(path, "model.net.ckpt_path")
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
@@ -400,6 +408,23 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
     if not sub:
         raise ValueError(f"checkpoint: {path} has no '{prefix}*' weights; keys start with "
                          f"{sorted({k.split('.')[0] for k in state})}")
+    head = _output_head(net)
+    widths = None
+    if head is not None:
+        own = net.state_dict()
+        keys = [f"{head}.weight"] + ([f"{head}.bias"] if f"{head}.bias" in own else [])
+        if all(k in sub for k in keys) and all(sub[k].shape[1:] == own[k].shape[1:] for k in keys) \
+                and sub[keys[0]].shape[0] != own[keys[0]].shape[0]:
+            widths = (int(sub[keys[0]].shape[0]), int(own[keys[0]].shape[0]))
+    if widths is not None:
+        if not adapt_head:
+            raise CheckpointError(
+                f"model.net.ckpt_path={str(path)!r} has a {widths[0]}-way head but the model is built with "
+                f"{widths[1]} outputs (model.num_classes={widths[1]}); train with head=adapt to fine-tune a fresh "
+                f"{widths[1]}-way head on the checkpoint's other weights, or use data with {widths[0]} classes "
+                f"(model.num_classes={widths[0]})")
+        sub = {k: v for k, v in sub.items() if k not in keys}
+        sub.update({k: v for k, v in net.state_dict().items() if k in keys})  # the fresh head, as built
     try:
         net.load_state_dict(sub, strict=True)
     except RuntimeError as err:
@@ -408,4 +433,15 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.") -> nn.
             f"model.net.net to the network config used in training (e.g. the net of conf/model/vgg_small.yaml): "
             f"{err}") from err
     net.weights_source = str(path)
+    if widths is not None:
+        net.adapted_head = widths
     return net.eval()
+
+
+def _output_head(net: nn.Module) -> str | None:
+    """The name of ``net``'s classification head: the one it names, else its last ``nn.Linear``."""
+    named = head_of(net)
+    if named is not None:
+        return named[0]
+    linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
