@@ -165,7 +165,10 @@ def test_backbone_batchnorm_modes(tmp_path, mode):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((trainer.current_epoch, net[1].training, net[3].training, net[1].weight.requires_grad))
 
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        def on_train_epoch_end(self, trainer, pl_module):
+            pl_module.net.train()  # a careless callback: the next epoch must still keep the statistics
+
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Modes()],
                          default_root_dir=str(tmp_path))
     trainer.fit(module, data, data)  # validation after each epoch: Lightning restores the modes it found
@@ -181,12 +184,36 @@ def test_backbone_batchnorm_modes(tmp_path, mode):
         assert torch.equal(before[key], after[key]) == (mode == "frozen"), key
     # epoch 1 (backbone frozen): BatchNorm in eval mode, no γ/β gradients, in every mode
     assert {s[1:] for s in seen if s[0] == 0} == {(False, True, False)}
-    # epoch 2, after a validation: BatchNorm trains only under "train"; dropout trains; γ/β per the option
-    assert {s[1:] for s in seen if s[0] == 1} == {(mode == "train", True, mode != "frozen")}
+    # epochs 2 and 3, after a validation: BatchNorm trains only under "train"; dropout trains; γ/β per the option
+    for epoch in (1, 2):
+        assert {s[1:] for s in seen if s[0] == epoch} == {(mode == "train", True, mode != "frozen")}
     module.eval()
     assert not any(m.training for m in module.modules())
     module.train()
     assert net[3].training and net[1].training == (mode == "train")
+
+
+def test_callback_accuracy_gives_every_module_its_own_mode_back():
+    """The AOPC callback's held-out accuracy (epochs Lightning did not validate) runs in eval mode and
+    restores each module's mode, not ``net.train()`` (which would wake a kept BatchNorm)."""
+    from types import SimpleNamespace
+
+    from heatmapbench.callbacks import AOPCCallback
+
+    net = _bn_net().train()
+    net[1].eval()  # as ClassifierModule keeps it under backbone_bn=eval
+    xs, ys = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        expected = (net.eval()(xs).argmax(1) == ys).float().mean().item()
+    net.train()
+    net[1].eval()
+    dm = SimpleNamespace(has_validation=lambda: True, val_dataloader=lambda: DataLoader(TensorDataset(xs, ys),
+                                                                                           batch_size=4))
+    callback = AOPCCallback.__new__(AOPCCallback)
+    callback._device = torch.device("cpu")
+    accuracy = callback._held_out_accuracy(SimpleNamespace(datamodule=dm, limit_val_batches=1.0), net)
+    assert accuracy == pytest.approx(expected)  # eval mode: dropout off, the kept statistics
+    assert [m.training for m in net] == [True, False, True, True, True, True, True]
 
 
 # -- training takes the model's preprocessing and sizes the head -------------------------------------

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
+from heatmapbench.perturbation.engine import eval_mode
 from heatmapbench.runtime import CUDA_ONLY
 from heatmapbench.evaluation import (
     ExplainerSpec,
@@ -134,18 +135,17 @@ class AOPCCallback(pl.Callback):
         limit = trainer.limit_val_batches
         n_batches = min(int(limit), len(loader)) if isinstance(limit, int) else int(len(loader) * limit)
         correct = total = 0
-        was_training = net.training
-        net.eval()
-        try:  # in eval mode, with the RNG forked: training must not notice the measurement
-            with torch.no_grad(), torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
-                for i, (x, y) in enumerate(loader):
-                    if i >= n_batches:
-                        break
-                    x, y = x.to(self._device), y.to(self._device)
-                    correct += int((net(x).argmax(1) == y).sum())
-                    total += len(y)
-        finally:
-            net.train(was_training)
+        # in eval mode, with the RNG forked: training must not notice the measurement; every
+        # module gets its own mode back (net.train() would put a fine-tuned backbone's kept
+        # BatchNorm layers in train mode)
+        with eval_mode(net), torch.no_grad(), \
+                torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
+            for i, (x, y) in enumerate(loader):
+                if i >= n_batches:
+                    break
+                x, y = x.to(self._device), y.to(self._device)
+                correct += int((net(x).argmax(1) == y).sum())
+                total += len(y)
         return correct / total if total else float("nan")
 
     # -- hooks ---------------------------------------------------------------------------

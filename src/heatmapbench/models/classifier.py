@@ -153,6 +153,8 @@ class ClassifierModule(pl.LightningModule):
         frozen = self.current_epoch < self.freeze_backbone_epochs
         if frozen != self._frozen:
             self.freeze_backbone(frozen)
+        elif self.training:
+            self.train()  # BatchNorm modes again, should a callback have called net.train() since
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str,
               metric: MulticlassAccuracy) -> torch.Tensor:
