@@ -88,7 +88,9 @@ def explainers(all_nets, reps: int) -> None:
         print(f"  {name} (batch {x.shape[0]}): " + "; ".join(row))
 
 
-def aopc_deviation(n_images: int, steps: int, random_repeats: int) -> None:
+def aopc_deviation(n_images: int, steps: int, random_repeats: int, precisions: tuple[str, ...] = ("bf16",),
+                   device: str = "cpu", data_dir: str | None = None, batch_size: int = 64) -> None:
+    """AOPC rel. random at each of ``precisions`` against fp32 on the real Lite0 and the ImageNet samples."""
     from heatmapbench.config import EvaluationSettings
     from heatmapbench.data.samples import ImageNetSamplesDataModule
     from heatmapbench.evaluation import build_explainers, evaluate_batch
@@ -96,35 +98,43 @@ def aopc_deviation(n_images: int, steps: int, random_repeats: int) -> None:
     from heatmapbench.models.zoo import efficientnet_lite0, preprocessing_of
     from heatmapbench.perturbation import Uniform
 
-    net = efficientnet_lite0().eval()
-    dm = ImageNetSamplesDataModule(**preprocessing_of(net).data_kwargs())
+    net = efficientnet_lite0().eval().to(device)
+    dm = ImageNetSamplesDataModule(data_dir=data_dir, **preprocessing_of(net).data_kwargs())
     dm.setup("test")
     x, _ = dm.eval_subset(n_images)
+    x = x.to(device)
     names = ["sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
-    print(f"\n(c) AOPC rel. random, bf16 vs fp32: EfficientNet-Lite0, {x.shape[0]} ImageNet sample images, "
-          f"9×9 grid, L={steps}, uniform noise, random ×{random_repeats}, both channels_last")
+    print(f"\nAOPC rel. random, {'/'.join(precisions)} vs fp32 (IEEE) on {device}: EfficientNet-Lite0, "
+          f"{x.shape[0]} ImageNet sample images, 9×9 grid, L={steps}, uniform noise, random ×{random_repeats}, "
+          "channels_last")
     results, seconds = {}, {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32",) + tuple(precisions):
         settings = EvaluationSettings(explainers=names, steps=steps, random_repeats=random_repeats,
-                                      batch_size=64, complexity=False, precision=precision)
+                                      batch_size=batch_size, complexity=False, precision=precision)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         start = time.perf_counter()
         results[precision] = evaluate_batch(net, x, build_explainers(names), settings, Uniform(),
                                             **dm.normalization)
         seconds[precision] = time.perf_counter() - start
-    ref, low = results["fp32"], results["bf16"]
-    worst = 0.0
-    for name in names:
-        m, lo, hi = mean_ci(ref.aopc_relative(name), n_boot=2000, seed=0)
-        m2 = float(low.aopc_relative(name).mean())
-        half = (hi - lo) / 2
-        worst = max(worst, abs(m2 - m) / half)
-        per_image = float((low.aopc_relative(name) - ref.aopc_relative(name)).abs().max())
-        print(f"  {name:18s} fp32 {m:8.3f} [{lo:.3f}, {hi:.3f}]  bf16 {m2:8.3f}  |Δ| {abs(m2 - m):.3f} "
-              f"= {abs(m2 - m) / half:.2f} CI half-widths; per image max|Δ| {per_image:.3f}")
+    ref = results["fp32"]
     rank = lambda e: sorted(names, key=lambda n: -float(e.aopc_relative(n).mean()))  # noqa: E731
-    print(f"  ranking fp32 {rank(ref)}\n          bf16 {rank(low)} ({'same' if rank(ref) == rank(low) else 'DIFFERENT'})")
-    print(f"  wall time bf16 / fp32: {seconds['bf16'] / seconds['fp32']:.2f} "
-          f"({seconds['fp32']:.1f} s vs {seconds['bf16']:.1f} s, one pass each); worst |Δ| {worst:.2f} half-widths")
+    for precision in precisions:
+        low, worst = results[precision], 0.0
+        print(f"  {precision}:")
+        for name in names:
+            m, lo, hi = mean_ci(ref.aopc_relative(name), n_boot=2000, seed=0)
+            m2 = float(low.aopc_relative(name).mean())
+            half = (hi - lo) / 2
+            worst = max(worst, abs(m2 - m) / half)
+            per_image = float((low.aopc_relative(name) - ref.aopc_relative(name)).abs().max())
+            print(f"    {name:18s} fp32 {m:8.3f} [{lo:.3f}, {hi:.3f}]  {precision} {m2:8.3f}  |Δ| {abs(m2 - m):.3f} "
+                  f"= {abs(m2 - m) / half:.2f} CI half-widths; per image max|Δ| {per_image:.3f}")
+        same = "same" if rank(ref) == rank(low) else "DIFFERENT"
+        print(f"    ranking fp32 {rank(ref)}\n            {precision} {rank(low)} ({same})")
+        print(f"    wall time {precision} / fp32: {seconds[precision] / seconds['fp32']:.2f} "
+              f"({seconds['fp32']:.1f} s vs {seconds[precision]:.1f} s, one pass each); "
+              f"worst |Δ| {worst:.2f} half-widths")
 
 
 def compiled(all_nets, reps: int) -> None:
