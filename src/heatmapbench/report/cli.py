@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from heatmapbench.cli import user_errors_exit
 from heatmapbench.config import ConfigError, validate
+from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.registry import conf_dir
 from heatmapbench.preflight import check_logger, check_tracking_store
 from heatmapbench.report.figures import plot_accuracy_vs_aopc_runs, plot_rank_per_setting, plot_region_sizes
@@ -116,7 +117,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
         if missing:
             print(f"{len(missing)} of {len(evaluated)} evaluate runs have no per-image table (evaluated before it "
                   "was logged): the reliability across runs leaves them out", flush=True)
-    report = build_report(runs_df, ignore, per_image, n_boot=int(cfg.get("n_boot", 1000)), seed=int(cfg.get("seed", 0)))
+    report = build_report(runs_df, ignore, per_image, n_boot=int(cfg.get("n_boot", N_BOOT)), seed=int(cfg.get("seed", 0)))
     if not len(report.comparison) and not len(report.training):
         raise ConfigError(f"the {len(runs_df)} selected runs hold no AOPC metrics (neither heatmapbench-evaluate nor "
                           "heatmapbench-train runs); check experiments/sweep_id/tags/filter")

@@ -21,6 +21,7 @@ import pandas as pd
 from scipy import stats
 
 from heatmapbench import metric_names as mn
+from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.evaluation.reliability import (
     bootstrap_weights,
     cronbach_alpha,
@@ -72,7 +73,7 @@ def _label(row: pd.Series, keys: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def cross_run_reliability(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> CrossRunReliability:
+def cross_run_reliability(scores: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> CrossRunReliability:
     """All across-runs reliability tables from :func:`setting_scores`."""
     notes: list[str] = []
     settings = list(dict.fromkeys(scores.setting))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from heatmapbench import metric_names as mn
+from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.evaluation.artifacts import correlations
 from heatmapbench.report.reliability import CrossRunReliability, cross_run_reliability, setting_scores
 
@@ -206,7 +207,7 @@ def training_correlation(training: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_report(runs_df: pd.DataFrame, ignore: Sequence[str] = DEFAULT_IGNORE, per_image: pd.DataFrame | None = None,
-                 *, n_boot: int = 1000, seed: int = 0) -> Report:
+                 *, n_boot: int = N_BOOT, seed: int = 0) -> Report:
     """All tables of a report from runs as ``mlflow.search_runs(output_format="pandas")`` returns them.
 
     ``per_image`` (the runs' per-image AOPC tables with a ``run_id`` column, see
