@@ -25,20 +25,9 @@ from torch import nn
 from heatmapbench.explain import LRP, get_explainer
 from heatmapbench.explain.base import explaining
 from heatmapbench.explain.graph import canonize
+from heatmapbench.testing import randomize_batch_norm
 
 torch.set_num_threads(2)
-
-
-def randomize_batch_norm(model: nn.Module, centred: bool = False) -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
-            m.bias.data.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
-    return model
 
 
 def efficientnet_lite0() -> nn.Module:

@@ -13,6 +13,7 @@ from torch import nn
 from heatmapbench.explain import LRP, available_explainers, get_explainer
 from heatmapbench.explain.canonizers import ExactMergeBatchNorm, default_canonizers
 from heatmapbench.models import SmallCNN, VGGSmall
+from heatmapbench.testing import randomize_batch_norm
 
 torch.set_num_threads(2)
 
@@ -31,19 +32,6 @@ CHEAP = {
 
 def explainer(name: str, **overrides):
     return get_explainer(name, **{**CHEAP.get(name, {}), **overrides})
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so folding them is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
 
 
 def efficientnet_lite0() -> nn.Module:
@@ -181,17 +169,21 @@ BATCH_METHODS = {
 @pytest.mark.parametrize("arch", list(BATCH_METHODS))
 def test_batched_equals_per_example(arch):
     model, shape = arch_model(arch)
-    model.eval()
-    n = 2 if arch == "efficientnet_lite0" else 3
-    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(2))
+    # float64: a batching bug shows, round-off does not (in float32 the eps = 0.01 and alpha-beta
+    # rules amplify the reassociation of batched kernels to ~5e-4 of the max on a random resnet18).
+    # The real Lite0 stays float32 (float64 costs minutes there) at 1e-4 of the max.
+    lite0 = arch == "efficientnet_lite0"
+    dtype, tol = (torch.float32, 1e-4) if lite0 else (torch.float64, 1e-9)
+    model.eval().to(dtype)
+    n = 2 if lite0 else 3
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     target = torch.tensor([0, 5, 7][:n])
     for name in BATCH_METHODS[arch]:
         exp = explainer(name)
         batched = exp(model, x, target)
         single = torch.cat([exp(model, x[i : i + 1], target[i : i + 1]) for i in range(n)])
         scale = single.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-        # float32 round-off of batched kernels, amplified by the deep alpha-beta rule, stays < 1e-4 of the max
-        torch.testing.assert_close(batched / scale, single / scale, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(batched / scale, single / scale, rtol=tol, atol=tol, msg=name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,23 +19,11 @@ from torch import nn
 from heatmapbench.explain import LRP, get_explainer
 from heatmapbench.explain.base import backprop, explaining
 from heatmapbench.explain.graph import canonize
+from heatmapbench.testing import randomize_batch_norm
 
 from .test_explain import assert_same_snapshot, snapshot
 
 torch.set_num_threads(2)
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0, centred: bool = False) -> nn.Module:
-    """Random BatchNorm statistics; ``centred``: mean and shift 0 (folding then adds no bias)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
-            m.bias.data.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
-    return model
 
 
 def bias_free(model: nn.Module) -> nn.Module:
