@@ -6,8 +6,12 @@ Prints ratios measured in one run, same model, data and settings:
   (c) Quantus 0.6.0 RegionPerturbation with the same settings (constant 0 baseline):
       both speed ratios and whether the curves agree;
   (d) ROAD images/s against pytorch-grad-cam's ROAD (target ≥ 20×): whole curves (the paper's
-      9×9 grid, L = 100, each step's mask imputed as grad-cam's imputer would), and one mask per
-      image (grad-cam's ROADMostRelevantFirst(80)).
+      9×9 grid, L = 100, each step's mask imputed as grad-cam's imputer would; the same images,
+      L and order on both sides; ours also at one thread, as grad-cam's scipy solves run), and
+      one mask per image (grad-cam's ROADMostRelevantFirst(80)).
+On a loaded machine (load average above the core count) multi-threaded torch ops wait for
+descheduled threads at every op: the ROAD solver, thousands of small ops, then runs many times
+slower at --threads 2 while single-threaded grad-cam does not. Compare the one-thread ratio there.
 Peers are optional (`pip install -e .[bench]`); a missing one is skipped with the reason.
 
     python benches/bench_perturbation.py [--images 64] [--steps 63] [--region 4] [--threads 2]
@@ -16,6 +20,7 @@ Peers are optional (`pip install -e .[bench]`); a missing one is skipped with th
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -113,8 +118,9 @@ def main() -> None:
     ap.add_argument("--road-region", type=int, default=9)
     ap.add_argument("--road-steps", type=int, default=100)
     ap.add_argument("--road-batch", type=int, default=64, help="engine batch_size for the ROAD curves")
-    ap.add_argument("--road-gc-images", type=int, default=2,
-                    help="images timed through grad-cam's imputer (L solves each, ~0.02 s per solve)")
+    ap.add_argument("--road-gc-images", type=int, default=None,
+                    help="images timed on both sides (default: all --road-images; L grad-cam solves "
+                         "each, ~0.04 s per solve)")
     ap.add_argument("--road-gc-reps", type=int, default=2, help="timed passes of grad-cam's curves (best kept)")
     ap.add_argument("--skip-main", action="store_true", help="only the ROAD comparison")
     ap.add_argument("--skip-road", action="store_true", help="only (a)-(c)")
@@ -127,7 +133,6 @@ def main() -> None:
     hm = F.avg_pool2d(torch.randn(b, 1, 32, 32), 5, 1, 2)[:, 0] + 0.01 * torch.randn(b, 32, 32)
     vgg = VGGSmall().eval()
     free = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10)).eval()
-    import os
     print(f"setup: {b} images 3x32x32, grid {p}x{p}, L={L} steps, batch {bs}, "
           f"{args.threads} threads, torch {torch.__version__}, device cpu, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -185,17 +190,31 @@ def road_curves(args) -> None:
     except ImportError as e:
         print(f"  grad-cam: skipped ({e}); install with pip install -e .[bench]")
         NoisyLinearImputer = None
+    n_gc = nr if args.road_gc_images is None else min(nr, args.road_gc_images)
+    if NoisyLinearImputer is not None and n_gc < nr:
+        print(f"  (both sides timed on the first {n_gc} of the {nr} images)")
+    xr, hr = xr[:n_gc], hr[:n_gc]  # the same images, L and order on both sides
+    threads = torch.get_num_threads()
+
+    def one_thread(fn):  # grad-cam's scipy solves use one core: the per-core comparison
+        def run():
+            torch.set_num_threads(1)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
     for order in ("morf", "random"):
         kw = dict(region_size=p, steps=L, order=order, perturbation="road", batch_size=args.road_batch)
         res = region_perturbation(free, xr, hr, **kw)
         ours = lambda: region_perturbation(free, xr, hr, **kw)  # noqa: E731
-        n = nr * L
+        n = n_gc * L
         if NoisyLinearImputer is None:
             t_ours = best_of(ours, args.reps)
             print(f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s")
         else:
             imp = NoisyLinearImputer(noise=0.0)
-            n_gc = min(nr, args.road_gc_images)
             # the engine's own removal masks: its region order (seed 0 → generator seed 0) as the
             # step at which each pixel is removed
             order_chk, masks = select_regions(hr[:n_gc], region_size=p, steps=L, order=order, regions="grid",
@@ -208,12 +227,13 @@ def road_curves(args) -> None:
                     for k in range(1, L + 1):
                         imp(xr[i], (masks[i] > k).float())  # grad-cam's mask: 1 = keep
 
-            # alternated, so that a load change on a shared machine hits both sides
-            t = interleaved({"ours": ours, "gc": gc_curves}, args.road_gc_reps)
-            t_ours, t_gc = t["ours"], t["gc"] / (n_gc * L)
-            line = f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s"
-            line += (f"; grad-cam NoisyLinearImputer on the same masks: {1 / t_gc:6.1f} image-steps/s "
-                     f"→ speed-up ×{t_gc * n / t_ours:.1f} (target ≥ 20×)")
+            # alternated, so that a load change on a shared machine hits all sides
+            t = interleaved({"ours": ours, "ours1": one_thread(ours), "gc": gc_curves}, args.road_gc_reps)
+            t_ours, t_one, t_gc = t["ours"], t["ours1"], t["gc"] / n
+            line = (f"  {order:6s} ours (engine, road): {n / t_ours:7.1f} image-steps/s ({threads} threads), "
+                    f"{n / t_one:7.1f} (1 thread); grad-cam NoisyLinearImputer on the same masks: "
+                    f"{1 / t_gc:6.1f} image-steps/s → speed-up ×{t_gc * n / t_ours:.1f} (target ≥ 20×), "
+                    f"per core ×{t_gc * n / t_one:.1f}")
             # agreement on a few steps: the engine's inputs are impute(x) + noise where removed
             w = Road().walk(xr[:1], torch.zeros_like(xr[:1]), masks[:1], L)
             ks = (1, L // 2, L)
@@ -223,7 +243,7 @@ def road_curves(args) -> None:
                 m = (masks[0] <= k).float().view(1, 1, 1, sz, sz)
                 w.fill(k, k + 1, 0, 1, m, out[j:j + 1])
                 dmax = max(dmax, (out[j, 0] - imp(xr[0], 1 - m[0, 0, 0])).abs().max().item())
-            line += f"; max|Δ| vs grad-cam = {dmax:.1e}"
+            line += f"; max|Δ| vs grad-cam = {dmax:.1e}; load average {os.getloadavg()[0]:.1f}"
             print(line)
 
 
