@@ -87,7 +87,11 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
         assert set(curves.explainer) == set(EXPLAINERS)
         assert sorted(curves.step.unique()) == list(range(7))
         assert (curves[curves.step == 0].aopc == 0).all()  # f(x0) − f(x0)
-        for png in ("aopc_curves.png", "heatmap_gallery.png"):
+        assert (folder / "summary.csv").exists() and (folder / "reliability.csv").exists()
+        for png in ("aopc_curves.png", "heatmap_gallery.png"):  # figures="ends": before training and the last
+            if epoch == 1:
+                assert not (folder / png).exists(), png
+                continue
             with Image.open(folder / png) as im:
                 assert im.size[0] >= 1200 and im.info["dpi"][0] == pytest.approx(150, abs=1), png
     history = pd.read_csv(local / "aopc_history.csv")
@@ -117,6 +121,24 @@ def test_every_n_epochs(train_cfg):
     epochs = [m.value for m in client.get_metric_history(run.info.run_id, mn.EPOCH)]
     assert epochs == [0.0, 2.0]
     assert mn.explainer_metric(mn.AOPC, "deconvnet_l2") not in run.data.metrics
+
+
+def test_figures_of_the_last_evaluation_drawn_at_the_end(train_cfg, tmp_path):
+    # evaluated after epoch 2 of 3: not known to be the last then, so drawn when training ends
+    cfg = train_cfg("trainer.max_epochs=3", "callbacks.aopc.every_n_epochs=2", "logger.experiment_name=t-figs",
+                    "evaluation.explainers=[random,sensitivity_l2]", *SMALL)
+    run_train(cfg)
+    client = MlflowClient(store_uri(cfg))
+    run_id = _run(client, "t-figs").info.run_id
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="aopc",
+                                                     tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
+    assert sorted(p.name for p in local.glob("epoch_*")) == ["epoch_000", "epoch_002"]
+    for epoch in (0, 2):
+        assert {"aopc_curves.png", "heatmap_gallery.png", "aopc_curves.csv"} <= {
+            p.name for p in (local / f"epoch_{epoch:03d}").iterdir()}
+    with pytest.raises(ValueError, match="figures='some' is invalid"):
+        from heatmapbench.callbacks import AOPCCallback
+        AOPCCallback(figures="some")
 
 
 class CaptureWeights(pl.Callback):

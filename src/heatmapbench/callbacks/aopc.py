@@ -42,7 +42,10 @@ from heatmapbench.evaluation.artifacts import (
     plot_accuracy_vs_aopc,
     settings_title,
     write_evaluation,
+    write_figures,
 )
+
+FIGURES = ("ends", "every")
 
 
 class AOPCCallback(pl.Callback):
@@ -65,7 +68,12 @@ class AOPCCallback(pl.Callback):
     log_abpc, log_complexity
         Also log ``abpc/<explainer>`` (runs LeRF too) and ``complexity_png/<explainer>``.
     artifacts
-        Write the curves CSV, the Fig. 4 plot and the heatmap gallery per evaluation epoch.
+        Write the tables of every evaluation (curves, summary, tests, per-image AOPC, reliability).
+    figures
+        When to draw the Fig. 4 plot and the heatmap gallery (about two thirds of the cost of the
+        artifacts): ``"ends"`` (default) before training and for the last weights (the last
+        evaluation; drawn at the end of training if that was not known in advance), ``"every"``
+        every evaluation.
     gallery_size
         Images in the gallery.
     progress
@@ -80,10 +88,13 @@ class AOPCCallback(pl.Callback):
     def __init__(self, settings: EvaluationSettings | Mapping[str, Any] | None = None,
                  perturbation: Any = "uniform", every_n_epochs: int = 1, subset_size: int | None = None,
                  log_abpc: bool = False, log_complexity: bool = True, artifacts: bool = True,
-                 gallery_size: int = 6, explainers: ExplainerSpec | None = None, progress: bool = True) -> None:
+                 gallery_size: int = 6, explainers: ExplainerSpec | None = None, progress: bool = True,
+                 figures: str = "ends") -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if figures not in FIGURES:
+            raise ValueError(f"figures={figures!r} is invalid: choose one of {', '.join(FIGURES)}")
         self.settings = build_settings(settings)
         if self.settings.precision in CUDA_ONLY and not torch.cuda.is_available():
             raise ConfigError(f"evaluation.precision={self.settings.precision} is invalid here: it needs a CUDA "
@@ -100,7 +111,9 @@ class AOPCCallback(pl.Callback):
         self.log_complexity = log_complexity
         self.artifacts = artifacts
         self.gallery_size = gallery_size
+        self.figures = figures
         self.progress = progress
+        self._undrawn: tuple | None = None  # (evaluation, epoch) whose figures are still to draw
         self.history: list[dict[str, float]] = []
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_start = 0.0
@@ -196,6 +209,11 @@ class AOPCCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
             return
+        if self._undrawn is not None:  # training ended before the epoch count said it would
+            start = time.perf_counter()
+            self._draw(trainer, *self._undrawn)
+            self.history[-1]["callback_seconds"] = self.history[-1].get("callback_seconds", 0.0) + \
+                time.perf_counter() - start
         history = self.history_frame()
         corr = self.correlations()
         logger = self._mlflow(trainer)
@@ -281,14 +299,27 @@ class AOPCCallback(pl.Callback):
             return
         logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
         if self.artifacts:
+            last = trainer.should_stop or (trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch)
+            draw = self.figures == "every" or epoch == 0 or last
             with tempfile.TemporaryDirectory() as tmp:
                 statistics = evaluation.statistics(n_boot=self.settings.n_boot, seed=self.settings.seed)
-                files = write_evaluation(evaluation, Path(tmp), self._classes,
-                                         title=settings_title(self.settings, self.perturbation, evaluation.num_images,
-                                                              f"epoch {epoch} · "),
-                                         statistics=statistics)
-                for path in files.values():
-                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"aopc/epoch_{epoch:03d}")
+                write_evaluation(evaluation, Path(tmp), self._classes, title=self._title(evaluation, epoch),
+                                 statistics=statistics, figures=draw)
+                logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path=f"aopc/epoch_{epoch:03d}")
+            self._undrawn = None if draw else (evaluation, epoch)
+
+    def _title(self, evaluation, epoch: int) -> str:
+        return settings_title(self.settings, self.perturbation, evaluation.num_images, f"epoch {epoch} · ")
+
+    def _draw(self, trainer: pl.Trainer, evaluation, epoch: int) -> None:
+        """The figures of an evaluation logged without them (the last one, when training stopped early)."""
+        logger = self._mlflow(trainer)
+        if logger is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_figures(evaluation, Path(tmp), self._classes, self._title(evaluation, epoch))
+            logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path=f"aopc/epoch_{epoch:03d}")
+        self._undrawn = None
 
     def state_dict(self) -> dict[str, Any]:
         """The history (plain numbers), saved in checkpoints so that a resumed training continues it."""

@@ -265,8 +265,11 @@ def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "ac
 
 def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence[str] = (),
                      title: str = "", statistics: Statistics | None = None,
-                     reliability: dict | None = None) -> dict[str, Path]:
+                     reliability: dict | None = None, figures: bool = True) -> dict[str, Path]:
     """Write every artifact of one evaluation into ``folder``; return them by kind.
+
+    ``figures=False`` writes the tables only (no curves plot, no gallery: most of the time
+    of this function); :func:`write_figures` draws them later.
 
     ``statistics`` is the evaluation's one bootstrap (:meth:`Evaluation.statistics`), shared with
     whatever else the caller logs or prints; by default it is computed here. ``reliability`` is
@@ -278,7 +281,8 @@ def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence
              "summary_csv": folder / "summary.csv", "summary_md": folder / "summary.md",
              "pairwise": folder / "pairwise_tests.csv"}
     write_curves_csv(evaluation, files["curves"])
-    plot_aopc_curves(evaluation, files["plot"], title)
+    if not figures:
+        del files["plot"]
     computed = evaluation.statistics() if statistics is None else statistics
     summary, pairwise = computed.summary, computed.pairwise
     summary.to_csv(files["summary_csv"], index=False)
@@ -293,6 +297,16 @@ def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence
     reliability["ranking"].merge(reliability["alpha"], on="order", how="left").to_csv(files["reliability_csv"],
                                                                                       index=False)
     files["reliability_md"].write_text(reliability_markdown(reliability))
+    if figures:
+        files.update(write_figures(evaluation, folder, class_names, title))
+    return files
+
+
+def write_figures(evaluation: Evaluation, folder: Path, class_names: Sequence[str] = (),
+                  title: str = "") -> dict[str, Path]:
+    """The figures of one evaluation: the AOPC curves and, with gallery images, the heatmap gallery."""
+    files = {"plot": folder / "aopc_curves.png"}
+    plot_aopc_curves(evaluation, files["plot"], title)
     if evaluation.gallery_x is not None:
         files["gallery"] = folder / "heatmap_gallery.png"
         plot_gallery(evaluation, files["gallery"], class_names, title=title)
