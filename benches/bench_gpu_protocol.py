@@ -117,7 +117,7 @@ def protocol(name, net, x255, mean, std, precisions, steps, batch_size, device, 
                             for i in range(0, n, 64):
                                 e(net, xl[i:i + 64], target[i:i + 64])
                 _, t_warm = timed(warm_up, device)
-                rnd, t_rnd = timed(lambda: region_perturbation(net, xl, zeros, target=target, order="random",
+                _, t_rnd = timed(lambda: region_perturbation(net, xl, zeros, target=target, order="random",
                                                                repeats=10, **common), device)
                 fwd_rnd = n * (1 + 10 * steps)
                 per_method = {}
@@ -150,7 +150,6 @@ def protocol(name, net, x255, mean, std, precisions, steps, batch_size, device, 
             if eps is not None:
                 print(f"    evaluate_batch, ε-LRP end to end: {t_e2e:.2f} s vs the pieces {t_rnd + sum(eps):.2f} s "
                       f"→ {t_e2e * scale:5.2f} min for {PAPER_IMAGES} images")
-            del rnd
         except Exception as err:  # noqa: BLE001 - one failed precision must not cost the others
             print(f"  {precision}: FAILED {type(err).__name__}: {err}")
 

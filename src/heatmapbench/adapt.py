@@ -52,8 +52,8 @@ def adapt_num_classes(cfg: DictConfig, data_classes: int | None) -> str | None:
 
     ``head=adapt`` (default) sets ``model.num_classes`` to the data's class count; a zoo model
     whose pretrained head has another width then gets a fresh head of that width, its other
-    weights loaded, and so does a checkpoint (``model.net.adapt_head``). ``head=keep`` leaves the model as configured and refuses data with another
-    number of classes. Returns a line describing a change, or ``None``.
+    weights loaded, and so does a checkpoint (``model.net.adapt_head``). ``head=keep`` leaves the
+    model as configured and refuses data with another number of classes. Returns a line describing a change, or ``None``.
 
     Raises
     ------

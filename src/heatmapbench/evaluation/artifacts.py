@@ -277,12 +277,10 @@ def write_evaluation(evaluation: Evaluation, folder: Path, class_names: Sequence
     table, when the caller already has it (computed here otherwise, from the same resampling).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"curves": folder / "aopc_curves.csv", "plot": folder / "aopc_curves.png",
+    files = {"curves": folder / "aopc_curves.csv",
              "summary_csv": folder / "summary.csv", "summary_md": folder / "summary.md",
              "pairwise": folder / "pairwise_tests.csv"}
     write_curves_csv(evaluation, files["curves"])
-    if not figures:
-        del files["plot"]
     computed = evaluation.statistics() if statistics is None else statistics
     summary, pairwise = computed.summary, computed.pairwise
     summary.to_csv(files["summary_csv"], index=False)

@@ -424,7 +424,7 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
                 f"{widths[1]}-way head on the checkpoint's other weights, or use data with {widths[0]} classes "
                 f"(model.num_classes={widths[0]})")
         sub = {k: v for k, v in sub.items() if k not in keys}
-        sub.update({k: v for k, v in net.state_dict().items() if k in keys})  # the fresh head, as built
+        sub.update({k: own[k] for k in keys})  # the fresh head, as built
     try:
         net.load_state_dict(sub, strict=True)
     except RuntimeError as err:
