@@ -171,22 +171,44 @@ def evaluate(net, x, settings, **kw):
                           gallery_size=x.shape[0], **kw)
 
 
-def test_evaluation_channels_last_matches_contiguous_for_every_explainer():
+def first_conv_layouts(net: nn.Module) -> tuple[list[bool], object]:
+    """Whether each call of the first convolution returned an NHWC tensor (the layout its kernel ran in)."""
+    seen: list[bool] = []
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+    def hook(module, args, out):  # out has several channels: NHWC and NCHW strides differ
+        seen.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+    return seen, conv.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_evaluation_channels_last_matches_contiguous_for_every_explainer(channels):
     """Every explainer and the engine in channels_last give the contiguous path's heatmaps and curves.
 
     In float64, so that reassociation inside the convolutions cannot flip a ReLU near its kink
-    (in float32 that moves a few pixels of integrated gradients/SmoothGrad by ~1e-3 of the maximum)."""
+    (in float32 that moves a few pixels of integrated gradients/SmoothGrad by ~1e-3 of the maximum).
+    One input channel (grey images) is a case of its own: NCHW and NHWC are then the same memory,
+    and unless the strides say NHWC the convolutions run NCHW."""
     from heatmapbench.config import EvaluationSettings
     from heatmapbench.registry import available
 
-    net = vgg().double()
+    if channels == 3:
+        net = vgg().double()
+    else:
+        torch.manual_seed(0)
+        net = SmallCNN(in_channels=1, width=4, hidden=16, image_size=32).double()
     before = snapshot(net)
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(3, channels, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     names = available("explainer")
     common = dict(explainers=names, region_size=8, steps=6, random_repeats=2, complexity=False)
+    seen, hook = first_conv_layouts(net)
     ref = evaluate(net, x, EvaluationSettings(layout="contiguous", **common))
+    assert seen and not any(seen)
     assert_same(before, net)
+    seen.clear()
     fast = evaluate(net, x, EvaluationSettings(layout="channels_last", **common))
+    assert seen and all(seen)  # every forward, the engine's and the explainers', ran NHWC
+    hook.remove()
     assert_same(before, net)
     assert net.training  # eval mode was undone as well
     torch.testing.assert_close(fast.random_curves, ref.random_curves, rtol=1e-9, atol=1e-9)

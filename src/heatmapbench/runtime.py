@@ -109,6 +109,20 @@ def to_layout(x: Tensor, channels_last_on: bool) -> Tensor:
     return x.contiguous(memory_format=_CL) if channels_last_on and x.ndim == 4 else x
 
 
+def _nhwc(t: Tensor) -> Tensor:
+    """4-D ``t`` with exactly the NHWC strides, a view where the memory already is NHWC.
+
+    Size-1 dimensions make NCHW and NHWC the same memory (a first convolution on grey images,
+    weight (O, 1, k, k); 1×1 kernels); PyTorch then reads the strides as NCHW, and oneDNN would
+    run that convolution and everything after it in NCHW (max pooling ~10× slower). Explicit
+    NHWC strides on the weight make the kernel choose NHWC whatever the input's strides.
+    """
+    t = t.contiguous(memory_format=_CL)
+    _, c, h, w = t.shape
+    nhwc = (h * w * c, 1, w * c, c)
+    return t if t.stride() == nhwc else t.as_strided(t.shape, nhwc)  # same addresses
+
+
 @contextlib.contextmanager
 def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     """Hold ``model``'s 4-D parameters and buffers in channels_last; restore the originals on exit.
@@ -124,9 +138,9 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
                 for name, t in table.items():
                     if t is None or t.ndim != 4:
                         continue
-                    converted = t.detach().contiguous(memory_format=_CL)
-                    if converted.data_ptr() == t.data_ptr():
-                        continue  # already channels_last (or ambiguous, e.g. 1×1 kernels)
+                    converted = _nhwc(t.detach())
+                    if converted.stride() == t.stride():
+                        continue  # already channels_last
                     swapped.append((module, name, is_param, t.data if is_param else t))
                     if is_param:
                         t.data = converted
