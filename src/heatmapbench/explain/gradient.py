@@ -4,10 +4,11 @@ All are one forward and one (possibly modified) backward pass of the pre-softmax
 The ReLU rules of deconvnet and guided backprop are Zennit's (``ReLUDeconvNet``,
 ``ReLUGuidedBackprop``); they are also applied to ``ReLU6`` (EfficientNet-Lite), where they read
 the same: deconvnet rectifies the backward signal and ignores the forward pass, guided backprop
-masks the ordinary gradient by its sign. They are implemented here as one autograd function per
-rectifier call that replaces the rectifier's backward, so the pass costs what a plain gradient
-costs; Zennit's hooks clone every rectifier input and run Python hooks on every gradient, which
-made both methods up to 1.5x slower than Captum's. ``tests/test_explain.py`` proves the results
+masks the ordinary gradient by its sign. Deconvnet is one autograd function per rectifier call
+that replaces the rectifier's backward; guided backprop keeps the rectifier's native backward and
+rectifies the gradient that reaches its output (one tensor hook, one clamp), so both passes cost
+about what a plain gradient costs. Zennit's hooks clone every rectifier input and run Python
+hooks on every gradient, which made both methods up to 1.5x slower than Captum's. ``tests/test_explain.py`` proves the results
 equal to Zennit's rules and to Captum's ``Deconvolution`` / ``GuidedBackprop`` on ReLU networks.
 """
 
@@ -39,32 +40,33 @@ class _DeconvNetReLU(torch.autograd.Function):
         return grad.clamp(min=0), None
 
 
-class _GuidedReLU(torch.autograd.Function):
-    """Forward: the rectifier's output; backward: the ordinary rectifier gradient where ``g > 0``."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        y, upper = box
-        ctx.save_for_backward(y)  # version-checked: an in-place change of y after this raises
-        ctx.upper = upper
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        # the rectifier's own gradient passes where 0 < y (< 6 for ReLU6), as torch computes it
-        keep = (y > 0) & (grad > 0)
-        if ctx.upper is not None:
-            keep &= y < ctx.upper
-        return grad * keep, None
+def _rectify(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
 
 
 @contextmanager
-def rectifier_rule(model: nn.Module, rule: type[torch.autograd.Function]) -> Iterator[None]:
-    """Replace the backward of every ``ReLU`` / ``ReLU6`` module call by ``rule``; undo on exit.
+def _hooked_rectifiers(model: nn.Module, pre=None, post=None) -> Iterator[None]:
+    """Forward (pre-)hooks on every ``ReLU`` / ``ReLU6`` module of ``model``; removed on exit."""
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, RECTIFIERS):
+                if pre is not None:
+                    handles.append(module.register_forward_pre_hook(pre))
+                if post is not None:
+                    handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def deconvnet_rule(model: nn.Module) -> Iterator[None]:
+    """Replace the backward of every ``ReLU`` / ``ReLU6`` module call by ``max(g, 0)``; undo on exit.
 
     The rectifier runs on a detached alias of its input (an in-place rectifier acts on it as it
-    would on the input), and ``rule`` links its output back to the input with the rule's backward.
+    would on the input), and :class:`_DeconvNetReLU` links its output back to the input.
     """
     stash: dict[int, list[torch.Tensor]] = {}
 
@@ -73,22 +75,28 @@ def rectifier_rule(model: nn.Module, rule: type[torch.autograd.Function]) -> Ite
         return (inputs[0].detach(), *inputs[1:])
 
     def post(module, inputs, output):
-        x = stash[id(module)].pop()
-        upper = float(module.max_val) if isinstance(module, nn.ReLU6) else None
-        box = (output.detach(), upper) if rule is _GuidedReLU else (output.detach(),)
-        return rule.apply(x, box)
+        return _DeconvNetReLU.apply(stash[id(module)].pop(), (output.detach(),))
 
-    handles = []
     try:
-        for module in model.modules():
-            if isinstance(module, RECTIFIERS):
-                handles.append(module.register_forward_pre_hook(pre))
-                handles.append(module.register_forward_hook(post))
-        yield
+        with _hooked_rectifiers(model, pre, post):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
         stash.clear()
+
+
+@contextmanager
+def guided_rule(model: nn.Module) -> Iterator[None]:
+    """Guided backprop at every ``ReLU`` / ``ReLU6`` module call: the gradient reaching the
+    rectifier's output is rectified, ``max(g, 0)``, and the rectifier's native backward then passes
+    it where ``0 < x`` (``< 6`` for ReLU6) — Zennit's ``ReLUGuidedBackprop``. Undone on exit."""
+
+    def post(module, inputs, output):
+        if output.requires_grad:  # fires with the whole gradient of this output, summed over its uses
+            output.register_hook(_rectify)
+        return output
+
+    with _hooked_rectifiers(model, post=post):
+        yield
 
 
 class Sensitivity(Explainer):
@@ -122,9 +130,9 @@ class GradientXInput(Explainer):
 
 
 class _RectifierRuleExplainer(Explainer):
-    """A gradient whose ReLU / ReLU6 backward is replaced by a rule (see :func:`rectifier_rule`)."""
+    """A gradient whose ReLU / ReLU6 backward follows a rule (:func:`deconvnet_rule`, :func:`guided_rule`)."""
 
-    rule: type[torch.autograd.Function]
+    rule: staticmethod  # a context manager factory: rule(model) applies the rule while open
 
     def __init__(self, pooling: str = "l2") -> None:
         super().__init__(pooling=pooling)
@@ -142,7 +150,7 @@ class _RectifierRuleExplainer(Explainer):
         # rule can hook; one fresh module per call, so a ReLU module reused in forward is hooked per call
         net = canonize(model, purpose="gradient")
         self._check_model(net)
-        with rectifier_rule(net, self.rule):
+        with self.rule(net):
             return backprop(net, x, target)  # (B, C, H, W)
 
 
@@ -152,7 +160,7 @@ class DeconvNet(_RectifierRuleExplainer):
     sensitivity (paper Sec. 2)."""
 
     name = "deconvnet"
-    rule = _DeconvNetReLU
+    rule = staticmethod(deconvnet_rule)
 
 
 class GuidedBackprop(_RectifierRuleExplainer):
@@ -160,4 +168,4 @@ class GuidedBackprop(_RectifierRuleExplainer):
     backward signals passed through each ReLU."""
 
     name = "guided_backprop"
-    rule = _GuidedReLU
+    rule = staticmethod(guided_rule)
