@@ -110,7 +110,7 @@ def interleaved(fns: dict[str, Callable], reps: int) -> dict[str, float]:
     return best
 
 
-def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int) -> None:
+def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int, methods: list[str] | None = None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")  # Captum, every call
@@ -124,7 +124,7 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int) -> None:
           "| ours engine=zennit (images/s) | ours / engine=zennit |")
     print("|---|---:|---:|---|---:|---:|---:|")
     grad = lambda: plain_gradient(model, x, target)  # noqa: E731
-    for name in available_explainers():
+    for name in methods or available_explainers():
         if name == "captum":
             continue  # the same as sensitivity through Captum's Saliency
         explainer = get_explainer(name)
@@ -145,7 +145,8 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int) -> None:
                   if "zennit_engine" in t else ["", ""])
         print("| " + " | ".join(cells) + " |", flush=True)
     print(f"| (plain input gradient) | {n / t['grad']:.1f} | 1.00 | | | | |")
-    canonization(model, x, target, reps)
+    if methods is None:
+        canonization(model, x, target, reps)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -189,12 +190,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--reps", type=int, default=None, help="repeats per method (default 5, --quick 2)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated explainers (default: all, then the canonization table)")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (default: per model)")
     args = parser.parse_args()
     reps = args.reps or (2 if args.quick else 5)
+    methods = args.methods.split(",") if args.methods else None
+    unknown = sorted(set(methods or ()) - set(available_explainers()))
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(available_explainers())}")
     for key in args.models.split(","):
         label, build, shape, batch, quick_batch = MODELS[key]
         torch.manual_seed(0)
-        bench(label, build(), torch.randn(quick_batch if args.quick else batch, *shape), reps)
+        n = args.batch or (quick_batch if args.quick else batch)
+        bench(label, build(), torch.randn(n, *shape), reps, methods)
 
 
 if __name__ == "__main__":
