@@ -232,22 +232,49 @@ def _weight_parts(module: nn.Module, parts: list[torch.Tensor]) -> tuple[torch.T
     return stacked, groups
 
 
-def _call_with(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s own forward (no hooks) with ``weight`` and no bias, as Zennit's ``ParamMod`` does."""
+def _call_with(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """``module``'s own forward (no hooks) with ``weight``, no bias and optionally another group
+    count, as Zennit's ``ParamMod`` does."""
     params = module._parameters
     saved = {key: params[key] for key in ("weight", "bias") if key in params}
+    saved_groups = module.__dict__.get("groups")
     try:
         params["weight"] = nn.Parameter(weight, requires_grad=False)
         if "bias" in params:
             params["bias"] = None
+        if groups is not None:
+            module.__dict__["groups"] = groups
         return module.forward(x)
     finally:
         params.update(saved)
+        if groups is not None:
+            module.__dict__["groups"] = saved_groups
 
 
 def _grouped(out: torch.Tensor, groups: int, parts: int) -> torch.Tensor:
     """``(N, G * K * O / G, ...) -> (N, G, K, O / G, ...)``."""
     return out.reshape(out.shape[0], groups, parts, -1, *out.shape[2:])
+
+
+def _parts_call(module: nn.Module, parts: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The layer with each weight in ``parts`` applied to ``x``, in one call: ``(N, G, K, O / G, ...)``, G.
+
+    A plain layer stacks the K parts along its outputs. A grouped convolution (groups > 1, e.g.
+    depthwise) would then run with K outputs per group, which oneDNN computes 4-20x slower than
+    K separate depthwise convolutions (forward and backward); so it gets the input repeated K times
+    along the channels and K * G groups instead: every group keeps one output per input slice.
+    """
+    groups = getattr(module, "groups", 1)
+    k = len(parts)
+    if groups == 1 or k == 1 or isinstance(module, ConvolutionTranspose):
+        stacked, groups = _weight_parts(module, parts)
+        return _grouped(_call_with(module, stacked, x), groups, k), groups
+    weight = torch.cat(parts)  # (K * O, C / G, ...): part-major, G groups each
+    if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    out = _call_with(module, weight, torch.cat([x] * k, dim=1), groups=k * groups)  # (N, K * O, ...)
+    out = out.reshape(out.shape[0], k, groups, -1, *out.shape[2:])  # (N, K, G, O / G, ...)
+    return out.transpose(1, 2), groups
 
 
 def _offset(bias: torch.Tensor | None, eps: float, coefficient: float) -> torch.Tensor | float:
@@ -283,9 +310,7 @@ class AlphaBeta(_BypassRule):
         eps, alpha, beta = self.stabilizer, self.alpha, self.beta
         if not bool(x.amin() < 0):  # x >= 0 (after a rectifier): the x- terms vanish exactly
             # one call with [W+; W-] (or W+ alone for beta = 0) on x
-            parts = [w_pos, w_neg] if beta else [w_pos]
-            stacked, groups = _weight_parts(module, parts)
-            zz = _grouped(_call_with(module, stacked, _TimesInput.apply(x)), groups, len(parts))
+            zz, groups = _parts_call(module, [w_pos, w_neg] if beta else [w_pos], _TimesInput.apply(x))
             plus, minus = [(slice(None), slice(None), 0)], [(slice(None), slice(None), 1)]
         else:
             # x+ and x- stacked along the batch; z+ = W+ x+ + W- x-, z- = W- x+ + W+ x-
@@ -293,8 +318,7 @@ class AlphaBeta(_BypassRule):
             top, bottom = slice(None, half), slice(half, None)
             split = _SignSplit.apply(x)  # (2B, ...)
             if beta:
-                stacked, groups = _weight_parts(module, [w_pos, w_neg])
-                zz = _grouped(_call_with(module, stacked, split), groups, 2)
+                zz, groups = _parts_call(module, [w_pos, w_neg], split)
                 plus = [(top, slice(None), 0), (bottom, slice(None), 1)]
                 minus = [(top, slice(None), 1), (bottom, slice(None), 0)]
             else:  # z+ only: W+ on x+ and W- on x-, two calls
