@@ -9,9 +9,13 @@ Prints ratios measured in one run (contenders interleaved, each one's best of ``
       sample images (paper grid 9×9, uniform noise), per explainer |Δ AOPC rel. random| in units
       of the fp32 95% CI half-width, and the wall-time ratio of the two runs;
   (d) with ``--compile``: ``torch.compile`` of the fp32 channels_last SmallCNN and VGGSmall
-      (steady-state ratio and the compile time it has to win back).
+      (steady-state ratio and the compile time it has to win back);
+  (e) the engine's images/s (``region_perturbation``, random order, uniform noise) at the automatic
+      batch size (``batch_size=None``: the chunk it picks is printed) against fixed batches, and the
+      largest score difference between them.
 
     python benches/bench_runtime.py [--threads 2] [--reps 3] [--images 8] [--steps 50] [--compile]
+                                    [--skip-forwards] [--skip-batch]
 """
 
 from __future__ import annotations
@@ -158,6 +162,31 @@ def compiled(all_nets, reps: int) -> None:
               f"compile {t_compile:.1f} s → {per_batch}")
 
 
+def engine_batches(all_nets, reps: int) -> None:
+    from heatmapbench.perturbation import region_perturbation
+    from heatmapbench.perturbation.engine import AUTO_BATCH_BYTES, auto_batch_size
+
+    print(f"\n(e) engine images/s by batch_size (auto: largest tensor of a forward ≈ "
+          f"{AUTO_BATCH_BYTES['cpu'] >> 20} MiB on a CPU), random order, L = 24, channels_last")
+    for name, (net, x) in all_nets.items():
+        x = x[:4] if x.shape[-1] > 100 else x[:64]
+        heat = torch.rand(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            auto = auto_batch_size(lambda t: net(t), x, net)
+        kw = dict(region_size=max(2, x.shape[-1] // 24), steps=24, order="random")
+        fns = {f"auto ({auto})": lambda: region_perturbation(net, x, heat, **kw)}
+        for bs in (8, 64, 512):
+            fns[str(bs)] = lambda bs=bs: region_perturbation(net, x, heat, batch_size=bs, **kw)
+        ref = fns[f"auto ({auto})"]().scores
+        diff = max(float((fn().scores - ref).abs().max()) for fn in fns.values())
+        t = interleaved(fns, reps)
+        n = x.shape[0] * 25
+        cells = ", ".join(f"{k} {n / v:.1f}" for k, v in t.items())
+        best_fixed = min(v for k, v in t.items() if not k.startswith("auto"))
+        print(f"  {name} ({x.shape[0]} images): {cells} images/s; auto ÷ best fixed ×{best_fixed / t[f'auto ({auto})']:.2f}, "
+              f"÷ 64 ×{t['64'] / t[f'auto ({auto})']:.2f}; max |Δscore| {diff:.1g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -168,6 +197,8 @@ def main() -> None:
     ap.add_argument("--no-lite0", action="store_true", help="skip EfficientNet-Lite0 (needs the [zoo] extra)")
     ap.add_argument("--skip-aopc", action="store_true", help="skip (c)")
     ap.add_argument("--compile", action="store_true", help="also (d), minutes of compiling")
+    ap.add_argument("--skip-forwards", action="store_true", help="skip (a) and (b)")
+    ap.add_argument("--skip-batch", action="store_true", help="skip (e)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -177,12 +208,15 @@ def main() -> None:
           f"{', '.join(native) or 'none (bf16 is emulated)'}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     all_nets = nets(not args.no_lite0)
-    forwards(all_nets, args.reps)
-    explainers(all_nets, args.reps)
+    if not args.skip_forwards:
+        forwards(all_nets, args.reps)
+        explainers(all_nets, args.reps)
     if not args.skip_aopc and not args.no_lite0:
         aopc_deviation(args.images, args.steps, args.random_repeats)
     if args.compile:
         compiled(all_nets, args.reps)
+    if not args.skip_batch:
+        engine_batches(all_nets, args.reps)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

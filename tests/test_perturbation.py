@@ -278,6 +278,30 @@ def test_chunking_bounds_batch_and_keeps_results():
         torch.testing.assert_close(r, results[0], rtol=1e-12, atol=1e-12)
 
 
+def test_automatic_batch_size_follows_the_largest_activation(monkeypatch):
+    """batch_size=None: one probe forward of one image, then chunks of budget // largest tensor per image."""
+    from heatmapbench.perturbation import engine
+
+    b, c, h, w = 6, 2, 8, 8
+    torch.manual_seed(0)
+    x, hm = torch.rand(b, c, h, w).double(), torch.randn(b, h, w).double()
+    model = Recorder(c, h, w).double()
+    widest = nn.Conv2d(c, 16, 3, padding=1).double()  # the largest tensor: 16·8·8 float64 = 8192 bytes/image
+    full = nn.Sequential(widest, nn.Conv2d(16, c, 1).double(), model)
+    monkeypatch.setitem(engine.AUTO_BATCH_BYTES, "cpu", 3 * 8192 + 100)
+    auto = region_perturbation(full, x, hm, region_size=2, steps=9, repeats=2)
+    assert [t.shape[0] for t in model.seen][0] == 1  # the probe
+    assert max(t.shape[0] for t in model.seen[1:]) == 3
+    assert sum(t.shape[0] for t in model.seen) == 1 + b + 2 * b * 9
+    model.seen.clear()
+    fixed = region_perturbation(full, x, hm, region_size=2, steps=9, repeats=2, batch_size=1000)
+    torch.testing.assert_close(auto.curves, fixed.curves, rtol=1e-12, atol=1e-12)
+    monkeypatch.setitem(engine.AUTO_BATCH_BYTES, "cpu", 10)  # below one image: one per forward
+    model.seen.clear()
+    region_perturbation(full, x, hm, region_size=2, steps=3)
+    assert max(t.shape[0] for t in model.seen) == 1
+
+
 def test_mode_restored_and_probability_score():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Dropout(0.5))
     model.train()

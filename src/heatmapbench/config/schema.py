@@ -219,7 +219,9 @@ class EvaluationSettings:
     seed
         Seed of every draw.
     batch_size
-        Inputs per forward pass inside the engine.
+        Inputs per forward pass inside the engine; null (default) chooses it from the model's
+        largest activation (:func:`~heatmapbench.perturbation.engine.auto_batch_size`: cache-sized
+        chunks on a CPU). Speed and memory only, never the scores.
     complexity
         Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
     n_boot
@@ -242,7 +244,7 @@ class EvaluationSettings:
     repeats: int = 1
     random_repeats: int = 10
     seed: int = 0
-    batch_size: Optional[int] = 512
+    batch_size: Optional[int] = None
     complexity: bool = True
     n_boot: int = N_BOOT
     precision: str = "fp32"

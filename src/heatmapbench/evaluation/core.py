@@ -302,9 +302,11 @@ def engine_forwards(settings: EvaluationSettings, images: int, explainers: int) 
     """Inputs the perturbation engine forwards in :func:`evaluate_batch` for ``images`` images.
 
     Each engine call scores the clean images once and R·L perturbed ones per image: the random
-    ordering with R = ``random_repeats``, every explainer and order with R = ``repeats``.
+    ordering with R = ``random_repeats``, every explainer and order with R = ``repeats``; with the
+    automatic batch size (``batch_size`` None) it first forwards one image to measure the model.
     """
-    per_call = lambda repeats: images * (1 + repeats * settings.steps)  # noqa: E731
+    probe = int(settings.batch_size is None)
+    per_call = lambda repeats: images * (1 + repeats * settings.steps) + probe  # noqa: E731
     return per_call(settings.random_repeats) + explainers * len(settings.orders) * per_call(settings.repeats)
 
 
