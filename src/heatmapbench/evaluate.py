@@ -100,7 +100,9 @@ def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation
                         num_workers=getattr(datamodule, "num_workers", 0))
     parts = []
     start = 0
-    total = engine_forwards(settings, len(subset), len(explainers))
+    bs = datamodule.batch_size
+    total = sum(engine_forwards(settings, min(bs, len(subset) - i), len(explainers), torch.device(device).type)
+                for i in range(0, len(subset), bs))
     with tqdm(total=total, desc="evaluate", unit="img", unit_scale=True, disable=not progress,
               dynamic_ncols=True) as bar:
         for x, y in loader:

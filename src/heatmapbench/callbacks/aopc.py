@@ -262,7 +262,7 @@ class AOPCCallback(pl.Callback):
         start = time.perf_counter()
         x, y = self._subset
         net = self._net(pl_module)
-        total = engine_forwards(self.settings, len(x), len(self.explainers))
+        total = engine_forwards(self.settings, len(x), len(self.explainers), x.device.type)
         # shown only when the evaluation takes longer than a few seconds
         with tqdm(total=total, desc=f"AOPC epoch {epoch}", unit="img", unit_scale=True, leave=False, delay=3,
                   disable=not self.progress, dynamic_ncols=True) as bar:

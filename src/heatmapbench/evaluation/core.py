@@ -298,14 +298,14 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
                       gallery_heatmaps=gallery, seconds=time.perf_counter() - start, clean_scores=clean_scores)
 
 
-def engine_forwards(settings: EvaluationSettings, images: int, explainers: int) -> int:
+def engine_forwards(settings: EvaluationSettings, images: int, explainers: int, device: str = "cpu") -> int:
     """Inputs the perturbation engine forwards in :func:`evaluate_batch` for ``images`` images.
 
     Each engine call scores the clean images once and R·L perturbed ones per image: the random
     ordering with R = ``random_repeats``, every explainer and order with R = ``repeats``; with the
-    automatic batch size (``batch_size`` None) it first forwards one image to measure the model.
+    automatic batch size (``batch_size`` None) on a CPU it first forwards one image to measure the model.
     """
-    probe = int(settings.batch_size is None)
+    probe = int(settings.batch_size is None and device == "cpu")
     per_call = lambda repeats: images * (1 + repeats * settings.steps) + probe  # noqa: E731
     return per_call(settings.random_repeats) + explainers * len(settings.orders) * per_call(settings.repeats)
 

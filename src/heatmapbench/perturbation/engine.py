@@ -22,27 +22,31 @@ from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions,
 from heatmapbench.runtime import autocast, check_layout, check_precision, fast_model, to_layout
 
 __all__ = ["PerturbationResult", "region_perturbation", "eval_mode", "auto_batch_size", "SCORES",
-           "AUTO_BATCH_BYTES"]
+           "AUTO_BATCH_BYTES", "AUTO_BATCH_DEVICE"]
 
 SCORES = ("logit", "probability")
 
-#: What the automatic batch size aims at: the bytes of the largest tensor of one forward pass
-#: (the input or a module's output). On a CPU a forward whose activations stay near the cache
-#: scores far more images per second: on two cores EfficientNet-Lite0 at 224² (largest tensor
-#: 4.8 MB per image) ran the engine at 74-79 images/s in chunks of 4-8 and 39 in chunks of 64;
-#: VGGSmall and the small CNN lose ~1.5× at 512 (``benches/bench_runtime.py`` (e)). A GPU wants
-#: large batches instead.
-AUTO_BATCH_BYTES = {"cpu": 24 << 20, "other": 1 << 30}
+#: What the automatic batch size aims at on a CPU: the bytes of the largest tensor of one forward
+#: pass (the input or a module's output). A forward whose activations stay near the cache scores
+#: far more images per second: on two cores EfficientNet-Lite0 at 224² (largest tensor 4.8 MB per
+#: image) ran the engine at 74-79 images/s in chunks of 4-8 and 39 in chunks of 64; VGGSmall and
+#: the small CNN lose ~1.5× at 512 (``benches/bench_runtime.py`` (e)).
+AUTO_BATCH_BYTES = {"cpu": 24 << 20}
+#: The automatic batch size elsewhere (GPUs want large batches; 512 is what
+#: ``benches/bench_gpu_protocol.py`` measured, 2048 was ×1.4 faster on AlexNet and ×0.9 on Lite0).
+AUTO_BATCH_DEVICE = 512
 
 
 def auto_batch_size(forward, x: Tensor, model: nn.Module) -> int:
-    """Inputs per forward pass so that its largest tensor stays near :data:`AUTO_BATCH_BYTES`.
+    """Inputs per forward pass so that its largest tensor stays near :data:`AUTO_BATCH_BYTES` (CPU).
 
     ``forward`` runs ``model`` on one image of ``x`` as the engine does (layout, precision),
     with a hook on every module measuring its output; the largest tensor per image (the input
-    included) sets the batch. Speed and memory only: the scores change by float reassociation
-    inside the kernels at most.
+    included) sets the batch. Other devices get :data:`AUTO_BATCH_DEVICE`, without a probe. Speed
+    and memory only: the scores change by float reassociation inside the kernels at most.
     """
+    if x.device.type != "cpu":
+        return AUTO_BATCH_DEVICE
     largest = [x[:1].numel() * x.element_size()]
 
     def hook(module, inputs, output):
@@ -55,8 +59,7 @@ def auto_batch_size(forward, x: Tensor, model: nn.Module) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    budget = AUTO_BATCH_BYTES["cpu" if x.device.type == "cpu" else "other"]
-    return max(1, budget // largest[0])
+    return max(1, AUTO_BATCH_BYTES["cpu"] // largest[0])
 
 
 @dataclass
@@ -249,7 +252,7 @@ def region_perturbation(
         ``rand(R, B, N)`` draw); perturbations use a second generator seeded with ``2·seed + 1``,
         on which repeat r calls ``prepare`` after repeats 0..r-1.
     batch_size : inputs per forward pass; default (None) chosen by :func:`auto_batch_size` from the
-        model's largest activation (cache-sized chunks on a CPU). Peak memory is set by it, not by
+        model's largest activation (cache-sized chunks on a CPU; 512 on a GPU). Peak memory is set by it, not by
         ``steps``; the scores change with it by float reassociation at most.
     mean, std : per-channel normalisation (model = (px − mean)/std); default identity.
     value_range : (lo, hi) of pixels, e.g. (0, 1) or (0, 255). The paper's U(0, 1) noise is drawn
