@@ -241,7 +241,7 @@ def road_curves(args) -> None:
             dmax = 0.0
             for j, k in enumerate(ks):
                 m = (masks[0] <= k).float().view(1, 1, 1, sz, sz)
-                w.fill(k, k + 1, 0, 1, m, out[j:j + 1])
+                w.fill(k, k + 1, 0, 1, out[j:j + 1])
                 dmax = max(dmax, (out[j, 0] - imp(xr[0], 1 - m[0, 0, 0])).abs().max().item())
             line += f"; max|Δ| vs grad-cam = {dmax:.1e}; load average {os.getloadavg()[0]:.1f}"
             print(line)

@@ -337,13 +337,13 @@ def region_perturbation(
             col = scores[r].view(-1, 1)
             for inp, segs, tcol, s, e in plan:
                 for k0, k1, b0, b1, out, kk in segs:
+                    if walk is not None:  # keeps each image's input itself: no mask needed
+                        walk.fill(k0, k1, b0, b1, out)
+                        continue
                     mask = (kk - ps[:, b0:b1]).clamp_(0, 1)  # (K, Bs, 1, H, W): 1 where removed
                     if cast:
                         mask = mask.to(x.dtype)
-                    if walk is None:
-                        pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
-                    else:
-                        walk.fill(k0, k1, b0, b1, mask, out)
+                    pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
                 torch.gather(forward(inp), 1, tcol, out=col[s:e])
     scores = scores.transpose(1, 2).contiguous()  # (R, B, L+1)
     curves = scores[..., :1] - scores

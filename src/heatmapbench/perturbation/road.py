@@ -274,17 +274,17 @@ class RoadWalk:
         self.crops = torch.stack([(ymin - 1).clamp(0, h), (2 - nymax).clamp(0, h),
                                   (xmin - 1).clamp(0, w), (2 - nxmax).clamp(0, w)], -1)  # (B, n, 4)
         self.running = x.clone()  # each image's picture with the removed pixels imputed so far
+        self.current = x.clone()  # each image's input at its cursor: running + noise where removed
         self.solved = torch.zeros(b, 1, h, w, dtype=torch.bool, device=dev)
         self.cursor = [0] * b  # last step pasted into running, per image
 
-    def fill(self, k0: int, k1: int, b0: int, b1: int, mask: Tensor, out: Tensor) -> Tensor:
-        """Inputs of steps k0..k1-1 (1-based) for images b0..b1-1 into ``out`` (K, Bs, C, H, W).
-
-        ``mask`` (K, Bs, 1, H, W) is the engine's 0/1 removal mask of those pairs.
-        """
+    def fill(self, k0: int, k1: int, b0: int, b1: int, out: Tensor) -> Tensor:
+        """Inputs of steps k0..k1-1 (1-based) for images b0..b1-1 into ``out`` (K, Bs, C, H, W):
+        ``x`` where the pixel is kept at that step, its imputed value plus the noise where removed."""
         for bi in range(b0, b1):
             if self.cursor[bi] >= k0:  # asked to go back: restart this image from step 1
                 self.running[bi] = self.x[bi]
+                self.current[bi] = self.x[bi]
                 self.solved[bi] = False
                 self.cursor[bi] = 0
         first = min(self.cursor[bi] for bi in range(b0, b1)) + 1
@@ -299,13 +299,18 @@ class RoadWalk:
         ks, perm = torch.sort(kk[item], stable=True)
         bs, ys, xs, vals = bs[perm], ys[perm], xs[perm], vals[perm]
         ends = torch.searchsorted(ks, torch.arange(first, k1 + 1, device=ks.device)).tolist()
+        # Step k's input differs from step k-1's only on the component re-solved at step k (the new
+        # region included), so each image's input is kept up to date there and copied out: one pass
+        # per image-step, and the same values as lerp(x, running + noise, removal mask) bit for bit.
+        noisy = vals + self.noise[bs, :, ys, xs]
         for k in range(first, k1):
             s, e = ends[k - first], ends[k - first + 1]  # pixels re-solved at step k (one component per image)
-            self.running[bs[s:e], :, ys[s:e], xs[s:e]] = vals[s:e]
+            at = (bs[s:e], slice(None), ys[s:e], xs[s:e])
+            self.running[at] = vals[s:e]
+            self.current[at] = noisy[s:e]
             self.solved[bs[s:e], 0, ys[s:e], xs[s:e]] = True
             if k >= k0:
-                y = self.running[b0:b1] + self.noise[b0:b1]
-                torch.lerp(self.x[b0:b1], y, mask[k - k0], out=out[k - k0])
+                out[k - k0].copy_(self.current[b0:b1])
         for bi in range(b0, b1):
             self.cursor[bi] = k1 - 1
         return out
