@@ -182,9 +182,10 @@ def engine_batches(all_nets, reps: int) -> None:
         t = interleaved(fns, reps)
         n = x.shape[0] * 25
         cells = ", ".join(f"{k} {n / v:.1f}" for k, v in t.items())
+        t_auto = t[f"auto ({auto})"]
         best_fixed = min(v for k, v in t.items() if not k.startswith("auto"))
-        print(f"  {name} ({x.shape[0]} images): {cells} images/s; auto ÷ best fixed ×{best_fixed / t[f'auto ({auto})']:.2f}, "
-              f"÷ 64 ×{t['64'] / t[f'auto ({auto})']:.2f}; max |Δscore| {diff:.1g}")
+        print(f"  {name} ({x.shape[0]} images): {cells} images/s; auto ÷ best fixed ×{best_fixed / t_auto:.2f}, "
+              f"÷ 64 ×{t['64'] / t_auto:.2f}; max |Δscore| {diff:.1g}")
 
 
 def main() -> None:

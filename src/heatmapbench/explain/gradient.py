@@ -8,8 +8,9 @@ masks the ordinary gradient by its sign. Deconvnet is one autograd function per 
 that replaces the rectifier's backward; guided backprop keeps the rectifier's native backward and
 rectifies the gradient that reaches its output (one tensor hook, one clamp), so both passes cost
 about what a plain gradient costs. Zennit's hooks clone every rectifier input and run Python
-hooks on every gradient, which made both methods up to 1.5x slower than Captum's. ``tests/test_explain.py`` proves the results
-equal to Zennit's rules and to Captum's ``Deconvolution`` / ``GuidedBackprop`` on ReLU networks.
+hooks on every gradient, which made both methods up to 1.5x slower than Captum's.
+``tests/test_explain.py`` proves the results equal to Zennit's rules and to Captum's
+``Deconvolution`` / ``GuidedBackprop`` on ReLU networks.
 """
 
 from __future__ import annotations
