@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -40,6 +42,34 @@ def test_road_impute_float32_and_grad_cam_agree():
     for i in range(2):
         want = imp(x[i], (~m[i, 0]).float())  # grad-cam's mask: 1 = keep
         torch.testing.assert_close(got[i], want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler")
+def test_road_compiled_iterations_equal_the_direct_solve_and_the_eager_walk():
+    # compile=True runs the same CG through torch.compile (fused passes): the direct sparse solve and
+    # the eager engine's curves, to the solver's tolerance; check_every=2 keeps the compiled graph small
+    x = torch.rand(2, 3, 14, 13)
+    m = random_mask(2, 14, 13, 0.4, seed=3)
+    got = road_impute(x, m, tol=1e-7, check_every=2, compile=True)
+    for i in range(2):
+        want = ref_impute(x[i].double().numpy(), m[i, 0].numpy())
+        np.testing.assert_allclose(got[i].numpy(), want, rtol=0, atol=2e-5)
+    model = tiny_net(c=3, h=14, w=13).float()
+    hm = torch.randn(2, 14, 13, generator=torch.Generator().manual_seed(4))
+    kw = dict(region_size=3, steps=10, order="morf", repeats=1, seed=1)
+    eager = region_perturbation(model, x, hm, perturbation=Road(tol=1e-7), **kw)
+    compiled = region_perturbation(model, x, hm, perturbation=Road(tol=1e-7, compile=True), **kw)
+    torch.testing.assert_close(compiled.scores, eager.scores, rtol=0, atol=1e-5)
+
+
+def test_road_compile_without_a_compiler_is_refused_at_once(monkeypatch):
+    import heatmapbench.perturbation.road as road
+
+    monkeypatch.setattr(road.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"Road\(compile=True\) needs a C\+\+ compiler"):
+        Road(compile=True)
+    assert Road().compile is False  # the default needs none
 
 
 def test_road_impute_per_channel_masks_thin_and_border_holes():

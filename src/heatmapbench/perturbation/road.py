@@ -11,6 +11,9 @@ not one on the whole image. This is exact, not an approximation.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from torch import Tensor
 
@@ -49,9 +52,42 @@ def _road_ops(h: int, w: int, device, dtype):
     return e, L, g, framed, box121
 
 
+def _cg_step(pb: Tensor, v: Tensor, r: Tensor, rr: Tensor, m12: Tensor, c1: Tensor, g: int, e: int, length: int,
+             tiny: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One conjugate-gradient iteration of :func:`road_impute`, written for ``torch.compile``
+    (no in-place ops): returns the new zero-padded search direction, v, r and ‖r‖²."""
+    p = pb[:, :, g:g + length]
+    a = pb[:, :, g - 1 - e:g + length + 1 - e] + pb[:, :, g - 1 + e:g + length + 1 + e] + 2 * pb[:, :, g - 1:g + length + 1]
+    ap = (a[:, :, :-2] + a[:, :, 2:] + 2 * a[:, :, 1:-1]) * m12 + c1 * p
+    alpha = rr / (p * ap).sum(-1, keepdim=True).clamp_min(tiny)
+    v = v + alpha * p
+    r = r - alpha * ap
+    rr_new = (r * r).sum(-1, keepdim=True)
+    p = r + (rr_new / rr.clamp_min(tiny)) * p
+    return torch.cat([pb[:, :, :g], p, pb[:, :, g + length:]], dim=-1), v, r, rr_new
+
+
+def _cg_steps(pb: Tensor, v: Tensor, r: Tensor, rr: Tensor, m12: Tensor, c1: Tensor, g: int, e: int, length: int,
+              tiny: float, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``count`` iterations of :func:`_cg_step` (one compiled call between two convergence checks)."""
+    for _ in range(count):
+        pb, v, r, rr = _cg_step(pb, v, r, rr, m12, c1, g, e, length, tiny)
+    return pb, v, r, rr
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_cg_steps():
+    """``torch.compile`` of :func:`_cg_steps` (dynamic shapes), built on first use and shared."""
+    if "steps" not in _COMPILED:
+        _COMPILED["steps"] = torch.compile(_cg_steps, dynamic=True)
+    return _COMPILED["steps"]
+
+
 def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int | None = None,
                 check_every: int = 8, valid: Tensor | None = None,
-                start: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                start: tuple[Tensor, Tensor] | None = None, compile: bool = False) -> Tensor:
     """Noise-free linear imputation of ROAD (Rong et al. 2022), batched, on ``x``'s device.
 
     Every removed pixel i takes the weighted mean of its in-image 8-neighbours:
@@ -81,6 +117,9 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         the removed pixels whose value is a good first guess (a warm start, e.g. the solution
         of a smaller system); the others start from one Jacobi step. The solution does not
         depend on it beyond ``tol``.
+    compile : run each iteration as one ``torch.compile``-d function (fused passes; needs a C++
+        compiler; the first call compiles for ~10 s, a new shape class for a few more). The
+        solution does not depend on it beyond ``tol``.
 
     Returns
     -------
@@ -135,6 +174,14 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     rr = sq(r)
     bb = sq(b).clamp_min(tiny)
     tol2 = tol * tol
+    if compile:
+        steps = _compiled_cg_steps()
+        for it in range(0, max_iter, check_every):
+            if bool((rr <= tol2 * bb).all()):
+                break
+            pb, v, r, rr = steps(pb, v, r, rr, m12, c1, g, e, L, tiny, min(check_every, max_iter - it))
+        out = v.view(n, c, h, e)[:, :, :, :w]
+        return torch.where(removed, out, x)
     for it in range(max_iter):
         if it % check_every == 0 and bool((rr <= tol2 * bb).all()):
             break
@@ -156,7 +203,8 @@ _MERGE = 1 << 16
 
 
 def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: Tensor, *, tol: float,
-                 max_iter: int | None, start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+                 max_iter: int | None, start: tuple[Tensor, Tensor] | None = None,
+                 compile: bool = False) -> tuple[Tensor, ...]:
     """Solve many small ROAD systems, each in a crop of an image, batched by padded crop size.
 
     Item i is image ``bi[i]`` cropped to ``boxes[i]`` = (y0, y1, x0, x1); its removed pixels
@@ -207,7 +255,8 @@ def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: T
         if start is not None:
             st = (start[0][b_, :, r_, c_].permute(0, 3, 1, 2), start[1][b_, 0, r_, c_].unsqueeze(1))
         valid = valid.unsqueeze(1)
-        out = road_impute(xc * valid, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st)
+        out = road_impute(xc * valid, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st,
+                          compile=compile)
         i, yy, xx = rem.nonzero().unbind(1)
         parts.append((sel[i], bi[sel][i], yy + y0[sel][i], xx + x0[sel][i], out[i, :, yy, xx]))
     return tuple(torch.cat(t) for t in zip(*parts))
@@ -295,6 +344,7 @@ class RoadWalk:
         # step k's component: the regions (pixel labels = steps) that member[b, k] selects
         item, bs, ys, xs, vals = _solve_crops(self.x, bb, self.crops[bb, kk], self.ps, self.member[bb, kk],
                                               tol=self.road.tol, max_iter=self.road.max_iter,
+                                              compile=self.road.compile,
                                               start=(self.running, self.solved))
         ks, perm = torch.sort(kk[item], stable=True)
         bs, ys, xs, vals = bs[perm], ys[perm], xs[perm], vals[perm]
@@ -324,20 +374,26 @@ class Road(Perturbation):
     The imputation depends on which pixels are removed, so it is solved for every step (in the
     engine one connected component per step, see :class:`RoadWalk`); the noise is drawn once per
     repeat (B, C, H, W) and reused, as for the other perturbations. Works for any number of
-    channels (RGB included).
+    channels (RGB included). ``compile=True`` runs the solver's iterations through
+    ``torch.compile`` (fused passes, a one-off compile of seconds; see :func:`road_impute`).
     """
 
     name = "road"
     WALK_TABLE_LIMIT = 1 << 27  # bool entries per region table (two tables: 256 MiB)
 
-    def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None) -> None:
+    def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None,
+                 compile: bool = False) -> None:
         if noise < 0:
             raise ValueError(f"Road needs noise ≥ 0, got {noise}")
         if not tol > 0:
             raise ValueError(f"Road needs tol > 0, got {tol}")
+        if compile and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cxx):
+            raise ValueError("Road(compile=True) needs a C++ compiler for torch.compile (none of $CXX, g++, c++, "
+                             "clang++ found): install one or leave compile=false")
         self.noise = float(noise)
         self.tol = float(tol)
         self.max_iter = max_iter
+        self.compile = bool(compile)
 
     def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -358,7 +414,7 @@ class Road(Perturbation):
         c, h, w = shape[-3:]
         x4 = x.expand(shape).reshape(-1, c, h, w)
         m4 = mask.expand(*shape[:-3], 1, h, w).reshape(-1, 1, h, w).to(x.dtype)
-        y = road_impute(x4, m4 > 0.5, tol=self.tol, max_iter=self.max_iter)
+        y = road_impute(x4, m4 > 0.5, tol=self.tol, max_iter=self.max_iter, compile=self.compile)
         y = y + state.expand(shape).reshape(-1, c, h, w) * m4
         y = y.view(shape)
         if out is None:
