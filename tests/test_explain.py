@@ -517,12 +517,15 @@ def test_fast_engine_equals_zennit(arch):
 @pytest.mark.parametrize("groups", [2, 8])  # grouped (2 input channels per group) and depthwise
 def test_fast_engine_equals_zennit_on_grouped_convolutions(groups):
     """Alpha-beta and flat on grouped convolutions run the input repeated per weight part (not K outputs
-    per group, which oneDNN computes 4-20x slower): equal to Zennit's hooks in float64, with inputs of
-    both signs (the first grouped conv sees a conv's signed output) and rectified ones (the second)."""
+    per group, which oneDNN computes 4-20x slower), and signed inputs of plain layers are split along the
+    channels: equal to Zennit's hooks in float64, with inputs of both signs (the first grouped conv sees
+    a conv's signed output, so does the last linear layer) and rectified ones (the second conv)."""
     torch.manual_seed(0)
+    # the first conv and the last linear layer see inputs of both signs (x+ and x- split along the
+    # channels for groups = 1, along the batch for the grouped conv after the first)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=groups), nn.ReLU(),
                         nn.Conv2d(8, 16, 3, padding=1, groups=groups), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(16, 5)).eval().double()
+                        nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 5)).eval().double()
     x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     target = torch.tensor([0, 1, 2])
     for table in FAST_TABLES:

@@ -106,6 +106,22 @@ class _SignSplit(torch.autograd.Function):
         return products[:half] + products[half:]
 
 
+class _SignSplitChannels(torch.autograd.Function):
+    """``x -> cat([x+, x-])`` along the channels; backward: ``R_x = x+ * g[:, :C] + x- * g[:, C:]``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)  # (B, 2C, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        c = x.shape[1]
+        # x+ and x- never overlap: x * (g+ where x > 0, g- elsewhere) is the sum of both products
+        return torch.where(x > 0, grad[:, :c], grad[:, c:]).mul_(x)
+
+
 class _AsOnes(torch.autograd.Function):
     """Forward: a tensor of ones shaped like ``x`` (the flat rule's input); backward: identity."""
 
@@ -144,10 +160,11 @@ class _Redistribute(torch.autograd.Function):
             z = zz[slots[0]]
             for slot in slots[1:]:
                 z = z + zz[slot]
-            den = torch.add(offset, z, alpha=scale)  # one pass: scale * z + offset
-            torch.div(grad, den, out=out[slots[0]])
+            first = out[slots[0]]
+            torch.add(offset, z, alpha=scale, out=first)  # the denominator, scale * z + offset, in place
+            torch.div(grad, first, out=first)  # no temporary: large ones cost fresh pages on every call
             for slot in slots[1:]:
-                out[slot].copy_(out[slots[0]])
+                out[slot].copy_(first)
         return out, None, None
 
 
@@ -311,6 +328,13 @@ class AlphaBeta(_BypassRule):
         if not bool(x.amin() < 0):  # x >= 0 (after a rectifier): the x- terms vanish exactly
             # one call with [W+; W-] (or W+ alone for beta = 0) on x
             zz, groups = _parts_call(module, [w_pos, w_neg] if beta else [w_pos], _TimesInput.apply(x))
+            plus, minus = [(slice(None), slice(None), 0)], [(slice(None), slice(None), 1)]
+        elif beta and getattr(module, "groups", 1) == 1 and not isinstance(module, ConvolutionTranspose):
+            # x+ and x- side by side along the channels, one call with [[W+, W-]; [W-, W+]] gives
+            # z+ = W+ x+ + W- x- and z- = W- x+ + W+ x- as its two output halves directly (no sums of
+            # batch halves, no copied signals)
+            zz, groups = _parts_call(module, [torch.cat([w_pos, w_neg], dim=1), torch.cat([w_neg, w_pos], dim=1)],
+                                     _SignSplitChannels.apply(x))
             plus, minus = [(slice(None), slice(None), 0)], [(slice(None), slice(None), 1)]
         else:
             # x+ and x- stacked along the batch; z+ = W+ x+ + W- x-, z- = W- x+ + W+ x-
