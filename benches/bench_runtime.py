@@ -167,7 +167,7 @@ def engine_batches(all_nets, reps: int) -> None:
     from heatmapbench.perturbation.engine import AUTO_BATCH_BYTES, auto_batch_size
 
     print(f"\n(e) engine images/s by batch_size (auto: largest tensor of a forward ≈ "
-          f"{AUTO_BATCH_BYTES['cpu'] >> 20} MiB on a CPU), random order, L = 24, channels_last")
+          f"{AUTO_BATCH_BYTES >> 20} MiB on a CPU), random order, L = 24, channels_last")
     for name, (net, x) in all_nets.items():
         x = x[:4] if x.shape[-1] > 100 else x[:64]
         heat = torch.rand(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(0))

@@ -288,7 +288,7 @@ def test_automatic_batch_size_follows_the_largest_activation(monkeypatch):
     model = Recorder(c, h, w).double()
     widest = nn.Conv2d(c, 16, 3, padding=1).double()  # the largest tensor: 16·8·8 float64 = 8192 bytes/image
     full = nn.Sequential(widest, nn.Conv2d(16, c, 1).double(), model)
-    monkeypatch.setitem(engine.AUTO_BATCH_BYTES, "cpu", 3 * 8192 + 100)
+    monkeypatch.setattr(engine, "AUTO_BATCH_BYTES", 3 * 8192 + 100)
     auto = region_perturbation(full, x, hm, region_size=2, steps=9, repeats=2)
     assert [t.shape[0] for t in model.seen][0] == 1  # the probe
     assert max(t.shape[0] for t in model.seen[1:]) == 3
@@ -296,7 +296,7 @@ def test_automatic_batch_size_follows_the_largest_activation(monkeypatch):
     model.seen.clear()
     fixed = region_perturbation(full, x, hm, region_size=2, steps=9, repeats=2, batch_size=1000)
     torch.testing.assert_close(auto.curves, fixed.curves, rtol=1e-12, atol=1e-12)
-    monkeypatch.setitem(engine.AUTO_BATCH_BYTES, "cpu", 10)  # below one image: one per forward
+    monkeypatch.setattr(engine, "AUTO_BATCH_BYTES", 10)  # below one image: one per forward
     model.seen.clear()
     region_perturbation(full, x, hm, region_size=2, steps=3)
     assert max(t.shape[0] for t in model.seen) == 1

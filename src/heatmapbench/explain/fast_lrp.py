@@ -244,9 +244,14 @@ def _weight_parts(module: nn.Module, parts: list[torch.Tensor]) -> tuple[torch.T
     weight = parts[0]
     grouped = [p.reshape(groups, weight.shape[0] // groups, *weight.shape[1:]) for p in parts]
     stacked = torch.stack(grouped, dim=1).reshape(len(parts) * weight.shape[0], *weight.shape[1:])
+    return _in_layout_of(module, stacked), groups
+
+
+def _in_layout_of(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the memory layout of ``module.weight`` (channels_last when the layer is)."""
     if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
-        stacked = stacked.contiguous(memory_format=torch.channels_last)
-    return stacked, groups
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
 
 
 def _call_with(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
@@ -286,9 +291,7 @@ def _parts_call(module: nn.Module, parts: list[torch.Tensor], x: torch.Tensor) -
     if groups == 1 or k == 1 or isinstance(module, ConvolutionTranspose):
         stacked, groups = _weight_parts(module, parts)
         return _grouped(_call_with(module, stacked, x), groups, k), groups
-    weight = torch.cat(parts)  # (K * O, C / G, ...): part-major, G groups each
-    if weight.dim() == 4 and module.weight.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.contiguous(memory_format=torch.channels_last)
+    weight = _in_layout_of(module, torch.cat(parts))  # (K * O, C / G, ...): part-major, G groups each
     out = _call_with(module, weight, torch.cat([x] * k, dim=1), groups=k * groups)  # (N, K * O, ...)
     out = out.reshape(out.shape[0], k, groups, -1, *out.shape[2:])  # (N, K, G, O / G, ...)
     return out.transpose(1, 2), groups

@@ -31,7 +31,7 @@ SCORES = ("logit", "probability")
 #: far more images per second: on two cores EfficientNet-Lite0 at 224² (largest tensor 4.8 MB per
 #: image) ran the engine at 74-79 images/s in chunks of 4-8 and 39 in chunks of 64; VGGSmall and
 #: the small CNN lose ~1.5× at 512 (``benches/bench_runtime.py`` (e)).
-AUTO_BATCH_BYTES = {"cpu": 24 << 20}
+AUTO_BATCH_BYTES = 24 << 20
 #: The automatic batch size elsewhere (GPUs want large batches; 512 is what
 #: ``benches/bench_gpu_protocol.py`` measured, 2048 was ×1.4 faster on AlexNet and ×0.9 on Lite0).
 AUTO_BATCH_DEVICE = 512
@@ -59,7 +59,7 @@ def auto_batch_size(forward, x: Tensor, model: nn.Module) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return max(1, AUTO_BATCH_BYTES["cpu"] // largest[0])
+    return max(1, AUTO_BATCH_BYTES // largest[0])
 
 
 @dataclass

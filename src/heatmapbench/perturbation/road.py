@@ -11,6 +11,7 @@ not one on the whole image. This is exact, not an approximation.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -75,14 +76,10 @@ def _cg_steps(pb: Tensor, v: Tensor, r: Tensor, rr: Tensor, m12: Tensor, c1: Ten
     return pb, v, r, rr
 
 
-_COMPILED: dict[str, object] = {}
-
-
+@functools.cache
 def _compiled_cg_steps():
     """``torch.compile`` of :func:`_cg_steps` (dynamic shapes), built on first use and shared."""
-    if "steps" not in _COMPILED:
-        _COMPILED["steps"] = torch.compile(_cg_steps, dynamic=True)
-    return _COMPILED["steps"]
+    return torch.compile(_cg_steps, dynamic=True)
 
 
 def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int | None = None,
@@ -180,18 +177,17 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
             if bool((rr <= tol2 * bb).all()):
                 break
             pb, v, r, rr = steps(pb, v, r, rr, m12, c1, g, e, L, tiny, min(check_every, max_iter - it))
-        out = v.view(n, c, h, e)[:, :, :, :w]
-        return torch.where(removed, out, x)
-    for it in range(max_iter):
-        if it % check_every == 0 and bool((rr <= tol2 * bb).all()):
-            break
-        ap = apply_a(p)
-        alpha = rr / dot(p, ap).clamp_min(tiny)
-        v.addcmul_(alpha, p)
-        r.addcmul_(alpha, ap, value=-1)
-        rr_new = sq(r)
-        torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
-        rr = rr_new
+    else:
+        for it in range(max_iter):
+            if it % check_every == 0 and bool((rr <= tol2 * bb).all()):
+                break
+            ap = apply_a(p)
+            alpha = rr / dot(p, ap).clamp_min(tiny)
+            v.addcmul_(alpha, p)
+            r.addcmul_(alpha, ap, value=-1)
+            rr_new = sq(r)
+            torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
+            rr = rr_new
     out = v.view(n, c, h, e)[:, :, :, :w]
     return torch.where(removed, out, x)
 
