@@ -17,9 +17,12 @@ from torch import nn
 #: Channel pooling of a (B, C, H, W) attribution into a (B, H, W) heatmap.
 #: Sensitivity and deconvolution use a norm over the colour channels (paper eq. 3, q in {2, inf});
 #: LRP and other conservative methods sum over the channels (paper Sec. 2).
+#: The l2 norm is written out: ``torch.linalg.vector_norm(a, dim=1)`` over the three colour
+#: channels takes ~68 ms on a (8, 3, 224, 224) batch on two CPU cores (a slow strided reduction),
+#: 70x the ~1 ms of ``a.square().sum(1).sqrt()`` and a sixth of a whole Lite0 gradient.
 POOLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sum": lambda a: a.sum(dim=1),
-    "l2": lambda a: torch.linalg.vector_norm(a, ord=2, dim=1),
+    "l2": lambda a: a.square().sum(dim=1).sqrt(),
     "linf": lambda a: a.abs().amax(dim=1),
     "abs_sum": lambda a: a.abs().sum(dim=1),
 }
