@@ -12,15 +12,19 @@ Prints ratios measured in one run (contenders interleaved, each one's best of ``
       (steady-state ratio and the compile time it has to win back);
   (e) the engine's images/s (``region_perturbation``, random order, uniform noise) at the automatic
       batch size (``batch_size=None``: the chunk it picks is printed) against fixed batches, and the
-      largest score difference between them.
+      largest score difference between them;
+  (f) fusion (``heatmapbench.fuse``: BatchNorm and symmetric zero padding folded into the
+      convolutions), in channels_last: forward passes, sensitivity and guided backprop heatmaps and
+      the engine (random order, L = 24), fused against unfused, with the largest difference.
 
     python benches/bench_runtime.py [--threads 2] [--reps 3] [--images 8] [--steps 50] [--compile]
-                                    [--skip-forwards] [--skip-batch]
+                                    [--skip-forwards] [--skip-batch] [--skip-fusion]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import time
@@ -188,6 +192,49 @@ def engine_batches(all_nets, reps: int) -> None:
               f"÷ 64 ×{t['64'] / t_auto:.2f}; max |Δscore| {diff:.1g}")
 
 
+def fusion_gain(all_nets, reps: int) -> None:
+    from heatmapbench.explain import get_explainer
+    from heatmapbench.fuse import FusedConv, fused, fusion
+    from heatmapbench.perturbation import region_perturbation
+
+    print("\n(f) fused ÷ unfused speed (× > 1: fusion is faster), channels_last, fp32")
+    for name, (net, x) in all_nets.items():
+        big = x.shape[-1] > 100
+        net_cl = copy.deepcopy(net)
+        x_cl = to_layout(x, True)
+        xe = x_cl[:8] if big else x_cl[:64]  # explainer batch
+        xs = x[:4] if big else x[:64]  # engine batch
+        heat = torch.rand(xs.shape[0], *xs.shape[2:], generator=torch.Generator().manual_seed(0))
+        kw = dict(region_size=max(2, x.shape[-1] // 24), steps=24, order="random")
+        with channels_last(net_cl):
+            graph = fused(net_cl, x_cl[:1])
+            folded = sum(isinstance(m, FusedConv) for m in graph.modules())
+            with torch.no_grad():
+                target = net_cl(xe).argmax(1)
+            sens, guided = get_explainer("sensitivity_l2"), get_explainer("guided_backprop")
+
+            def unfused(fn):
+                def run():
+                    with fusion(False):
+                        return fn()
+                return run
+
+            pairs = {
+                "forward": (forward_fn(graph, x_cl, "fp32"), forward_fn(net_cl, x_cl, "fp32")),
+                "sensitivity": (lambda: sens(net_cl, xe, target), unfused(lambda: sens(net_cl, xe, target))),
+                "guided backprop": (lambda: guided(net_cl, xe, target), unfused(lambda: guided(net_cl, xe, target))),
+            }
+        pairs["engine"] = (lambda: region_perturbation(net, xs, heat, **kw).scores,
+                           lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
+        cells = []
+        for what, (on, off) in pairs.items():
+            with channels_last(net_cl) if what != "engine" else contextlib.nullcontext():
+                diff = float((on() - off()).abs().max())
+                t = interleaved({"on": on, "off": off}, reps)
+            cells.append(f"{what} ×{t['off'] / t['on']:.2f} (max|Δ| {diff:.1g})")
+        print(f"  {name} ({folded} convolutions fused): " + "; ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -200,6 +247,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also (d), minutes of compiling")
     ap.add_argument("--skip-forwards", action="store_true", help="skip (a) and (b)")
     ap.add_argument("--skip-batch", action="store_true", help="skip (e)")
+    ap.add_argument("--skip-fusion", action="store_true", help="skip (f)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -218,6 +266,8 @@ def main() -> None:
         compiled(all_nets, args.reps)
     if not args.skip_batch:
         engine_batches(all_nets, args.reps)
+    if not args.skip_fusion:
+        fusion_gain(all_nets, args.reps)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 
 

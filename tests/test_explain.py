@@ -220,12 +220,12 @@ def test_deconvnet_and_guided_backprop_equal_zennit_rules(arch):
     from heatmapbench.explain.base import backprop, explaining
 
     model, shape = arch_model(arch)
-    model.eval()
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
+    model.eval().double()  # float64: ours runs BatchNorm folded into the convolutions (heatmapbench.fuse)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     target = torch.tensor([1, 2])
     for name, rule in [("deconvnet_l2", ReLUDeconvNet), ("guided_backprop", ReLUGuidedBackprop)]:
         with explaining(model), LayerMapComposite([((nn.ReLU, nn.ReLU6), rule())]).context(model):
-            reference = backprop(model, x.clone(), target).norm(dim=1)
+            reference = backprop(model, x.clone(), target).norm(dim=1).float()
         torch.testing.assert_close(get_explainer(name)(model, x, target), reference, rtol=1e-5, atol=1e-8, msg=name)
 
 

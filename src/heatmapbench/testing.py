@@ -21,8 +21,13 @@ def randomize_batch_norm(model: nn.Module, seed: int = 0, centred: bool = False)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.running_mean.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
-            m.bias.copy_(torch.randn(n, generator=gen) * (0.0 if centred else 0.1))
+            var, weight = torch.rand(n, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+            mean = torch.randn(n, generator=gen) * (0.0 if centred else 0.1)
+            bias = torch.randn(n, generator=gen) * (0.0 if centred else 0.1)
+            if m.running_var is not None:
+                m.running_var.copy_(var)
+                m.running_mean.copy_(mean)
+            if m.weight is not None:  # affine=False has no weight and bias
+                m.weight.copy_(weight)
+                m.bias.copy_(bias)
     return model

@@ -7,9 +7,8 @@ result to :mod:`heatmapbench.evaluation.artifacts`.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import pandas as pd
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from heatmapbench import metric_names as mn
 from heatmapbench.config.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
+from heatmapbench.fuse import fusion
 from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size
 from heatmapbench.metrics.summary import (
     N_BOOT,
@@ -266,21 +266,19 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
                       **settings.engine_kwargs())
         seed = settings.seed + seed_offset
         zeros = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=x.device)
-        with _counting_forwards(model, progress):
-            random = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
-                                         seed=seed, **common)
+        random = region_perturbation(model, x, zeros, order="random", repeats=settings.random_repeats,
+                                     seed=seed, progress=progress, **common)
         random_curves = random.curves.mean(dim=0)
         clean_scores = random.scores[0, :, 0].detach().float().cpu()
         curves: dict[str, dict[str, Tensor]] = {}
         complexity: dict[str, dict[str, Tensor]] = {}
         gallery: dict[str, Tensor] = {}
         for name, explainer in explainers.items():
-            with autocast(settings.precision, x.device):
+            with autocast(settings.precision, x.device), fusion(settings.fuse):
                 heatmap = explainer(model, x, target)  # (B, H, W)
-            with _counting_forwards(model, progress):
-                curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
-                                                           seed=seed, **common).curves.mean(dim=0).cpu()
-                                for order in settings.orders}
+            curves[name] = {order: region_perturbation(model, x, heatmap, order=order, repeats=settings.repeats,
+                                                       seed=seed, progress=progress, **common).curves.mean(dim=0).cpu()
+                            for order in settings.orders}
             if settings.complexity:
                 complexity[name] = {"png": heatmap_png_size(heatmap), "jpeg": heatmap_jpeg_size(heatmap, quality=90),
                                     "entropy": heatmap_entropy(heatmap)}
@@ -308,19 +306,3 @@ def engine_forwards(settings: EvaluationSettings, images: int, explainers: int, 
     probe = int(settings.batch_size is None and device == "cpu")
     per_call = lambda repeats: images * (1 + repeats * settings.steps) + probe  # noqa: E731
     return per_call(settings.random_repeats) + explainers * len(settings.orders) * per_call(settings.repeats)
-
-
-@contextlib.contextmanager
-def _counting_forwards(model: nn.Module, progress: Callable[[int], Any] | None) -> Iterator[None]:
-    """Call ``progress(len(inputs))`` after each forward of ``model`` inside the block."""
-    if progress is None:
-        yield
-        return
-    def hook(module: nn.Module, args: tuple, out: Any) -> None:  # returns None: the output stays
-        progress(int(args[0].shape[0]))
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from heatmapbench.fuse import fused
+
 #: Channel pooling of a (B, C, H, W) attribution into a (B, H, W) heatmap.
 #: Sensitivity and deconvolution use a norm over the colour channels (paper eq. 3, q in {2, inf});
 #: LRP and other conservative methods sum over the channels (paper Sec. 2).
@@ -114,6 +116,10 @@ class Explainer:
 
     #: Short name used in tables and logs.
     name: ClassVar[str] = "explainer"
+    #: Whether :meth:`attribute` may run on :func:`heatmapbench.fuse.fused` ``(model)`` (BatchNorm and
+    #: zero padding folded into the convolutions): true for methods that need the model only as a
+    #: differentiable function (gradients, rectifier rules); false where rules hook its layers (LRP).
+    fusable: ClassVar[bool] = False
 
     def __init__(self, pooling: str = "l2") -> None:
         self.pooling = _check_pooling(pooling)
@@ -123,7 +129,8 @@ class Explainer:
         with explaining(model):
             x = x.detach().clone()  # a normal tensor even when x was made under inference mode
             target = target.clone()
-            attribution = self.attribute(model, x, target)  # (B, C, H, W) or (B, H, W)
+            net = fused(model, x[:1]) if self.fusable else model
+            attribution = self.attribute(net, x, target)  # (B, C, H, W) or (B, H, W)
             if attribution.dim() == 4:
                 attribution = pool_channels(attribution, self.pooling)  # (B, H, W)
         return attribution.detach().to(torch.float32)

@@ -31,6 +31,7 @@ class CaptumExplainer(Explainer):
     """
 
     name = "captum"
+    fusable = True  # the Captum method gets a forward function, never the model's layers
 
     def __init__(
         self,

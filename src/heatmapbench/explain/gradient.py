@@ -110,6 +110,7 @@ class Sensitivity(Explainer):
     """
 
     name = "sensitivity"
+    fusable = True
 
     def __init__(self, pooling: str = "l2") -> None:
         super().__init__(pooling=pooling)
@@ -122,6 +123,7 @@ class GradientXInput(Explainer):
     """Gradient times input, ``x * d f / d x``, summed over colour channels by default."""
 
     name = "gradient_x_input"
+    fusable = True
 
     def __init__(self, pooling: str = "sum") -> None:
         super().__init__(pooling=pooling)
@@ -134,6 +136,7 @@ class _RectifierRuleExplainer(Explainer):
     """A gradient whose ReLU / ReLU6 backward follows a rule (:func:`deconvnet_rule`, :func:`guided_rule`)."""
 
     rule: staticmethod  # a context manager factory: rule(model) applies the rule while open
+    fusable = True  # the rules act on rectifiers only; convolutions and BatchNorms are plain linear maps
 
     def __init__(self, pooling: str = "l2") -> None:
         super().__init__(pooling=pooling)

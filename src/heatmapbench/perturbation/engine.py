@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from heatmapbench.fuse import fused
 from heatmapbench.metrics.summary import aopc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
@@ -220,6 +221,8 @@ def region_perturbation(
     value_range: tuple[float, float] = (0.0, 1.0),
     precision: str = "fp32",
     layout: str = "auto",
+    fuse: bool = True,
+    progress: Callable[[int], Any] | None = None,
 ) -> PerturbationResult:
     """Perturb regions in heatmap order and record the score (Samek et al., Sec. 3, eq. 11).
 
@@ -263,6 +266,10 @@ def region_perturbation(
         built in ``x``'s dtype either way (see :mod:`heatmapbench.runtime`).
     layout : ``"auto"`` (channels_last for models with 2-D convolutions: the same results up
         to float reassociation, faster on oneDNN/cuDNN), ``"channels_last"`` or ``"contiguous"``.
+    fuse : run the forwards on :func:`heatmapbench.fuse.fused` ``(model)``: BatchNorm and zero
+        padding folded into the convolutions (the same function up to float reassociation; the
+        model itself where nothing folds, or it has hooks or cannot be traced).
+    progress : called as ``progress(n)`` after every forward pass with its ``n`` inputs.
 
     Returns
     -------
@@ -298,7 +305,9 @@ def region_perturbation(
 
     def forward(inp: Tensor) -> Tensor:  # (n, classes) scores: logits or probabilities
         with torch.inference_mode(), autocast(precision, dev):
-            out = model(to_layout(inp, nhwc))
+            out = net(to_layout(inp, nhwc))
+        if progress is not None:
+            progress(int(inp.shape[0]))
         if out.ndim != 2:
             raise ValueError(f"model must return (N, classes) scores, got shape {tuple(out.shape)}")
         if precision != "fp32":
@@ -306,7 +315,8 @@ def region_perturbation(
         return out.softmax(dim=1) if score == "probability" else out
 
     with eval_mode(model), fast_model(model, layout) as nhwc, torch.no_grad():
-        bs = auto_batch_size(forward, x, model) if batch_size is None else batch_size
+        net = fused(model, to_layout(x[:1], nhwc)) if fuse else model
+        bs = auto_batch_size(forward, x, net) if batch_size is None else batch_size
         # Step 0: the clean images, which also fix the default target.
         logits0 = torch.cat([forward(x[i:i + bs]) for i in range(0, b, bs)])
         if target is not None:  # the class count is known from here on, before any perturbed forward
@@ -350,6 +360,6 @@ def region_perturbation(
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),
                     regions=regions, score=score, repeats=repeats, seed=seed, batch_size=bs,
                     mean=mean, std=std, value_range=tuple(value_range), precision=precision,
-                    layout=layout)
+                    layout=layout, fuse=fuse)
     return PerturbationResult(curves=curves, scores=scores, aopc=aopc(curves),
                               order=order_idx, target=tgt, settings=settings)
