@@ -33,6 +33,18 @@ def test_road_impute_matches_direct_sparse_solve_rgb(frac):
     assert torch.equal(got[~m.expand_as(x)], x[~m.expand_as(x)])  # kept pixels untouched
 
 
+def test_road_impute_warns_when_max_iter_stops_it_before_tol():
+    x = torch.rand(2, 3, 32, 32)
+    m = random_mask(2, 32, 32, 0.5, seed=3)
+    with pytest.warns(RuntimeWarning, match=r"stopped at max_iter=3 with a relative residual of .* > tol=1e-06"):
+        road_impute(x, m, max_iter=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged at the default max_iter: silent
+        road_impute(x, m)
+
+
 def test_road_impute_float32_and_grad_cam_agree():
     gc = pytest.importorskip("pytorch_grad_cam.metrics.road")
     x = torch.rand(2, 3, 16, 16)

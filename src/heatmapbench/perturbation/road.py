@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import warnings
 
 import torch
 from torch import Tensor
@@ -188,6 +189,11 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
             rr_new = sq(r)
             torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
             rr = rr_new
+    worst = float((rr / bb).max().sqrt()) if rr.numel() else 0.0
+    if worst > tol:  # max_iter reached first: say so rather than return a rougher imputation silently
+        warnings.warn(f"ROAD imputation: conjugate gradients stopped at max_iter={max_iter} with a relative "
+                      f"residual of {worst:.2g} > tol={tol:g} (images {n}, size {h}x{w}); raise "
+                      "perturbation.max_iter or tol", RuntimeWarning, stacklevel=2)
     out = v.view(n, c, h, e)[:, :, :, :w]
     return torch.where(removed, out, x)
 
