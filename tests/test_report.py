@@ -173,13 +173,16 @@ def test_filters_by_tags_raw_filter_and_status(store, tmp_path, data_dir):
 
 
 def test_other_varying_params_split_cells_and_seeds_average():
-    """``build_report`` alone: a second model becomes a column; runs differing only in seed are averaged."""
+    """``build_report`` alone: a second model becomes a column; runs differing only in seed (and in
+    ``evaluation.fuse``, a speed switch older runs did not log) are averaged."""
     rows = []
     for i, (model, seed) in enumerate(itertools.product(["SmallCNN", "VGGSmall"], [0, 1])):
         rows.append({"run_id": f"r{i}", "experiment": "e", "status": "FINISHED", "tags.task": "evaluate",
                      "tags.model": model.lower(), "tags.perturbation": "uniform",
                      "params.model.net._target_": f"heatmapbench.models.{model}", "params.seed": str(seed),
                      "params.evaluation.seed": str(seed), "params.evaluation.region_size": "9",
+                     # a speed switch logged only by newer runs: it must not split their cells
+                     **({"params.evaluation.fuse": "True"} if seed else {}),
                      f"metrics.{mn.explainer_metric(mn.AOPC_REL, 'gradient')}": float(i),
                      f"metrics.{mn.explainer_metric(mn.AOPC, 'gradient')}": float(i) + 1,
                      f"metrics.{mn.random_ordering_metric(mn.AOPC)}": 1.0})

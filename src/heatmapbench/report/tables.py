@@ -22,9 +22,11 @@ EXPLAINER_METRICS = (mn.AOPC, mn.AOPC_REL, "aopc_rel_lo", "aopc_rel_hi", mn.AOPC
 #: Per-run metrics of an evaluate run: column of the report → metric name.
 RUN_METRICS = {"random_ordering_aopc": mn.random_ordering_metric(mn.AOPC), "accuracy": mn.ACCURACY,
                "images": mn.IMAGES, "seconds": mn.SECONDS}
-#: Parameters that never split a cell: replicates (seeds), precision, bookkeeping.
+#: Parameters that never split a cell: replicates (seeds), precision, bookkeeping, and speed mechanics
+#: that change no number beyond float reassociation (batch size, fusion; runs logged before
+#: ``evaluation.fuse`` existed then still share cells with the ones after).
 DEFAULT_IGNORE = ("paths.*", "logger.*", "hydra.*", "task_name", "seed", "evaluation.seed", "evaluation.explainers",
-                  "evaluation.batch_size", "evaluation.orders", "evaluation.complexity", "evaluation.repeats",
+                  "evaluation.batch_size", "evaluation.fuse", "evaluation.orders", "evaluation.complexity", "evaluation.repeats",
                   "evaluation.random_repeats", "explainer._target_", "device", "progress", "gallery_size", "evaluation.n_boot",
                   "data.batch_size", "data.num_workers", "data.pin_memory", "data.data_dir", "data.download")
 
