@@ -116,6 +116,31 @@ def test_folded_weights_follow_in_place_updates_and_replaced_modules():
         torch.testing.assert_close(again(x), net(x), rtol=1e-12, atol=1e-12)
 
 
+def test_weights_changed_through_data_are_refolded_at_the_next_call():
+    """``.data`` updates (old-style optimizers, EMA, hand-loaded weights) bump no version counter:
+    every graph that :func:`fused` hands out refolds on its first use, and so does LRP's."""
+    torch.manual_seed(0)
+    seq = randomize_batch_norm(nn.Sequential(  # LRP-ready: modules only
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5))).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    graph = fused(seq, x[:1])
+    sens, lrp = get_explainer("sensitivity_l2"), get_explainer("lrp_epsilon_0.01")
+    before = (sens(seq, x, target), lrp(seq, x, target))
+    seq[0].weight.data.mul_(-2.0)
+    seq[4].running_var.data.add_(3.0)
+    seq[1].weight.data.mul_(0.5)
+    assert fused(seq, x[:1]) is graph  # the same graph, refolded
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), seq(x), rtol=1e-12, atol=1e-12)
+    fresh = copy.deepcopy(seq)  # nothing cached for it
+    for got, want, old in zip((sens(seq, x, target), lrp(seq, x, target)),
+                              (sens(fresh, x, target), lrp(fresh, x, target)), before):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(got, old)
+
+
 def test_the_model_itself_when_fusion_would_bypass_or_change_anything():
     net = net64()
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64)

@@ -105,7 +105,8 @@ class FusedConv(nn.Module):
         return tuple(None if t is None else (t._version, t.data_ptr(), t.stride(), t.dtype) for t in tensors)
 
     def folded(self) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias the convolution runs with (refolded if a source changed)."""
+        """The weight and bias the convolution runs with (refolded if a source changed: its version
+    counter, address, strides or dtype; :func:`fused` also marks every graph it hands out stale)."""
         state = self._source_state()
         if state != self._state:
             weight, bias, bn = self._sources
@@ -189,6 +190,8 @@ def fused(model: nn.Module, example: Tensor | None = None) -> nn.Module:
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint:
         graph, checked = cached[1], cached[2]
+        if graph is not None:
+            _stale(graph)
         if graph is None or checked or example is None:
             return model if graph is None else graph
     else:
@@ -203,6 +206,18 @@ def fused(model: nn.Module, example: Tensor | None = None) -> nn.Module:
 
 class FusedGraph(fx.GraphModule):
     """The traced, fused graph of a model (see :func:`fused`)."""
+
+
+def _stale(graph: nn.Module) -> None:
+    """Refold every convolution of ``graph`` at its next call.
+
+    Within one call of an explainer or the engine the version and address check of
+    :class:`FusedConv` suffices; between calls a weight may have changed through ``.data``
+    (old-style optimizers, EMA, hand-loaded weights), which no version counter records.
+    """
+    for module in graph.modules():
+        if isinstance(module, FusedConv):
+            module._state = None
 
 
 def _agrees(model: nn.Module, graph: nn.Module, example: Tensor) -> bool:

@@ -710,6 +710,9 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
     entries = _CACHE.setdefault(model, {})
     cached = entries.get(key)
     if cached is not None and cached[0] == fingerprint:
+        for module in cached[1].modules():  # refold on first use: a weight changed through .data
+            if isinstance(module, FoldedLinear):  # (no version counter records that) stays correct
+                object.__setattr__(module, "_folded_state", None)
         return cached[1]
     if model.training:
         raise ValueError("canonize traces the eval-mode graph: call model.eval() first (explainers do).")
