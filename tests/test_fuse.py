@@ -254,3 +254,37 @@ def test_lite0_folds_every_batch_norm_and_the_symmetric_pads():
     copy_ = copy.deepcopy(net)
     with torch.no_grad():
         torch.testing.assert_close(graph(x), copy_(x), rtol=1e-11, atol=1e-11)
+
+
+def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevance(monkeypatch):
+    """LRP's canonical graph swaps a "same"-padding conv subclass (pad + F.conv2d) for a plain
+    nn.Conv2d twin with the pad in its padding and the same Parameters; an asymmetric pad stays."""
+    import heatmapbench.fuse as fz
+    from heatmapbench.explain.graph import canonize
+
+    def build():
+        torch.manual_seed(0)
+        return randomize_batch_norm(nn.Sequential(
+            SamePadConv(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), SamePadConv(8, 8, 3, stride=2),
+            nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))).eval().double()
+
+    net, ref_net = build(), build()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 3])
+    graph = canonize(net)
+    convs = [m for m in graph.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.padding for m in convs] == [(1, 1), (0, 0)]
+    assert [isinstance(m, SamePadConv) for m in convs] == [False, True]  # the asymmetric one is kept
+    assert convs[0]._linear.weight is net[0].weight  # BatchNorm folded on top of the twin: the user's Parameter
+    assert "zero padding folded into the convolution that follows it" in graph.rules_used
+    with torch.no_grad():
+        assert torch.equal(graph(x), net(x))
+    with monkeypatch.context() as patch:  # the reference: the module as written, pad pass and all
+        patch.setattr(fz, "plain_conv_twin", lambda module: None)
+        assert "zero padding folded into the convolution that follows it" not in canonize(ref_net).rules_used
+    for name in ("lrp_epsilon_0.01", "lrp_alpha2_beta1", "lrp_epsilon_plus_flat"):
+        got, want = get_explainer(name)(net, x, target), get_explainer(name)(ref_net, x, target)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    hooked = build()
+    hooked[0].register_forward_hook(lambda m, a, o: None)
+    assert fz.plain_conv_twin(hooked[0]) is None and fz.plain_conv_twin(StdConv(3, 3, 1)) is None

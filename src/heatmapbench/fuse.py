@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["FusedConv", "fused", "fusion", "fusion_enabled"]
+__all__ = ["FusedConv", "fused", "fusion", "fusion_enabled", "plain_conv_twin"]
 
 log = logging.getLogger(__name__)
 
@@ -375,3 +375,53 @@ def _zero_pad(node: Any, modules: dict[str, nn.Module], dims: int) -> tuple[int,
 
 def _get_attr(module: nn.Module, target: str) -> Any:
     return operator.attrgetter(target)(module)
+
+
+def plain_conv_twin(module: nn.Module) -> nn.Module | None:
+    """A plain ``nn.ConvNd`` computing what the convolution subclass ``module`` computes, or None.
+
+    Only for a subclass whose forward, traced, is exactly a symmetric zero pad (optional) and one
+    ``F.convNd`` of its own ``weight`` and ``bias`` (e.g. EfficientNet-Lite's
+    ``Conv2dStaticSamePadding``): the twin holds the same ``Parameter`` objects with the pad folded
+    into its padding, so a rule that swaps its weight (LRP) skips the pad pass and its backward.
+    None for anything else, and for a module with hooks (the twin would bypass them).
+    """
+    base = next((cls for cls in type(module).__mro__ if cls in _CONV_MODULES), None)
+    if base is None or type(module) is base or "forward" in vars(module):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+           for m in module.modules()):
+        return None
+    try:
+        graph = fx.Tracer().trace(module)
+    except Exception:  # noqa: BLE001 - not traceable: keep the module
+        return None
+    modules = dict(module.named_modules())
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if not nodes or len(outputs) != 1 or outputs[0].args[0] is not nodes[-1]:
+        return None
+    conv = _conv_call(nodes[-1], modules, module)
+    if conv is None or conv[0] is not _CONV_MODULES[base] or nodes[-1].op != "call_function":
+        return None
+    fn, weight, bias, stride, padding, dilation, groups, source, dims, _ = conv
+    if weight is not module.weight or bias is not module.bias or isinstance(padding, str):
+        return None
+    if len(nodes) == 2:
+        pad = _zero_pad(source, modules, dims)
+        if pad is None or source is not nodes[0] or source.args[0].op != "placeholder":
+            return None
+        padding = tuple(p + q for p, q in zip(padding, pad))
+    elif len(nodes) != 1 or source.op != "placeholder":
+        return None
+    twin = base.__new__(base)
+    nn.Module.__init__(twin)
+    for key in ("in_channels", "out_channels", "kernel_size", "transposed", "output_padding"):
+        setattr(twin, key, getattr(module, key))
+    twin.stride, twin.padding, twin.dilation, twin.groups = tuple(stride), tuple(padding), tuple(dilation), groups
+    twin.padding_mode = "zeros"
+    twin._reversed_padding_repeated_twice = [p for p in reversed(twin.padding) for _ in range(2)]
+    twin._parameters["weight"] = module.weight
+    twin._parameters["bias"] = module.bias
+    twin.training = module.training
+    return twin

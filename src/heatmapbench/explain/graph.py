@@ -11,6 +11,10 @@ operation in the traced graph                          rewritten as (LRP rule)
 =====================================================  ============================================
 conv / linear whose only consumer is an eval BatchNorm  :class:`FoldedLinear` (the conv's rule on the
                                                         folded affine map; forward = ``bn(conv(x))``)
+a conv subclass that is a symmetric zero pad and one    a plain ``nn.ConvNd`` with the same
+``F.convNd`` (TF "same" padding, EfficientNet-Lite)     Parameters and the pad in its padding
+                                                        (:func:`heatmapbench.fuse.plain_conv_twin`;
+                                                        the same outputs, one pass fewer per rule)
 BatchNorm fed by anything else                          :class:`BatchNormAffine` (epsilon rule)
 ``a + b``, ``a += b``, ``torch.add``, ``a - b``,        zennit :class:`~zennit.layer.Sum` of the
 ``x + constant``                                        stacked terms (proportional; a constant
@@ -486,6 +490,14 @@ class _Rewriter:
                 self.refuse(node, f"module {node.target!r} is called {calls} times (shared weights); LRP rules "
                                   "hook one call per module")
                 return
+            from heatmapbench.fuse import plain_conv_twin
+
+            twin = plain_conv_twin(module)  # a "same"-padding subclass: its pad folded into the padding
+            if twin is not None:
+                self.swap_module(node, twin)
+                node = next(n for n in self.graph.nodes if n.op == "call_module" and self.modules.get(n.target) is twin)
+                module = twin
+                self.rules_used.add("zero padding folded into the convolution that follows it")
             users = list(node.users)
             bn = self.module_of(users[0]) if len(users) == 1 else None
             if isinstance(bn, BatchNorm) and self.foldable(bn, users[0]):
