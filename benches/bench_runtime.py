@@ -15,7 +15,8 @@ Prints ratios measured in one run (contenders interleaved, each one's best of ``
       largest score difference between them;
   (f) fusion (``heatmapbench.fuse``: BatchNorm and symmetric zero padding folded into the
       convolutions), in channels_last: forward passes, sensitivity and guided backprop heatmaps and
-      the engine (random order, L = 24), fused against unfused, with the largest difference.
+      the engine (random order, L = 24), fused against unfused, with the largest difference; and
+      alpha-beta LRP with "same"-padding convolutions run as plain ones against as written.
 
     python benches/bench_runtime.py [--threads 2] [--reps 3] [--images 8] [--steps 50] [--compile]
                                     [--skip-forwards] [--skip-batch] [--skip-fusion]
@@ -226,9 +227,23 @@ def fusion_gain(all_nets, reps: int) -> None:
             }
         pairs["engine"] = (lambda: region_perturbation(net, xs, heat, **kw).scores,
                            lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
+        # LRP is not fused, but its canonical graph runs a "same"-padding convolution as a plain one
+        # with the pad in its padding (fuse.plain_conv_twin); "off" canonizes a copy without that
+        import heatmapbench.fuse as fz
+        from heatmapbench.explain.graph import canonize
+
+        as_written = copy.deepcopy(net)
+        twin, fz.plain_conv_twin = fz.plain_conv_twin, lambda module: None
+        try:
+            canonize(as_written)  # cached per model: this copy keeps its pads
+        finally:
+            fz.plain_conv_twin = twin
+        ab = get_explainer("lrp_alpha2_beta1")
+        xa, ta = x[:xe.shape[0]], target
+        pairs["alpha-beta LRP"] = (lambda: ab(net, xa, ta), lambda: ab(as_written, xa, ta))
         cells = []
         for what, (on, off) in pairs.items():
-            with channels_last(net_cl) if what != "engine" else contextlib.nullcontext():
+            with channels_last(net_cl) if what not in ("engine", "alpha-beta LRP") else contextlib.nullcontext():
                 diff = float((on() - off()).abs().max())
                 t = interleaved({"on": on, "off": off}, reps)
             cells.append(f"{what} ×{t['off'] / t['on']:.2f} (max|Δ| {diff:.1g})")
