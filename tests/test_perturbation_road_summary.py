@@ -45,6 +45,36 @@ def test_road_impute_warns_when_max_iter_stops_it_before_tol():
         road_impute(x, m)
 
 
+def test_road_builds_large_chunks_but_the_model_sees_its_batch_size():
+    """Road.fill_chunk: inputs built 256 image-steps at a time, forwards still in batch_size."""
+    net = tiny_net(h=16, w=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    heat = torch.rand(3, 16, 16, generator=g, dtype=torch.float64)
+    seen = []
+    handle = net.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    kw = dict(region_size=4, steps=12, order="morf", batch_size=5)
+    built = []
+    fill = RoadWalk.fill
+
+    def recording(self, k0, k1, b0, b1, out):
+        built.append((k1 - k0) * (b1 - b0))
+        return fill(self, k0, k1, b0, b1, out)
+
+    RoadWalk.fill = recording
+    try:
+        got = region_perturbation(net, x, heat, perturbation=Road(), **kw)
+    finally:
+        handle.remove()
+        RoadWalk.fill = fill
+    assert sum(seen) == 3 + 3 * 12 and max(seen) <= 5 and seen.count(5) >= 7
+    assert sum(built) == 3 * 12 and max(built) == 3 * 12  # all 36 image-steps in one block
+    narrow = Road()
+    narrow.fill_chunk = None  # built one forward batch at a time, as before
+    want = region_perturbation(net, x, heat, perturbation=narrow, **kw)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-5)  # warm starts differ within tol
+
+
 def test_road_impute_float32_and_grad_cam_agree():
     gc = pytest.importorskip("pytorch_grad_cam.metrics.road")
     x = torch.rand(2, 3, 16, 16)

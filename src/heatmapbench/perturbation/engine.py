@@ -38,6 +38,11 @@ AUTO_BATCH_BYTES = 24 << 20
 AUTO_BATCH_DEVICE = 512
 
 
+#: Bytes of perturbed inputs one chunk may hold when a perturbation asks for chunks larger than
+#: the forward batch (:attr:`~heatmapbench.perturbation.Perturbation.fill_chunk`).
+FILL_CHUNK_BYTES = 192 << 20
+
+
 def auto_batch_size(forward, x: Tensor, model: nn.Module) -> int:
     """Inputs per forward pass so that its largest tensor stays near :data:`AUTO_BATCH_BYTES` (CPU).
 
@@ -326,12 +331,19 @@ def region_perturbation(
         tgt_col = tgt.repeat(steps + 1).unsqueeze(1)  # (n_pairs, 1) step-major
         scores = torch.empty(repeats, steps + 1, b, device=dev, dtype=f0.dtype)  # step-major
         scores[:, 0] = f0
-        buf = torch.empty((min(bs, n_pairs - b), c, h, w), device=dev, dtype=x.dtype)
+        # Inputs are built in chunks of cs image-steps and scored in forward batches of bs within
+        # them; cs = bs unless the perturbation builds more cheaply in larger chunks (ROAD's
+        # solves), capped so that the chunk's inputs stay within FILL_CHUNK_BYTES.
+        cs = bs
+        if pert.fill_chunk is not None:
+            per_input = c * h * w * x.element_size()
+            cs = max(bs, min(pert.fill_chunk, FILL_CHUNK_BYTES // per_input) // bs * bs)  # whole batches
+        buf = torch.empty((min(cs, n_pairs - b), c, h, w), device=dev, dtype=x.dtype)
         # The chunks, and their views into buf, are the same for every repeat: build them once
         # (the loop below then costs a few tensor calls per chunk).
         plan = []
-        for s in range(b, n_pairs, bs):
-            e = min(s + bs, n_pairs)
+        for s in range(b, n_pairs, cs):
+            e = min(s + cs, n_pairs)
             pos, segs = 0, []
             for k0, k1, b0, b1 in _segments(s, e, b):
                 n = (k1 - k0) * (b1 - b0)
@@ -354,7 +366,8 @@ def region_perturbation(
                     if cast:
                         mask = mask.to(x.dtype)
                     pert.apply(xs[:, b0:b1], mask, state[:, b0:b1], out=out)
-                torch.gather(forward(inp), 1, tcol, out=col[s:e])
+                for q in range(0, e - s, bs):
+                    torch.gather(forward(inp[q:q + bs]), 1, tcol[q:q + bs], out=col[s + q:min(s + q + bs, e)])
     scores = scores.transpose(1, 2).contiguous()  # (R, B, L+1)
     curves = scores[..., :1] - scores
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),

@@ -89,6 +89,10 @@ class Perturbation:
     """
 
     name = "base"
+    #: Image-steps the engine builds at once (None: one forward batch). A perturbation whose
+    #: inputs cost more to build than to score (ROAD's solves) asks for more; the engine then
+    #: builds that many and runs the forwards over them in its own batches.
+    fill_chunk: int | None = None
 
     def prepare(self, x: Tensor, space: PixelSpace, generator: torch.Generator) -> Tensor:
         """Return the per-repeat state (here: the fully perturbed image, (B, C, H, W))."""
