@@ -156,6 +156,10 @@ def _nhwc_strides(t: Tensor) -> tuple[int, ...]:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _hooks_or_fingerprint(model: nn.Module) -> tuple | None:
     """Identity of every module and tensor of ``model``; ``None`` when any module has hooks."""
     from torch.nn.modules import module as nn_module
@@ -165,7 +169,7 @@ def _hooks_or_fingerprint(model: nn.Module) -> tuple | None:
         return None
     mods = []
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if _hooked(m):
             return None
         mods.append((name, id(m), type(m), id(vars(m).get("forward"))))
     return (tuple(mods), tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
@@ -389,8 +393,7 @@ def plain_conv_twin(module: nn.Module) -> nn.Module | None:
     base = next((cls for cls in type(module).__mro__ if cls in _CONV_MODULES), None)
     if base is None or type(module) is base or "forward" in vars(module):
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-           for m in module.modules()):
+    if any(_hooked(m) for m in module.modules()):
         return None
     try:
         graph = fx.Tracer().trace(module)
