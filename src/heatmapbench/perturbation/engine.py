@@ -334,10 +334,10 @@ def region_perturbation(
         # Inputs are built in chunks of cs image-steps and scored in forward batches of bs within
         # them; cs = bs unless the perturbation builds more cheaply in larger chunks (ROAD's
         # solves), capped so that the chunk's inputs stay within FILL_CHUNK_BYTES.
-        cs = bs
-        if pert.fill_chunk is not None:
+        cs, wanted = bs, getattr(pert, "fill_chunk", None)  # duck-typed perturbations may lack it
+        if wanted is not None:
             per_input = c * h * w * x.element_size()
-            cs = max(bs, min(pert.fill_chunk, FILL_CHUNK_BYTES // per_input) // bs * bs)  # whole batches
+            cs = max(bs, min(wanted, FILL_CHUNK_BYTES // per_input) // bs * bs)  # whole batches
         buf = torch.empty((min(cs, n_pairs - b), c, h, w), device=dev, dtype=x.dtype)
         # The chunks, and their views into buf, are the same for every repeat: build them once
         # (the loop below then costs a few tensor calls per chunk).
