@@ -229,15 +229,14 @@ def fusion_gain(all_nets, reps: int) -> None:
                            lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
         # LRP is not fused, but its canonical graph runs a "same"-padding convolution as a plain one
         # with the pad in its padding (fuse.plain_conv_twin); "off" canonizes a copy without that
-        import heatmapbench.fuse as fz
-        from heatmapbench.explain.graph import canonize
+        import heatmapbench.explain.graph as graph_module
 
         as_written = copy.deepcopy(net)
-        twin, fz.plain_conv_twin = fz.plain_conv_twin, lambda module: None
+        twin, graph_module.plain_conv_twin = graph_module.plain_conv_twin, lambda module: None
         try:
-            canonize(as_written)  # cached per model: this copy keeps its pads
+            graph_module.canonize(as_written)  # cached per model: this copy keeps its pads
         finally:
-            fz.plain_conv_twin = twin
+            graph_module.plain_conv_twin = twin
         ab = get_explainer("lrp_alpha2_beta1")
         xa, ta = x[:xe.shape[0]], target
         pairs["alpha-beta LRP"] = (lambda: ab(net, xa, ta), lambda: ab(as_written, xa, ta))

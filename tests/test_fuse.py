@@ -259,8 +259,9 @@ def test_lite0_folds_every_batch_norm_and_the_symmetric_pads():
 def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevance(monkeypatch):
     """LRP's canonical graph swaps a "same"-padding conv subclass (pad + F.conv2d) for a plain
     nn.Conv2d twin with the pad in its padding and the same Parameters; an asymmetric pad stays."""
-    import heatmapbench.fuse as fz
+    import heatmapbench.explain.graph as graph_module
     from heatmapbench.explain.graph import canonize
+    from heatmapbench.fuse import plain_conv_twin
 
     def build():
         torch.manual_seed(0)
@@ -280,11 +281,11 @@ def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevanc
     with torch.no_grad():
         assert torch.equal(graph(x), net(x))
     with monkeypatch.context() as patch:  # the reference: the module as written, pad pass and all
-        patch.setattr(fz, "plain_conv_twin", lambda module: None)
+        patch.setattr(graph_module, "plain_conv_twin", lambda module: None)
         assert "zero padding folded into the convolution that follows it" not in canonize(ref_net).rules_used
     for name in ("lrp_epsilon_0.01", "lrp_alpha2_beta1", "lrp_epsilon_plus_flat"):
         got, want = get_explainer(name)(net, x, target), get_explainer(name)(ref_net, x, target)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
     hooked = build()
     hooked[0].register_forward_hook(lambda m, a, o: None)
-    assert fz.plain_conv_twin(hooked[0]) is None and fz.plain_conv_twin(StdConv(3, 3, 1)) is None
+    assert plain_conv_twin(hooked[0]) is None and plain_conv_twin(StdConv(3, 3, 1)) is None

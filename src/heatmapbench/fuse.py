@@ -24,7 +24,7 @@ sides of every spatial dimension, feeding only the conv
 ==========================================================  =====================================
 
 The result computes the same function up to float reassociation (``tests/test_fuse.py`` proves it
-in float64 against the model and against the BatchNorm formula). Folded weights are recomputed
+in float64 against the model, which runs its BatchNorms and pads itself). Folded weights are recomputed
 whenever a source parameter or statistic changes (in place, e.g. by an optimizer step, or by the
 channels_last swap of :func:`heatmapbench.runtime.channels_last`) and follow the source weight's
 memory layout. The user's model is never modified.
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["FusedConv", "fused", "fusion", "fusion_enabled", "plain_conv_twin"]
+__all__ = ["FusedConv", "fold_batch_norm", "fused", "fusion", "fusion_enabled", "module_fingerprint", "plain_conv_twin"]
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,10 @@ class FusedConv(nn.Module):
                 if bn is None:
                     new_weight, new_bias = weight.detach(), None if bias is None else bias.detach()
                 else:
-                    w = weight.detach().double()
-                    scale = 1 / (bn.running_var.detach().double() + bn.eps).sqrt()
-                    if bn.weight is not None:
-                        scale = scale * bn.weight.detach().double()
-                    shift = -bn.running_mean.detach().double() * scale
-                    if bn.bias is not None:
-                        shift = shift + bn.bias.detach().double()
-                    if bias is not None:
-                        shift = shift + bias.detach().double() * scale
-                    new_weight = (w * scale.view(-1, *(1,) * (w.dim() - 1))).to(weight.dtype)
-                    new_bias = shift.to(weight.dtype)
+                    f64 = [None if t is None else t.detach().double()
+                           for t in (weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+                    w64, b64 = fold_batch_norm(*f64, bn.eps)
+                    new_weight, new_bias = w64.to(weight.dtype), b64.to(weight.dtype)
                     if weight.dim() == 4 and weight.stride() == _nhwc_strides(weight):
                         from heatmapbench.runtime import _nhwc  # channels_last source: the same layout
 
@@ -145,6 +138,20 @@ class FusedConv(nn.Module):
         return f"{self.label}, padding={self.padding}"
 
 
+def fold_batch_norm(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, gamma: Tensor | None,
+                    beta: Tensor | None, eps: float, out_dim: int = 0) -> tuple[Tensor, Tensor]:
+    """``bn(conv(x))`` as one affine map: ``(W s, (b - mean) s + beta)`` with ``s = gamma / sqrt(var + eps)``
+    along the output dimension ``out_dim`` of ``weight`` (1 for transposed convolutions); ``gamma``,
+    ``beta`` and ``b`` None when the BatchNorm is not affine or the layer has no bias. Computed in the
+    tensors' dtype."""
+    scale = gamma / (var + eps).sqrt() if gamma is not None else 1 / (var + eps).sqrt()
+    index = [None] * weight.ndim
+    index[out_dim] = slice(None)
+    bias = bias if bias is not None else torch.zeros_like(mean)
+    shift = beta if beta is not None else 0
+    return weight * scale[tuple(index)], (bias - mean) * scale + shift
+
+
 def _nhwc_strides(t: Tensor) -> tuple[int, ...]:
     _, c, h, w = t.shape
     return (h * w * c, 1, w * c, c)
@@ -160,19 +167,23 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def _hooks_or_fingerprint(model: nn.Module) -> tuple | None:
-    """Identity of every module and tensor of ``model``; ``None`` when any module has hooks."""
+def _any_hooks(model: nn.Module) -> bool:
+    """Whether a forward or backward hook, global or on any module of ``model``, is registered."""
     from torch.nn.modules import module as nn_module
 
-    if any((nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
-            nn_module._global_backward_hooks, nn_module._global_backward_pre_hooks)):
-        return None
-    mods = []
-    for name, m in model.named_modules():
-        if _hooked(m):
-            return None
-        mods.append((name, id(m), type(m), id(vars(m).get("forward"))))
-    return (tuple(mods), tuple(id(t) for t in model.parameters()), tuple(id(t) for t in model.buffers()))
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks) \
+        or any(_hooked(m) for m in model.modules())
+
+
+def module_fingerprint(model: nn.Module) -> tuple:
+    """Identity of every module, parameter and buffer: a replaced one invalidates a cached graph."""
+    return (
+        # a module's class or an instance-level forward replaced after tracing changes the graph
+        tuple((name, id(m), type(m), id(vars(m).get("forward"))) for name, m in model.named_modules()),
+        tuple((name, id(t)) for name, t in model.named_parameters()),
+        tuple((name, id(t)) for name, t in model.named_buffers()),
+    )
 
 
 def fused(model: nn.Module, example: Tensor | None = None) -> nn.Module:
@@ -188,9 +199,9 @@ def fused(model: nn.Module, example: Tensor | None = None) -> nn.Module:
     """
     if not _ENABLED.get() or model.training or isinstance(model, FusedGraph):
         return model
-    fingerprint = _hooks_or_fingerprint(model)
-    if fingerprint is None:
+    if _any_hooks(model):
         return model
+    fingerprint = module_fingerprint(model)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint:
         graph, checked = cached[1], cached[2]
@@ -359,7 +370,7 @@ def _zero_pad(node: Any, modules: dict[str, nn.Module], dims: int) -> tuple[int,
         if type(m).__module__ != "torch.nn.modules.padding" or m.value != 0:
             return None
         pads = tuple(m.padding)
-    elif node.op == "call_function" and node.target in (F.pad, torch.nn.functional.pad):
+    elif node.op == "call_function" and node.target is F.pad:
         args = dict(zip(("input", "pad", "mode", "value"), node.args))
         args.update(node.kwargs)
         if args.get("mode", "constant") != "constant" or args.get("value") not in (None, 0, 0.0):

@@ -54,6 +54,8 @@ from torch import fx, nn
 from zennit.layer import Sum
 from zennit.types import BatchNorm, ConvolutionTranspose, Linear
 
+from heatmapbench.fuse import FusedConv, fold_batch_norm, module_fingerprint, plain_conv_twin
+
 __all__ = [
     "BatchNormAffine",
     "CanonicalGraph",
@@ -175,16 +177,11 @@ def _refresh(self) -> None:
     object.__setattr__(self, "_folded_state", state)
     with torch.no_grad():
         # y = (z - mean) / sqrt(var + eps) * gamma + beta, folded into z = W x + b
-        scale = bn.weight / (bn.running_var + bn.eps).sqrt() if bn.affine else 1 / (bn.running_var + bn.eps).sqrt()
-        weight = linear.weight
-        if isinstance(linear, ConvolutionTranspose):
-            index = (None, slice(None), *((None,) * (weight.ndim - 2)))
-        else:
-            index = (slice(None), *((None,) * (weight.ndim - 1)))
-        bias = linear.bias if linear.bias is not None else torch.zeros_like(bn.running_mean)
-        shift = bn.bias if bn.affine else 0
-        self._folded[0].data = weight * scale[index]
-        self._folded[1].data = (bias - bn.running_mean) * scale + shift
+        affine = (bn.weight, bn.bias) if bn.affine else (None, None)
+        weight, bias = fold_batch_norm(linear.weight, linear.bias, bn.running_mean, bn.running_var, *affine, bn.eps,
+                                       out_dim=1 if isinstance(linear, ConvolutionTranspose) else 0)
+        self._folded[0].data = weight
+        self._folded[1].data = bias
 
 
 def fold(linear: nn.Module, batch_norm: nn.Module) -> nn.Module:
@@ -230,8 +227,7 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = record_stack_traces
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from heatmapbench.fuse import FusedConv  # reads its folded weights at call time: never traced through
-
+        # FusedConv reads its folded weights at call time: never traced through
         return isinstance(m, (Linear, BatchNorm, FusedConv)) or super().is_leaf_module(m, qualname)
 
 
@@ -490,13 +486,9 @@ class _Rewriter:
                 self.refuse(node, f"module {node.target!r} is called {calls} times (shared weights); LRP rules "
                                   "hook one call per module")
                 return
-            from heatmapbench.fuse import plain_conv_twin
-
             twin = plain_conv_twin(module)  # a "same"-padding subclass: its pad folded into the padding
             if twin is not None:
-                self.swap_module(node, twin)
-                node = next(n for n in self.graph.nodes if n.op == "call_module" and self.modules.get(n.target) is twin)
-                module = twin
+                node, module = self.swap_module(node, twin), twin
                 self.rules_used.add("zero padding folded into the convolution that follows it")
             users = list(node.users)
             bn = self.module_of(users[0]) if len(users) == 1 else None
@@ -537,10 +529,11 @@ class _Rewriter:
         return bool(bn.track_running_stats and bn.running_var is not None and not bn.training
                     and self.calls[bn_node.target] == 1)
 
-    def swap_module(self, node: fx.Node, module: nn.Module) -> None:
+    def swap_module(self, node: fx.Node, module: nn.Module) -> fx.Node:
         with self.graph.inserting_after(node):
             new = self.graph.call_module(self.add_module(str(node.target), module), node.args[:1])
         self.replace(node, new)
+        return new
 
     def visit_function(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         key = _op_key(node)
@@ -678,16 +671,6 @@ def _callable(node: fx.Node) -> Callable:
     return node.target
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    """Identity of every module, parameter and buffer: a replaced one invalidates the cached graph."""
-    return (
-        # a module's class or an instance-level forward replaced after tracing changes the graph
-        tuple((name, id(m), type(m), id(vars(m).get("forward"))) for name, m in model.named_modules()),
-        tuple((name, id(t)) for name, t in model.named_parameters()),
-        tuple((name, id(t)) for name, t in model.named_buffers()),
-    )
-
-
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -718,7 +701,7 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
     if gates not in GATES:
         raise ValueError(f"Unknown gates rule {gates!r}; choose one of {', '.join(GATES)}.")
     key = (purpose, gates)
-    fingerprint = _fingerprint(model)
+    fingerprint = module_fingerprint(model)
     entries = _CACHE.setdefault(model, {})
     cached = entries.get(key)
     if cached is not None and cached[0] == fingerprint:

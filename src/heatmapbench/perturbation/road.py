@@ -116,7 +116,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         of a smaller system); the others start from one Jacobi step. The solution does not
         depend on it beyond ``tol``.
     compile : run each iteration as one ``torch.compile``-d function (fused passes; needs a C++
-        compiler; the first call compiles for ~10 s, a new shape class for a few more). The
+        compiler; the first call compiles for 15-50 s, a new shape class for a few more). The
         solution does not depend on it beyond ``tol``.
 
     Returns
@@ -189,8 +189,8 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
             rr_new = sq(r)
             torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
             rr = rr_new
-    worst = float((rr / bb).max().sqrt()) if rr.numel() else 0.0
-    if worst > tol:  # max_iter reached first: say so rather than return a rougher imputation silently
+    if not bool((rr <= tol2 * bb).all()):  # max_iter came first: say so, not a rougher imputation silently
+        worst = float((rr / bb).max().sqrt())
         warnings.warn(f"ROAD imputation: conjugate gradients stopped at max_iter={max_iter} with a relative "
                       f"residual of {worst:.2g} > tol={tol:g} (images {n}, size {h}x{w}); raise "
                       "perturbation.max_iter or tol", RuntimeWarning, stacklevel=2)
