@@ -107,7 +107,8 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     removed : (N, 1, H, W) or (N, C, H, W) bool, true for the pixels to impute.
     tol : relative residual ‖r‖/‖b‖ at which every system counts as solved.
     max_iter : default ``4 (H + W) + 64``.
-    check_every : iterations between convergence checks (each check is one host sync).
+    check_every : iterations between convergence checks (each check is one host sync). Without
+        ``compile``, an image whose systems all meet ``tol`` at a check leaves the batch there.
     valid : optional (N, 1, H, W) bool, the pixels that belong to each image (default: all).
         Pixels outside it are not neighbours of anything, as if beyond the border; this lets
         crops of different sizes share one padded batch. ``removed`` must lie inside it.
@@ -179,9 +180,27 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
                 break
             pb, v, r, rr = steps(pb, v, r, rr, m12, c1, g, e, L, tiny, min(check_every, max_iter - it))
     else:
+        # Images whose systems are solved leave the batch at the next check (their rows of v are
+        # final), so the others iterate on fewer rows: batched crops converge at different speeds.
+        v_all, alive = v, None
         for it in range(max_iter):
-            if it % check_every == 0 and bool((rr <= tol2 * bb).all()):
-                break
+            if it % check_every == 0:
+                done = (rr <= tol2 * bb).flatten(1).all(1)  # (n',) per image, all channels
+                if bool(done.all()):
+                    break
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(1)
+                    if alive is None:
+                        alive = torch.arange(n, device=dev)
+                    else:
+                        v_all[alive[done]] = v[done]
+                    alive = alive[keep]
+                    pb, v, r, rr, bb = pb[keep], v[keep], r[keep], rr[keep], bb[keep]
+                    p = pb[:, :, g:g + L]
+                    if m12.shape[0] > 1:
+                        m12 = m12[keep]
+                    if c1.shape[0] > 1:
+                        c1 = c1[keep]
             ap = apply_a(p)
             alpha = rr / dot(p, ap).clamp_min(tiny)
             v.addcmul_(alpha, p)
@@ -189,6 +208,9 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
             rr_new = sq(r)
             torch.addcmul(r, rr_new / rr.clamp_min(tiny), p, out=p)  # p ← r + β p
             rr = rr_new
+        if alive is not None:
+            v_all[alive] = v
+            v = v_all
     if not bool((rr <= tol2 * bb).all()):  # max_iter came first: say so, not a rougher imputation silently
         worst = float((rr / bb).max().sqrt())
         warnings.warn(f"ROAD imputation: conjugate gradients stopped at max_iter={max_iter} with a relative "
