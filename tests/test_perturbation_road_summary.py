@@ -180,6 +180,60 @@ def test_road_impute_valid_and_warm_start():
         road_impute(x, m, valid=valid)
 
 
+def test_road_impute_images_that_converge_early_leave_the_batch_with_their_solution():
+    # one batch mixing a trivial system (converged after a few iterations) with hard ones: each
+    # image's result is the one it gets when solved alone, whatever the order in the batch
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(4, 3, 24, 24, dtype=torch.float64, generator=g)
+    m = torch.zeros(4, 1, 24, 24, dtype=torch.bool)
+    m[0, :, 5, 5] = True  # one pixel: done at the first check
+    m[1, :, 2:22, 2:22] = True  # a large block: the slowest
+    m[2] = random_mask(1, 24, 24, 0.3, seed=9)[0]
+    m[3, :, 10:13, 3:20] = True
+    want = torch.cat([road_impute(x[i:i + 1], m[i:i + 1], tol=1e-12) for i in range(4)])
+    for perm in ([0, 1, 2, 3], [1, 3, 0, 2]):
+        got = road_impute(x[perm], m[perm], tol=1e-12, check_every=1)
+        torch.testing.assert_close(got, want[perm], rtol=0, atol=1e-10)
+    # per-image stopping: no image is stopped above tol (relative residual of its own system)
+    got = road_impute(x.float(), m, tol=1e-5)
+    for i in range(4):
+        alone = road_impute(x[i:i + 1], m[i:i + 1], tol=1e-12).float()
+        assert (got[i] - alone[0]).abs().max() < 1e-3
+
+
+def test_road_crops_wider_than_tall_are_solved_transposed_and_agree():
+    # the crop solver pads a wide crop to (long, short) transposed; its imputation must equal the
+    # whole-image solve of the same removed pixels, for wide, tall and square components
+    from heatmapbench.perturbation.road import _solve_crops
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(2, 3, 30, 41, dtype=torch.float64, generator=g)
+    labels = torch.zeros(2, 30, 41, dtype=torch.long)
+    labels[0, 3:6, 2:30] = 1  # wide
+    labels[0, 10:28, 33:37] = 2  # tall
+    labels[1, 0:9, 30:41] = 1  # wide, at the image corner (clipped crop)
+    labels[1, 15:22, 4:11] = 2  # square
+    items = [(0, 1), (0, 2), (1, 1), (1, 2)]
+    bi = torch.tensor([b for b, _ in items])
+    wanted = torch.zeros(4, 3, dtype=torch.bool)
+    boxes = []
+    for i, (b, lab) in enumerate(items):
+        wanted[i, lab] = True
+        ys, xs = (labels[b] == lab).nonzero().unbind(1)
+        boxes.append([max(int(ys.min()) - 1, 0), min(int(ys.max()) + 2, 30),
+                      max(int(xs.min()) - 1, 0), min(int(xs.max()) + 2, 41)])
+    boxes = torch.tensor(boxes)
+    assert ((boxes[:, 3] - boxes[:, 2]) > (boxes[:, 1] - boxes[:, 0])).sum() == 2  # two transposed
+    item, bs, ys, xs, vals = _solve_crops(x, bi, boxes, labels, wanted, tol=1e-12, max_iter=None)
+    for i, (b, lab) in enumerate(items):
+        m = (labels[b] == lab)[None, None]
+        want = road_impute(x[b:b + 1], m, tol=1e-12)[0]
+        sel = item == i
+        assert int(sel.sum()) == int(m.sum())  # every removed pixel once
+        assert torch.equal(bs[sel], torch.full_like(bs[sel], b))
+        torch.testing.assert_close(vals[sel], want[:, ys[sel], xs[sel]].t(), rtol=0, atol=1e-10)
+
+
 def _walk_setup(mode, order, seed=0, b=3, h=29, w=26, p=3, steps=45):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(b, 3, h, w, dtype=torch.float64, generator=g)

@@ -220,25 +220,44 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     return torch.where(removed, out, x)
 
 
-# Crops are padded to a square of one of these sides (capped by the image) so that crops of
-# similar size share a batched solve: at most 1.25× padding per side (the solves' work is the padded
-# area; 1.5× steps cost ~10 % more on MoRF curves), small batches merged into larger ones.
+# Crops are padded to sides from these rungs (capped by the image) so that crops of similar size
+# share a batched solve: at most 1.25× padding per side (the solves' work is the padded area; 1.5×
+# steps cost ~10 % more on MoRF curves), small batches merged into larger ones.
 _RUNGS = (4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
           448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
 _MERGE = 1 << 15
 
 
+def _merge_runs(keys: list[int], counts: list[int], area) -> list[list[int]]:
+    """Split sorted ``keys`` into runs solved together at the run's largest key: a run grows while
+    padding its items to the next key costs at most ``_MERGE`` values more than their own sizes
+    (``area(key)`` values per item)."""
+    runs: list[list[int]] = []
+    pending, n_pending, used = [], 0, 0
+    for i, (k, cnt) in enumerate(zip(keys, counts)):
+        pending.append(k)
+        n_pending += cnt
+        used += cnt * area(k)
+        if i + 1 == len(keys) or n_pending * area(keys[i + 1]) - used > _MERGE:
+            runs.append(pending)
+            pending, n_pending, used = [], 0, 0
+    return runs
+
+
 def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: Tensor, *, tol: float,
                  max_iter: int | None, start: tuple[Tensor, Tensor] | None = None,
                  compile: bool = False) -> tuple[Tensor, ...]:
-    """Solve many small ROAD systems, each in a crop of an image, batched by padded crop size.
+    """Solve many small ROAD systems, each in a crop of an image, batched by padded crop shape.
 
     Item i is image ``bi[i]`` cropped to ``boxes[i]`` = (y0, y1, x0, x1); its removed pixels
     are those whose label in ``labels`` (B, H, W) long is true in ``wanted[i]`` (a bool row
     over the labels). A crop must hold
     the item's removed pixels and every neighbour of them inside the image (a one-pixel ring),
-    so its solve is exact. Crops are padded to square sides from ``_RUNGS``; small batches are
-    merged into the next larger one while the padding costs less than a separate solve.
+    so its solve is exact. A crop wider than tall is solved transposed (the ROAD operator is the
+    same under transposition), so every crop is padded to a (long, short) shape with both sides
+    from ``_RUNGS``: a quarter less padded area than squares on MoRF curves. Crops are grouped by
+    long side, then by short side within a group; small groups are merged into the next larger
+    one while the padding costs less than a separate solve.
     ``start`` = (values (B, C, H, W), known (B, 1, H, W)) warm-starts the solves.
 
     Returns flat lists over the removed pixels of all items: item, image, row, column (P,) and
@@ -247,35 +266,45 @@ def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: T
     dev = x.device
     _, c, h, w = x.shape
     y0, y1, x0, x1 = boxes.unbind(-1)
-    side = torch.maximum(y1 - y0, x1 - x0)
+    tall, wide = y1 - y0, x1 - x0
+    tr = wide > tall  # solved transposed
     rungs = torch.tensor(_RUNGS, device=dev)
-    at = torch.bucketize(side, rungs)
-    side = torch.where(at < len(_RUNGS), rungs[at.clamp(max=len(_RUNGS) - 1)], max(h, w))
-    sides, counts = torch.unique(side, return_counts=True)
 
-    def area(sd: int) -> int:
-        return min(sd, h) * min(sd, w) * c
+    def rung(size: Tensor, cap: int) -> Tensor:
+        at = torch.bucketize(size, rungs)
+        return torch.where(at < len(_RUNGS), rungs[at.clamp(max=len(_RUNGS) - 1)], cap).clamp(max=cap)
 
-    groups: list[list[int]] = []
-    pending, n_pending, used = [], 0, 0
-    sides_l, counts_l = sides.tolist(), counts.tolist()
-    for i, (sd, cnt) in enumerate(zip(sides_l, counts_l)):
-        pending.append(sd)
-        n_pending += cnt
-        used += cnt * area(sd)
-        if i + 1 == len(sides_l) or n_pending * area(sides_l[i + 1]) - used > _MERGE:
-            groups.append(pending)
-            pending, n_pending, used = [], 0, 0
+    long_ = rung(torch.maximum(tall, wide), max(h, w))
+    short = rung(torch.minimum(tall, wide), min(h, w))
+    key = long_ * (max(h, w) + 1) + short
+    keys, counts = torch.unique(key, return_counts=True)
+    keys_l, counts_l = keys.tolist(), counts.tolist()
+    by_long: dict[int, list[tuple[int, int]]] = {}
+    for k, cnt in zip(keys_l, counts_l):
+        by_long.setdefault(k // (max(h, w) + 1), []).append((k % (max(h, w) + 1), cnt))
+    longs = sorted(by_long)
+    widest = {lg: max(sh for sh, _ in by_long[lg]) for lg in longs}
+    groups: list[tuple[int, int, list[int]]] = []  # (long side, short side, keys)
+    for run in _merge_runs(longs, [sum(cnt for _, cnt in by_long[lg]) for lg in longs],
+                           lambda lg: lg * widest[lg] * c):
+        hg = run[-1]
+        items = sorted((sh, lg, cnt) for lg in run for sh, cnt in by_long[lg])
+        shorts = sorted({sh for sh, _, _ in items})
+        per_short = [sum(cnt for sh2, _, cnt in items if sh2 == sh) for sh in shorts]
+        for srun in _merge_runs(shorts, per_short, lambda sh: hg * sh * c):
+            groups.append((hg, srun[-1], [lg * (max(h, w) + 1) + sh for sh, lg, _ in items if sh in srun]))
     parts = []
-    for group in groups:
-        sel = torch.isin(side, torch.tensor(group, device=dev)).nonzero().squeeze(1)
-        hh, ww = min(group[-1], h), min(group[-1], w)
-        rows = y0[sel, None] + torch.arange(hh, device=dev)  # (n, hh)
-        cols = x0[sel, None] + torch.arange(ww, device=dev)  # (n, ww)
-        valid = (rows < y1[sel, None])[:, :, None] & (cols < x1[sel, None])[:, None, :]  # (n, hh, ww)
-        r_, c_ = rows.clamp(max=h - 1)[:, :, None], cols.clamp(max=w - 1)[:, None, :]
+    for hg, wg, group in groups:
+        sel = torch.isin(key, torch.tensor(group, device=dev)).nonzero().squeeze(1)
+        t = tr[sel, None, None]
+        u = torch.arange(hg, device=dev).view(1, hg, 1)
+        v = torch.arange(wg, device=dev).view(1, 1, wg)
+        rows = y0[sel, None, None] + torch.where(t, v, u)  # (n, hg, wg): the crop, transposed if t
+        cols = x0[sel, None, None] + torch.where(t, u, v)
+        valid = (rows < y1[sel, None, None]) & (cols < x1[sel, None, None])
+        r_, c_ = rows.clamp(max=h - 1), cols.clamp(max=w - 1)
         b_ = bi[sel, None, None]
-        xc = x[b_, :, r_, c_].permute(0, 3, 1, 2)  # (n, C, hh, ww)
+        xc = x[b_, :, r_, c_].permute(0, 3, 1, 2)  # (n, C, hg, wg)
         rem = wanted[sel[:, None, None], labels[b_, r_, c_]] & valid
         st = None
         if start is not None:
@@ -284,7 +313,7 @@ def _solve_crops(x: Tensor, bi: Tensor, boxes: Tensor, labels: Tensor, wanted: T
         out = road_impute(xc * valid, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st,
                           compile=compile)
         i, yy, xx = rem.nonzero().unbind(1)
-        parts.append((sel[i], bi[sel][i], yy + y0[sel][i], xx + x0[sel][i], out[i, :, yy, xx]))
+        parts.append((sel[i], bi[sel][i], r_[i, yy, xx], c_[i, yy, xx], out[i, :, yy, xx]))
     return tuple(torch.cat(t) for t in zip(*parts))
 
 
