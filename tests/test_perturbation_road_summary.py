@@ -224,13 +224,16 @@ def test_road_crops_wider_than_tall_are_solved_transposed_and_agree():
                       max(int(xs.min()) - 1, 0), min(int(xs.max()) + 2, 41)])
     boxes = torch.tensor(boxes)
     assert ((boxes[:, 3] - boxes[:, 2]) > (boxes[:, 1] - boxes[:, 0])).sum() == 2  # two transposed
-    item, bs, ys, xs, vals = _solve_crops(x, bi, boxes, labels, wanted, tol=1e-12, max_iter=None)
+    xf = x.permute(0, 2, 3, 1).reshape(-1, 3)
+    item, q, vals = _solve_crops(xf, tuple(x.shape), bi, boxes, labels, wanted, tol=1e-12, max_iter=None)
+    bs, ys, xs = q // (30 * 41), q % (30 * 41) // 41, q % 41
     for i, (b, lab) in enumerate(items):
         m = (labels[b] == lab)[None, None]
         want = road_impute(x[b:b + 1], m, tol=1e-12)[0]
         sel = item == i
         assert int(sel.sum()) == int(m.sum())  # every removed pixel once
         assert torch.equal(bs[sel], torch.full_like(bs[sel], b))
+        assert m[0, 0, ys[sel], xs[sel]].all()
         torch.testing.assert_close(vals[sel], want[:, ys[sel], xs[sel]].t(), rtol=0, atol=1e-10)
 
 
