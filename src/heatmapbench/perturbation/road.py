@@ -42,7 +42,7 @@ def _road_ops(h: int, w: int, device, dtype):
     def framed(t: Tensor) -> tuple[Tensor, Tensor]:  # (n', c', H, W) → buffer (n', c', L+2g), its image view
         buf = torch.zeros(t.shape[0], t.shape[1], L + 2 * g, device=device, dtype=dtype)
         img = buf[:, :, g:g + L]
-        img.view(t.shape[0], t.shape[1], h, e)[:, :, :, :w] = t
+        img.view(t.shape[0], t.shape[1], h, e)[:, :, :, :w] = t  # converts t's dtype (bool masks) on the way
         return buf, img
 
     def box121(buf: Tensor) -> Tensor:  # ([1,2,1] ⊗ [1,2,1]) * image in buf → (.., L)
@@ -136,17 +136,16 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         max_iter = 4 * (h + w) + 64
     removed = removed.bool()
     e, L, g, framed, box121 = _road_ops(h, w, dev, dt)
-    _, m = framed(removed.to(dt))  # (N, 1|C, L) 0/1, zero on the padding
+    _, m = framed(removed)  # (N, 1|C, L) 0/1, zero on the padding
+    xb, xi = framed(x)
     if valid is None:
         ob, oi = framed(torch.ones(1, 1, h, w, device=dev, dtype=dt))
-        xb, xi = framed(x)
     else:
-        ob, oi = framed(valid.to(dt))
-        xb, xi = framed(x * valid)
+        ob, oi = framed(valid)
     d = (box121(ob) - 4 * oi) / 12  # (1|N, 1, L) D: neighbour weight sums (1 inside, less at borders)
     c1 = d + 1 / 3  # A p = c1 p − (m/12) box121(p) for p supported on the removed pixels
     m12 = m / -12
-    xi.mul_(1 - m)  # kept pixels only
+    xi.mul_(torch.addcmul(oi, oi, m, value=-1))  # kept pixels inside the image only: valid · (1 − m)
     b = box121(xb).sub_(xi, alpha=4).mul_(m / 12)  # (N, C, L) Σ_kept w x on the removed pixels
     pb = torch.zeros(n, c, L + 2 * g, device=dev, dtype=dt)  # search direction, zero-padded
     p = pb[:, :, g:g + L]
@@ -165,7 +164,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     if start is not None:
         values, known = start
         _, sv = framed(values)
-        _, sk = framed(known.to(dt))
+        _, sk = framed(known)
         v = torch.lerp(v, sv, sk * m)  # the given values where known, on removed pixels only
     p.copy_(v)
     r = b - apply_a(p)
@@ -331,7 +330,7 @@ def _solve_crops(xf: Tensor, shape: tuple[int, int, int, int], bi: Tensor, boxes
             st = (start[0].index_select(0, q).view(n, hg, wg, c).permute(0, 3, 1, 2),
                   start[1].index_select(0, q).view(n, 1, hg, wg))
         valid = valid.unsqueeze(1)
-        out = road_impute(xc * valid, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st,
+        out = road_impute(xc, rem.unsqueeze(1), tol=tol, max_iter=max_iter, valid=valid, start=st,
                           compile=compile)
         at = rem.view(-1).nonzero().squeeze(1)  # removed pixels, in crop order
         vals = out.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
