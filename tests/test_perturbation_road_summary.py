@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
-from torch import nn
 
 from heatmapbench.perturbation import Blur, PixelSpace, Road, RoadWalk, region_perturbation, road_impute, select_regions
 from tests.test_perturbation import ref_impute, tiny_net

@@ -153,9 +153,6 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     def apply_a(v: Tensor) -> Tensor:  # A v, with v = p (lives in pb)
         return box121(pb).mul_(m12).addcmul_(c1, v)
 
-    def dot(a: Tensor, bb: Tensor) -> Tensor:
-        return torch.linalg.vecdot(a, bb).unsqueeze(-1)  # (N, C, 1)
-
     def sq(a: Tensor) -> Tensor:  # ‖a‖², one pass without a temporary: ~2× faster than vecdot(a, a)
         return torch.linalg.vector_norm(a, dim=-1, keepdim=True).square_()
 
