@@ -7,7 +7,6 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from heatmapbench.config import ConfigError, validate

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from heatmapbench.explain import LRP, get_explainer
-from heatmapbench.explain.base import backprop, explaining
+from heatmapbench.explain.base import explaining
 from heatmapbench.explain.graph import canonize
 from heatmapbench.testing import randomize_batch_norm
 

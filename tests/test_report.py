@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from PIL import Image
 
 from heatmapbench import metric_names as mn

@@ -28,7 +28,7 @@ from heatmapbench.adapt import apply_model_preprocessing
 from heatmapbench.cli import apply_explainer_shortcut, instantiate_data, selected_explainer, user_errors_exit
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
-from heatmapbench.evaluation.artifacts import settings_title, summary_markdown, write_evaluation
+from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
