@@ -194,9 +194,10 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         for it in range(max_iter):
             if it % check_every == 0:
                 done = (rr <= tol2 * bb).flatten(1).all(1)  # (n',) per image, all channels
-                if bool(done.all()):
+                n_done = int(done.sum())  # one host sync per check
+                if n_done == len(done):
                     break
-                if bool(done.any()):
+                if n_done:
                     keep = (~done).nonzero().squeeze(1)
                     if alive is None:
                         alive = torch.arange(n, device=dev)
