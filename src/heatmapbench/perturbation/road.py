@@ -182,13 +182,13 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         # (fresh multi-MB temporaries each iteration cost 10-30 % more on two cores).
         v_all, alive = v, None
 
-        def buffers(pb: Tensor):
-            nn_ = pb.shape[0]
-            a = torch.empty(nn_, c, L + 2, device=dev, dtype=dt)  # ([1,2,1] vertically) ⊗ p
-            ap = torch.empty(nn_, c, L, device=dev, dtype=dt)
+        def buffers(pb: Tensor):  # p and its row neighbours (views of pb), A p's two buffers, p·Ap
+            k = pb.shape[0]
+            a = torch.empty(k, c, L + 2, device=dev, dtype=dt)  # ([1,2,1] vertically) ⊗ p
+            ap = torch.empty(k, c, L, device=dev, dtype=dt)
             return (pb[:, :, g:g + L], pb[:, :, g - 1 - e:g + L + 1 - e], pb[:, :, g - 1 + e:g + L + 1 + e],
                     pb[:, :, g - 1:g + L + 1], a, a[:, :, :-2], a[:, :, 2:], a[:, :, 1:-1], ap,
-                    torch.empty(nn_, c, device=dev, dtype=dt))
+                    torch.empty(k, c, device=dev, dtype=dt))
 
         p, up, down, mid, a, a_l, a_r, a_c, ap, pap = buffers(pb)
         for it in range(max_iter):
@@ -215,7 +215,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
             torch.add(a_l, a_r, out=ap)
             ap.add_(a_c, alpha=2).mul_(m12).addcmul_(c1, p)
             torch.linalg.vecdot(p, ap, out=pap)
-            alpha = (rr / pap.clamp_min_(tiny).unsqueeze(-1))
+            alpha = rr / pap.clamp_min_(tiny).unsqueeze(-1)
             v.addcmul_(alpha, p)
             r.addcmul_(alpha, ap, value=-1)
             rr_new = sq(r)
@@ -292,12 +292,12 @@ def _solve_crops(xf: Tensor, shape: tuple[int, int, int, int], bi: Tensor, boxes
 
     long_ = rung(torch.maximum(tall, wide), max(h, w))
     short = rung(torch.minimum(tall, wide), min(h, w))
-    key = long_ * (max(h, w) + 1) + short
+    span = max(h, w) + 1
+    key = long_ * span + short  # one integer per (long, short) class
     keys, counts = torch.unique(key, return_counts=True)
-    keys_l, counts_l = keys.tolist(), counts.tolist()
-    by_long: dict[int, list[tuple[int, int]]] = {}
-    for k, cnt in zip(keys_l, counts_l):
-        by_long.setdefault(k // (max(h, w) + 1), []).append((k % (max(h, w) + 1), cnt))
+    by_long: dict[int, list[tuple[int, int]]] = {}  # long side → [(short side, crops)]
+    for k, cnt in zip(keys.tolist(), counts.tolist()):
+        by_long.setdefault(k // span, []).append((k % span, cnt))
     longs = sorted(by_long)
     widest = {lg: max(sh for sh, _ in by_long[lg]) for lg in longs}
     groups: list[tuple[int, int, list[int]]] = []  # (long side, short side, keys)
@@ -308,7 +308,7 @@ def _solve_crops(xf: Tensor, shape: tuple[int, int, int, int], bi: Tensor, boxes
         shorts = sorted({sh for sh, _, _ in items})
         per_short = [sum(cnt for sh2, _, cnt in items if sh2 == sh) for sh in shorts]
         for srun in _merge_runs(shorts, per_short, lambda sh: hg * sh * c):
-            groups.append((hg, srun[-1], [lg * (max(h, w) + 1) + sh for sh, lg, _ in items if sh in srun]))
+            groups.append((hg, srun[-1], [lg * span + sh for sh, lg, _ in items if sh in srun]))
     parts = []
     for hg, wg, group in groups:
         sel = torch.isin(key, torch.tensor(group, device=dev)).nonzero().squeeze(1)
@@ -357,7 +357,7 @@ class RoadWalk:
         if tuple(pixel_step.shape) != (b, h, w):
             raise ValueError(f"pixel_step must have shape (B, H, W) = {(b, h, w)}, got {tuple(pixel_step.shape)}")
         dev = x.device
-        self.road, self.x, self.noise = road, x, noise
+        self.road, self.x = road, x
         ps = pixel_step.to(device=dev, dtype=torch.long).clamp(1, steps + 1)  # L+1: never removed
         self.ps = ps
         n = steps + 2  # node ids 1..L are regions; 0 and L+1 are never members
@@ -400,8 +400,8 @@ class RoadWalk:
         self.xf = x.permute(0, 2, 3, 1).reshape(-1, c)
         self.noisef = noise.permute(0, 2, 3, 1).reshape(-1, c)
         self.running = self.xf.clone()  # each image's picture with the removed pixels imputed so far
-        self.current = x.clone(memory_format=torch.contiguous_format)  # each image's input at its cursor:
-        # running + noise where removed
+        # each image's input at its cursor (running + noise where removed), NCHW as the model takes it
+        self.current = x.clone(memory_format=torch.contiguous_format)
         self.solved = torch.zeros(b * h * w, dtype=torch.bool, device=dev)
         self.cursor = [0] * b  # last step pasted into running, per image
 
