@@ -148,10 +148,23 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     xi.mul_(torch.addcmul(oi, oi, m, value=-1))  # kept pixels inside the image only: valid · (1 − m)
     b = box121(xb).sub_(xi, alpha=4).mul_(m / 12)  # (N, C, L) Σ_kept w x on the removed pixels
     pb = torch.zeros(n, c, L + 2 * g, device=dev, dtype=dt)  # search direction, zero-padded
-    p = pb[:, :, g:g + L]
 
-    def apply_a(v: Tensor) -> Tensor:  # A v, with v = p (lives in pb)
-        return box121(pb).mul_(m12).addcmul_(c1, v)
+    def buffers(pb: Tensor):  # p and its row neighbours (views of pb), A p's two buffers, p·Ap
+        k = pb.shape[0]
+        a = torch.empty(k, c, L + 2, device=dev, dtype=dt)  # ([1,2,1] vertically) ⊗ p
+        ap = torch.empty(k, c, L, device=dev, dtype=dt)
+        return (pb[:, :, g:g + L], pb[:, :, g - 1 - e:g + L + 1 - e], pb[:, :, g - 1 + e:g + L + 1 + e],
+                pb[:, :, g - 1:g + L + 1], a, a[:, :, :-2], a[:, :, 2:], a[:, :, 1:-1], ap,
+                torch.empty(k, c, device=dev, dtype=dt))
+
+    p, up, down, mid, a, a_l, a_r, a_c, ap, pap = buffers(pb)
+
+    def apply_a() -> Tensor:  # A p = c1 p − (m/12) ([1,2,1] ⊗ [1,2,1]) p into ap, allocating nothing
+        # (fresh multi-MB temporaries each CG iteration cost 10-30 % more on two cores)
+        torch.add(up, down, out=a)
+        a.add_(mid, alpha=2)
+        torch.add(a_l, a_r, out=ap)
+        return ap.add_(a_c, alpha=2).mul_(m12).addcmul_(c1, p)
 
     def sq(a: Tensor) -> Tensor:  # ‖a‖², one pass without a temporary: ~2× faster than vecdot(a, a)
         return torch.linalg.vector_norm(a, dim=-1, keepdim=True).square_()
@@ -164,7 +177,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         _, sk = framed(known)
         v = torch.lerp(v, sv, sk * m)  # the given values where known, on removed pixels only
     p.copy_(v)
-    r = b - apply_a(p)
+    r = b - apply_a()
     p.copy_(r)
     rr = sq(r)
     bb = sq(b).clamp_min(tiny)
@@ -178,19 +191,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     else:
         # Images whose systems are solved leave the batch at the next check (their rows of v are
         # final), so the others iterate on fewer rows: batched crops converge at different speeds.
-        # The loop allocates nothing: A p is built in two buffers through fixed views of pb
-        # (fresh multi-MB temporaries each iteration cost 10-30 % more on two cores).
         v_all, alive = v, None
-
-        def buffers(pb: Tensor):  # p and its row neighbours (views of pb), A p's two buffers, p·Ap
-            k = pb.shape[0]
-            a = torch.empty(k, c, L + 2, device=dev, dtype=dt)  # ([1,2,1] vertically) ⊗ p
-            ap = torch.empty(k, c, L, device=dev, dtype=dt)
-            return (pb[:, :, g:g + L], pb[:, :, g - 1 - e:g + L + 1 - e], pb[:, :, g - 1 + e:g + L + 1 + e],
-                    pb[:, :, g - 1:g + L + 1], a, a[:, :, :-2], a[:, :, 2:], a[:, :, 1:-1], ap,
-                    torch.empty(k, c, device=dev, dtype=dt))
-
-        p, up, down, mid, a, a_l, a_r, a_c, ap, pap = buffers(pb)
         for it in range(max_iter):
             if it % check_every == 0:
                 done = (rr <= tol2 * bb).flatten(1).all(1)  # (n',) per image, all channels
@@ -206,14 +207,10 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
                     alive = alive[keep]
                     pb, v, r, rr, bb = pb[keep], v[keep], r[keep], rr[keep], bb[keep]
                     p, up, down, mid, a, a_l, a_r, a_c, ap, pap = buffers(pb)
-                    if m12.shape[0] > 1:
-                        m12 = m12[keep]
-                    if c1.shape[0] > 1:
+                    m12 = m12[keep]  # one row per image, like pb
+                    if c1.shape[0] > 1:  # one row for all images without valid
                         c1 = c1[keep]
-            torch.add(up, down, out=a)  # A p = c1 p − (m/12) ([1,2,1] ⊗ [1,2,1]) p, as apply_a
-            a.add_(mid, alpha=2)
-            torch.add(a_l, a_r, out=ap)
-            ap.add_(a_c, alpha=2).mul_(m12).addcmul_(c1, p)
+            apply_a()
             torch.linalg.vecdot(p, ap, out=pap)
             alpha = rr / pap.clamp_min_(tiny).unsqueeze(-1)
             v.addcmul_(alpha, p)
