@@ -229,7 +229,7 @@ def fusion_gain(all_nets, reps: int) -> None:
                            lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
         # LRP is not fused, but its canonical graph runs a "same"-padding convolution as a plain one
         # with the pad in its padding (fuse.plain_conv_twin); "off" canonizes a copy without that
-        import heatmapbench.explain.graph as graph_module
+        import heatmapbench.explain.canonize.rewriter as graph_module
 
         as_written = copy.deepcopy(net)
         twin, graph_module.plain_conv_twin = graph_module.plain_conv_twin, lambda module: None

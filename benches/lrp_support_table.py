@@ -24,7 +24,7 @@ from torch import nn
 
 from heatmapbench.explain import LRP, get_explainer
 from heatmapbench.explain.base import explaining
-from heatmapbench.explain.graph import canonize
+from heatmapbench.explain.canonize import canonize
 from heatmapbench.testing import randomize_batch_norm
 
 torch.set_num_threads(2)

@@ -259,8 +259,8 @@ def test_lite0_folds_every_batch_norm_and_the_symmetric_pads():
 def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevance(monkeypatch):
     """LRP's canonical graph swaps a "same"-padding conv subclass (pad + F.conv2d) for a plain
     nn.Conv2d twin with the pad in its padding and the same Parameters; an asymmetric pad stays."""
-    import heatmapbench.explain.graph as graph_module
-    from heatmapbench.explain.graph import canonize
+    import heatmapbench.explain.canonize.rewriter as graph_module
+    from heatmapbench.explain.canonize import canonize
     from heatmapbench.fuse import plain_conv_twin
 
     def build():

@@ -1,4 +1,4 @@
-"""LRP on the model's data flow (explain/graph.py): exact where an identity exists, refused otherwise.
+"""LRP on the model's data flow (explain/canonize/): exact where an identity exists, refused otherwise.
 
 On a ReLU network, LRP-0 (eps -> 0) equals gradient x input (Ancona et al. 2018); in float64 the
 identity holds to ~1e-9, so any rule that is missing or wrong (a functional add, a mean, a BatchNorm
@@ -18,7 +18,7 @@ from torch import nn
 
 from heatmapbench.explain import LRP, get_explainer
 from heatmapbench.explain.base import explaining
-from heatmapbench.explain.graph import canonize
+from heatmapbench.explain.canonize import canonize
 from heatmapbench.testing import randomize_batch_norm
 
 from .test_explain import assert_same_snapshot, snapshot

@@ -23,7 +23,7 @@ from torch import nn
 from zennit.types import Activation
 
 from .base import Explainer, backprop
-from .graph import canonize
+from .canonize import canonize
 
 #: Activations the deconvnet / guided-backprop rules are defined for.
 RECTIFIERS = (nn.ReLU, nn.ReLU6)

@@ -24,7 +24,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear, Ma
 
 from . import fast_lrp
 from .base import Explainer, backprop
-from .graph import GATES, BatchNormAffine, canonize
+from .canonize import GATES, BatchNormAffine, canonize
 
 try:
     from efficientnet_lite_pytorch.utils import Identity as _EfficientNetIdentity
