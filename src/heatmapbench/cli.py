@@ -17,7 +17,7 @@ from heatmapbench.config import ConfigError
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import WeightsNotFoundError
-from heatmapbench.tracking import RunInterrupted
+from heatmapbench.tracking import LoggingFailedError, RunInterrupted
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
@@ -28,7 +28,8 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a user error as ``error: ...`` and exit 2 instead of a traceback.
 
     SIGINT/SIGTERM (while a run is open) and Ctrl+C end the process with ``128 + signal``
-    (130, 143) after one line, also from inside a Hydra multirun (the sweep stops there).
+    (130, 143) after one line, also from inside a Hydra multirun (the sweep stops there). A store
+    that fails while finished results are logged is one line naming their folder, exit status 1.
     Other exceptions propagate: Hydra prints them and exits 1.
     """
 
@@ -39,6 +40,9 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from err
+        except LoggingFailedError as err:  # the results are safe; the message says where
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from err
         except (RunInterrupted, KeyboardInterrupt) as err:
             code = err.exit_code if isinstance(err, RunInterrupted) else 128 + signal.SIGINT
             print(f"interrupted: {err or 'SIGINT received'}; exiting with status {code}", file=sys.stderr, flush=True)

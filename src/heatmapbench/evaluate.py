@@ -11,7 +11,6 @@ metrics, the curves, plots, gallery and the paper-style tables, which are also p
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from heatmapbench.registry import conf_dir
 from heatmapbench.runtime import CUDA_ONLY
 from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
-from heatmapbench.tracking import log_skipped, make_logger, retry_locked, run_identity, run_tags, tracked_run
+from heatmapbench.tracking import (log_skipped, make_logger, results_kept_in, retry_locked, run_identity, run_tags,
+                                   tracked_run, write_metrics)
 
 
 
@@ -143,6 +143,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         warn_untrained(f"model={tags['model']}")
     print(f"evaluating {len(subset)} images × {len(explainers)} explainers "
           f"({settings.steps} steps of {settings.region_size}×{settings.region_size} regions) on {device}", flush=True)
+    folder = Path(cfg.paths.output_dir) / "evaluation"
     with tracked_run(logger, cfg, extra_tags=tags):
         if getattr(datamodule, "skip_unreadable", False):
             log_skipped(logger, datamodule.skipped)
@@ -155,15 +156,17 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics[mn.SECONDS] = seconds
         reliability = run_reliability(per_image_table(evaluation), n_boot=settings.n_boot, seed=settings.seed)
         metrics.update(reliability_metrics(reliability))
-        retry_locked(logger.log_metrics)(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            files = write_evaluation(evaluation, Path(tmp), tuple(getattr(datamodule, "classes", ())),
-                                     title=settings_title(settings, perturbation, len(subset)),
-                                     statistics=statistics, reliability=reliability)
+        # the results first, into the run's output folder: a store that fails later loses nothing
+        files = write_evaluation(evaluation, folder, tuple(getattr(datamodule, "classes", ())),
+                                 title=settings_title(settings, perturbation, len(subset)),
+                                 statistics=statistics, reliability=reliability)
+        files["metrics"] = write_metrics(metrics, folder / "metrics.json")
+        print("\n" + files["summary_md"].read_text() + "\n" + files["reliability_md"].read_text())
+        print(f"results: {folder}", flush=True)
+        with results_kept_in(folder):
+            retry_locked(logger.log_metrics)(metrics)
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
-            table = files["summary_md"].read_text() + "\n" + files["reliability_md"].read_text()
-    print("\n" + table)
     print(f"{len(subset)} images in {seconds:.1f} s; MLflow run {logger.run_id} "
           f"(experiment {cfg.logger.experiment_name!r}, {cfg.logger.tracking_uri})", flush=True)
     return {"run_id": logger.run_id, **metrics}

@@ -280,14 +280,81 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: MLflow's HTTP retries, bounded: a server that went away is given up on within about a minute
+#: (MLflow's own defaults retry 7 times with a 2 s backoff factor and a 120 s timeout: minutes per
+#: call). A value the user exported is kept.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: Closing a run after logging already failed: one try, a short timeout.
+HTTP_LAST_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def bound_http_retries() -> None:
+    """Set :data:`HTTP_RETRIES` in the environment where the user did not (MLflow reads it per request)."""
+    for key, value in HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+def worst_case_http_seconds() -> float:
+    """The longest one MLflow HTTP call can take under the environment's retry settings: every try
+    timing out plus urllib3's backoff (``factor * 2**(n-1)`` after the n-th failure) and its jitter."""
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"))
+    jitter = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "1"))
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+    backoff = sum(min(factor * 2 ** (n - 1), 120.0) + jitter for n in range(1, retries + 1))
+    return (retries + 1) * timeout + backoff
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class LoggingFailedError(RuntimeError):
+    """Logging finished results to MLflow failed; they are safe in a folder the message names."""
+
+
+@contextlib.contextmanager
+def results_kept_in(folder: str | Path) -> Iterator[None]:
+    """Turn a failure while logging results already written to ``folder`` into one line that says where
+    they are (:class:`LoggingFailedError`); the run is then closed FAILED by :func:`tracked_run`."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever the store raised, the results are safe
+        raise LoggingFailedError(f"logging to MLflow failed ({end_reason(err)[:300]}); the results are saved in "
+                                 f"{folder}") from err
+
+
+def write_metrics(metrics: dict[str, float], path: Path) -> Path:
+    """The metrics logged to MLflow, also as a JSON file beside the other results (NaN as null)."""
+    import json
+    import math
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in sorted(metrics.items())}, indent=1) + "\n")
+    return path
+
+
 def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
     """Instantiate the MLflow logger from its config, safely for parallel jobs on one sqlite store.
 
     The logger's client creates (and migrates) the store when it is built, so that happens
-    under :func:`store_lock`, in WAL mode.
+    under :func:`store_lock`, in WAL mode. HTTP retries are bounded (:data:`HTTP_RETRIES`).
     """
     from hydra.utils import instantiate
 
+    bound_http_retries()
     uri = str(logger_cfg.get("tracking_uri") or "")
     with store_lock(uri):
         prepare_sqlite_store(uri)
@@ -392,8 +459,10 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             yield logger
             end_run(logger, "FINISHED")
         except BaseException as err:
+            quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}
             try:
-                end_run(logger, status_of(err), end_reason(err))
+                with _environ(quick):  # the server already failed: one short try to mark the run
+                    end_run(logger, status_of(err), end_reason(err))
             except Exception as close_err:  # noqa: BLE001 - the original error matters more
                 print(f"warning: could not mark the MLflow run {status_of(err)}: {end_reason(close_err)}",
                       file=sys.stderr, flush=True)
