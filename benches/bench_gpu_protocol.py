@@ -88,7 +88,8 @@ def protocol(name, net, x255, mean, std, precisions, steps, batch_size, device, 
     from heatmapbench.config import EvaluationSettings
     from heatmapbench.evaluation import build_explainers, evaluate_batch
     from heatmapbench.perturbation import Uniform, region_perturbation
-    from heatmapbench.runtime import autocast, fast_model, to_layout
+    from heatmapbench.accel.layout import fast_model, to_layout
+    from heatmapbench.accel.precision import autocast
 
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)

@@ -13,7 +13,7 @@ Prints ratios measured in one run (contenders interleaved, each one's best of ``
   (e) the engine's images/s (``region_perturbation``, random order, uniform noise) at the automatic
       batch size (``batch_size=None``: the chunk it picks is printed) against fixed batches, and the
       largest score difference between them;
-  (f) fusion (``heatmapbench.fuse``: BatchNorm and symmetric zero padding folded into the
+  (f) fusion (``heatmapbench.accel.fusion``: BatchNorm and symmetric zero padding folded into the
       convolutions), in channels_last: forward passes, sensitivity and guided backprop heatmaps and
       the engine (random order, L = 24), fused against unfused, with the largest difference; and
       alpha-beta LRP with "same"-padding convolutions run as plain ones against as written.
@@ -36,7 +36,8 @@ from torch import nn
 
 from bench_perturbation import interleaved  # benches/ is on sys.path when run as a script
 from heatmapbench.models import SmallCNN, VGGSmall
-from heatmapbench.runtime import autocast, channels_last, to_layout
+from heatmapbench.accel.layout import channels_last, to_layout
+from heatmapbench.accel.precision import autocast
 
 
 def nets(lite0: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -195,7 +196,7 @@ def engine_batches(all_nets, reps: int) -> None:
 
 def fusion_gain(all_nets, reps: int) -> None:
     from heatmapbench.explain import get_explainer
-    from heatmapbench.fuse import FusedConv, fused, fusion
+    from heatmapbench.accel.fusion import FusedConv, fused, fusion
     from heatmapbench.perturbation import region_perturbation
 
     print("\n(f) fused ÷ unfused speed (× > 1: fusion is faster), channels_last, fp32")
@@ -228,7 +229,7 @@ def fusion_gain(all_nets, reps: int) -> None:
         pairs["engine"] = (lambda: region_perturbation(net, xs, heat, **kw).scores,
                            lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
         # LRP is not fused, but its canonical graph runs a "same"-padding convolution as a plain one
-        # with the pad in its padding (fuse.plain_conv_twin); "off" canonizes a copy without that
+        # with the pad in its padding (accel.fusion.plain_conv_twin); "off" canonizes a copy without that
         import heatmapbench.explain.canonize.rewriter as graph_module
 
         as_written = copy.deepcopy(net)

@@ -220,7 +220,7 @@ def test_deconvnet_and_guided_backprop_equal_zennit_rules(arch):
     from heatmapbench.explain.base import backprop, explaining
 
     model, shape = arch_model(arch)
-    model.eval().double()  # float64: ours runs BatchNorm folded into the convolutions (heatmapbench.fuse)
+    model.eval().double()  # float64: ours runs BatchNorm folded into the convolutions (heatmapbench.accel.fusion)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     target = torch.tensor([1, 2])
     for name, rule in [("deconvnet_l2", ReLUDeconvNet), ("guided_backprop", ReLUGuidedBackprop)]:
@@ -423,7 +423,7 @@ def test_lrp_rules_equal_matrix_reference(table, rules, engine):
 @pytest.mark.parametrize("arch", ["vgg_small", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])
 def test_fast_explainers_in_channels_last_equal_contiguous(arch):
     """The explainers on a channels_last model and input give the contiguous result (float reassociation only)."""
-    from heatmapbench.runtime import channels_last
+    from heatmapbench.accel.layout import channels_last
 
     model, shape = arch_model(arch)
     model.eval()

@@ -1,4 +1,4 @@
-"""Inference-graph fusion (heatmapbench.fuse): the same function, the user's model untouched, never a silent change."""
+"""Inference-graph fusion (heatmapbench.accel.fusion): the same function, the user's model untouched, never a silent change."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from heatmapbench.explain import get_explainer
-from heatmapbench.fuse import FusedConv, fused, fusion
+from heatmapbench.accel.fusion import FusedConv, fused, fusion
 from heatmapbench.perturbation import region_perturbation
-from heatmapbench.runtime import channels_last
+from heatmapbench.accel.layout import channels_last
 from heatmapbench.testing import randomize_batch_norm
 
 
@@ -261,7 +261,7 @@ def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevanc
     nn.Conv2d twin with the pad in its padding and the same Parameters; an asymmetric pad stays."""
     import heatmapbench.explain.canonize.rewriter as graph_module
     from heatmapbench.explain.canonize import canonize
-    from heatmapbench.fuse import plain_conv_twin
+    from heatmapbench.accel.fusion import plain_conv_twin
 
     def build():
         torch.manual_seed(0)

@@ -8,7 +8,8 @@ from torch import nn
 
 from heatmapbench.models import SmallCNN, VGGSmall
 from heatmapbench.perturbation import region_perturbation
-from heatmapbench.runtime import channels_last, check_precision, uses_channels_last
+from heatmapbench.accel.layout import channels_last, uses_channels_last
+from heatmapbench.accel.precision import check_precision
 
 
 def snapshot(model: nn.Module) -> list[tuple]:
@@ -144,7 +145,7 @@ def test_fp32_means_ieee_on_cuda_and_tf32_is_asked_for():
     """PyTorch runs CUDA float32 convolutions in TF32 unless told otherwise: precision=fp32 turns
     that off for the passes (the reference stays IEEE float32), tf32 turns it on, and both put the
     user's switches back afterwards, also on error. Only flags are read: no GPU needed."""
-    from heatmapbench.runtime import autocast
+    from heatmapbench.accel.precision import autocast
 
     before = _cuda_fp32_switches()
     with autocast("fp32", "cuda"):

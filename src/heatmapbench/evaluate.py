@@ -31,7 +31,7 @@ from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
-from heatmapbench.runtime import CUDA_ONLY
+from heatmapbench.accel.precision import CUDA_ONLY
 from heatmapbench.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
 from heatmapbench.tracking import (log_skipped, make_logger, results_kept_in, retry_locked, run_identity, run_tags,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from heatmapbench import metric_names as mn
 from heatmapbench.config import ConfigError, EvaluationSettings
 from heatmapbench.perturbation.engine import eval_mode
-from heatmapbench.runtime import CUDA_ONLY
+from heatmapbench.accel.precision import CUDA_ONLY
 from heatmapbench.evaluation import (
     ExplainerSpec,
     build_explainers,

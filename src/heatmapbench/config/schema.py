@@ -18,7 +18,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.perturbation.regions import REGION_MODES
 from heatmapbench.registry import available, project_root
-from heatmapbench.runtime import LAYOUTS, PRECISIONS
+from heatmapbench.accel.layout import LAYOUTS
+from heatmapbench.accel.precision import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -229,13 +230,13 @@ class EvaluationSettings:
     precision
         ``fp32`` (the reference: IEEE float32, also on CUDA), ``tf32`` (CUDA only: TF32
         convolutions and matrix products), ``bf16`` or ``fp16`` (CUDA only): the math of the
-        explainers' and the engine's passes (:mod:`heatmapbench.runtime`); AOPC moves with it.
+        explainers' and the engine's passes (:mod:`heatmapbench.accel`); AOPC moves with it.
     layout
         ``auto`` (channels_last for 2-D convnets: the same numbers up to float reassociation,
         faster), ``channels_last`` or ``contiguous``.
     fuse
         Run the engine's forwards and the gradient explainers on the model with BatchNorm and
-        symmetric zero padding folded into its convolutions (:mod:`heatmapbench.fuse`: the same
+        symmetric zero padding folded into its convolutions (:mod:`heatmapbench.accel.fusion`: the same
         numbers up to float reassociation, ~1.4-1.6x faster on EfficientNet-Lite0); LRP always
         runs on the model itself.
     """

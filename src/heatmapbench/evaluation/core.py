@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from heatmapbench import metric_names as mn
 from heatmapbench.config.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
-from heatmapbench.fuse import fusion
+from heatmapbench.accel.fusion import fusion
 from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size
 from heatmapbench.metrics.summary import (
     N_BOOT,
@@ -31,7 +31,8 @@ from heatmapbench.metrics.summary import (
 )
 from heatmapbench.perturbation import Perturbation, get_perturbation, region_perturbation
 from heatmapbench.perturbation.engine import check_batch, check_target_range, eval_mode
-from heatmapbench.runtime import autocast, check_precision, fast_model, to_layout
+from heatmapbench.accel.layout import fast_model, to_layout
+from heatmapbench.accel.precision import autocast, check_precision
 
 
 #: Explainers as the Python API takes them: a name, an object, a list of names and objects, or a

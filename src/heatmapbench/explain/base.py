@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from heatmapbench.fuse import fused
+from heatmapbench.accel.fusion import fused
 
 #: Channel pooling of a (B, C, H, W) attribution into a (B, H, W) heatmap.
 #: Sensitivity and deconvolution use a norm over the colour channels (paper eq. 3, q in {2, inf});
@@ -116,7 +116,7 @@ class Explainer:
 
     #: Short name used in tables and logs.
     name: ClassVar[str] = "explainer"
-    #: Whether :meth:`attribute` may run on :func:`heatmapbench.fuse.fused` ``(model)`` (BatchNorm and
+    #: Whether :meth:`attribute` may run on :func:`heatmapbench.accel.fusion.fused` ``(model)`` (BatchNorm and
     #: zero padding folded into the convolutions): true for methods that need the model only as a
     #: differentiable function (gradients, rectifier rules); false where rules hook its layers (LRP).
     fusable: ClassVar[bool] = False

@@ -16,11 +16,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from heatmapbench.fuse import fused
+from heatmapbench.accel.fusion import fused
 from heatmapbench.metrics.summary import aopc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
-from heatmapbench.runtime import autocast, check_layout, check_precision, fast_model, to_layout
+from heatmapbench.accel.layout import check_layout, fast_model, to_layout
+from heatmapbench.accel.precision import autocast, check_precision
 
 __all__ = ["PerturbationResult", "region_perturbation", "eval_mode", "auto_batch_size", "SCORES",
            "AUTO_BATCH_BYTES", "AUTO_BATCH_DEVICE"]
@@ -268,10 +269,10 @@ def region_perturbation(
     precision : ``"fp32"`` (default, the reference: IEEE float32, TF32 off on CUDA), ``"tf32"``
         (CUDA only), ``"bf16"`` or ``"fp16"`` (CUDA only): the forward passes run under
         ``torch.autocast`` or the float32 math asked for; scores are float32. Perturbed inputs are
-        built in ``x``'s dtype either way (see :mod:`heatmapbench.runtime`).
+        built in ``x``'s dtype either way (see :mod:`heatmapbench.accel.precision`).
     layout : ``"auto"`` (channels_last for models with 2-D convolutions: the same results up
         to float reassociation, faster on oneDNN/cuDNN), ``"channels_last"`` or ``"contiguous"``.
-    fuse : run the forwards on :func:`heatmapbench.fuse.fused` ``(model)``: BatchNorm and zero
+    fuse : run the forwards on :func:`heatmapbench.accel.fusion.fused` ``(model)``: BatchNorm and zero
         padding folded into the convolutions (the same function up to float reassociation; the
         model itself where nothing folds, or it has hooks or cannot be traced).
     progress : called as ``progress(n)`` after every forward pass with its ``n`` inputs.

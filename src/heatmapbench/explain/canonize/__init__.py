@@ -13,7 +13,7 @@ conv / linear whose only consumer is an eval BatchNorm  :class:`FoldedLinear` (t
                                                         folded affine map; forward = ``bn(conv(x))``)
 a conv subclass that is a symmetric zero pad and one    a plain ``nn.ConvNd`` with the same
 ``F.convNd`` (TF "same" padding, EfficientNet-Lite)     Parameters and the pad in its padding
-                                                        (:func:`heatmapbench.fuse.plain_conv_twin`;
+                                                        (:func:`heatmapbench.accel.fusion.plain_conv_twin`;
                                                         the same outputs, one pass fewer per rule)
 BatchNorm fed by anything else                          :class:`BatchNormAffine` (epsilon rule)
 ``a + b``, ``a += b``, ``torch.add``, ``a - b``,        zennit :class:`~zennit.layer.Sum` of the

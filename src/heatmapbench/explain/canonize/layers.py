@@ -14,7 +14,7 @@ from torch import nn
 from zennit.layer import Sum
 from zennit.types import ConvolutionTranspose
 
-from heatmapbench.fuse import fold_batch_norm
+from heatmapbench.accel.fusion import fold_batch_norm
 
 __all__ = ["BatchNormAffine", "FoldedLinear", "Reduce", "fold", "pass_relevance", "stack_terms"]
 

@@ -20,7 +20,7 @@ from heatmapbench.explain.canonize.ops import (
     ROUTING_MODULES, SUB, _is_stochastic_depth_eval, _op_key, _op_name, _ops,
 )
 from heatmapbench.explain.canonize.tracing import source_line, trace
-from heatmapbench.fuse import module_fingerprint, plain_conv_twin
+from heatmapbench.accel.fusion import module_fingerprint, plain_conv_twin
 
 __all__ = ["GATES", "PURPOSES", "CanonicalGraph", "Refusal", "canonize"]
 

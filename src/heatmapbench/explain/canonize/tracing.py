@@ -7,7 +7,7 @@ import traceback
 from torch import fx, nn
 from zennit.types import BatchNorm, Linear
 
-from heatmapbench.fuse import FusedConv
+from heatmapbench.accel.fusion import FusedConv
 
 __all__ = ["source_line", "trace"]
 
