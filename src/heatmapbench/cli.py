@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 from typing import Any, Callable
@@ -78,6 +79,21 @@ def instantiate_model(cfg: DictConfig) -> Any:
         key = text.partition("full_key: ")[2].strip() or "model"
         raise ConfigError(f"{key}._target_={target!r} is invalid: no such class or function; name one that "
                           "exists (e.g. torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)") from None
+
+
+def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate a config node whose class checks its arguments: a ``ValueError`` of the class
+    (``epsilon=-1 is invalid: ...``) becomes one line naming the key (``explainer.epsilon=-1 ...``)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            text = " ".join(str(cause).split())
+            raise ConfigError(f"{key}.{text}" if re.match(r"\w+=", text) else f"{key}: {text}") from None
+        raise
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from heatmapbench import metric_names as mn
 from heatmapbench.adapt import apply_model_preprocessing
-from heatmapbench.cli import apply_explainer_shortcut, instantiate_data, selected_explainer, user_errors_exit
+from heatmapbench.cli import (apply_explainer_shortcut, instantiate_data, instantiate_node, selected_explainer,
+                             user_errors_exit)
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
@@ -55,6 +56,8 @@ def build_inputs(cfg: DictConfig):
     missing = sorted(OmegaConf.missing_keys(cfg.model))
     if missing:  # e.g. model=checkpoint without its checkpoint
         raise ConfigError(f"model.{missing[0]} is required but not set; pass model.{missing[0]}=...")
+    if not isinstance(cfg.gallery_size, int) or cfg.gallery_size < 0:
+        raise ConfigError(f"gallery_size={cfg.gallery_size} is invalid: must be an integer >= 0 (0: no gallery)")
     if cfg.num_images is not None and cfg.num_images < 1:
         raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
     settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
@@ -84,7 +87,7 @@ def build_inputs(cfg: DictConfig):
     if chosen is None:
         explainers = build_explainers(settings.explainers)
     else:  # explainer=<name> with its (possibly overridden) parameters
-        explainers = {chosen[0]: instantiate(chosen[1], _convert_="all")}
+        explainers = {chosen[0]: instantiate_node(chosen[1], "explainer", _convert_="all")}
     perturbation = build_perturbation(cfg.perturbation)
     return settings, device, net, datamodule, Subset(dataset, range(n)), explainers, perturbation
 

@@ -131,6 +131,11 @@ def build_model_and_data(cfg: DictConfig) -> tuple[pl.LightningModule, pl.Lightn
     what was adapted; the same lines are printed.
     """
     datamodule = instantiate_data(cfg.data)
+    classes = getattr(datamodule, "num_classes", None)
+    if classes is not None and classes < 2:
+        names = ", ".join(map(str, getattr(datamodule, "classes", ()))) or "?"
+        raise ConfigError(f"the training data has {classes} class ({names}); a classifier needs at least two: "
+                          "point data.train_path (and data.path) at folders with one subfolder per class")
     head_note = adapt_num_classes(cfg, getattr(datamodule, "num_classes", None))
     model: pl.LightningModule = instantiate_model(cfg.model)
     if apply_model_preprocessing(cfg, model):

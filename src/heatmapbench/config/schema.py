@@ -260,6 +260,11 @@ class EvaluationSettings:
     def __post_init__(self) -> None:
         self.orders = list(self.orders)
         self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
+        for key, values in (("orders", self.orders), ("explainers", self.explainers)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"evaluation.{key}=[{','.join(values)}] is invalid: {', '.join(twice)} appears more "
+                                  f"than once; name each once")
         bad = [o for o in self.orders if o not in ("morf", "lerf")]
         if bad or "morf" not in self.orders:
             raise ConfigError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")

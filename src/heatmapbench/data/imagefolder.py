@@ -1,10 +1,20 @@
-"""Images in class folders (ILSVRC2012 val, SUN397, Places365): ``root/<class>/<image>``."""
+"""Images in class folders (ILSVRC2012 val, SUN397, Places365): ``root/<class>/<image>``.
+
+Every file is checked when the folder is scanned, before any work: its header is read, its
+mode must be one that converts to RGB without losing its meaning (:func:`read_rgb`), and its
+end must be where its format says (a JPEG's end-of-image marker, a PNG's ``IEND`` chunk); a file
+whose end does not show that, or of another format, is decoded in full. A truncated or
+undecodable image is named there (or left out with ``data.skip_unreadable=true``), not found
+mid-run. Cost: one header read and a 12-byte read of the file's end per image (a full decode
+only where those cannot tell, e.g. for WebP, TIFF or a JPEG with trailing bytes).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from torch.utils.data import Dataset
 from PIL import Image
 from torchvision import datasets
@@ -13,6 +23,75 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule
 from heatmapbench.data.samples import eval_transform
 
+
+
+#: Modes PIL converts to RGB with their meaning kept (8-bit channels, palettes, alpha dropped, CMYK, YCbCr).
+RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr")
+#: 16-bit grey modes: scaled by 255/65535 to 8 bits (PIL's own conversion clips them at 255: white).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded or converted to RGB; the message names it."""
+
+
+def _mode_error(path: str | Path, mode: str) -> UnreadableImageError:
+    return UnreadableImageError(f"{path} has the image mode {mode!r}, which has no defined RGB meaning here "
+                                "(float or colour-space images); convert it to 8- or 16-bit RGB or grey")
+
+
+def to_rgb(image: Image.Image, path: str | Path = "image") -> Image.Image:
+    """``image`` as 8-bit RGB: 16-bit grey scaled (``round(v * 255 / 65535)``), not clipped; modes
+    without an RGB meaning (``F``, ``LAB``, ``HSV``, 32-bit integers above 16 bits) refused."""
+    if image.mode in RGB_MODES:
+        return image.convert("RGB")
+    if image.mode not in WIDE_MODES:
+        raise _mode_error(path, image.mode)
+    wide = np.asarray(image, dtype=np.int64)  # (H, W)
+    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+        raise _mode_error(path, f"{image.mode} (values outside 0..65535)")
+    grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round half up, exact integers
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def read_rgb(path: str) -> Image.Image:
+    """The ImageFolder loader: the file at ``path`` as RGB (:func:`to_rgb`); a decoding error names the file."""
+    try:
+        with open(path, "rb") as handle, Image.open(handle) as image:
+            image.load()
+            return to_rgb(image, path)
+    except UnreadableImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot decode the image {path}: {err}") from err
+
+
+def _ends_complete(path: str, image_format: str | None) -> bool:
+    """Whether the file ends as its format requires (a cheap test of truncation); False: decode to know."""
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 12))
+        tail = handle.read()
+    if image_format == "JPEG":
+        return tail.endswith(b"\xff\xd9")
+    if image_format == "PNG":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    return False
+
+
+def check_image(path: str) -> None:
+    """Raise ``OSError`` (or ``ValueError``) unless the file at ``path`` decodes to an RGB image.
+
+    The header, the mode and the file's end are read; a full decode only where those cannot tell.
+    """
+    with Image.open(path) as image:
+        if image.mode not in RGB_MODES + WIDE_MODES:
+            raise _mode_error(path, image.mode)
+        if _ends_complete(path, image.format):
+            return
+        image.load()
+        to_rgb(image, path)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -92,29 +171,46 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _folder(self, root: Path) -> Dataset:
         # allow_empty: a class may lack images in one tree; its index still follows the names
-        ds = datasets.ImageFolder(str(root), transform=self.transform, allow_empty=True)
+        ds = datasets.ImageFolder(str(root), transform=self.transform, loader=read_rgb, allow_empty=True)
         if len(ds) == 0:
             raise DataNotFoundError(f"imagefolder: no images under {root}; it must hold <class>/<image> files "
                                     f"(extensions {', '.join(IMG_EXTENSIONS)})")
         self._scan(ds, Path(root))
+        self._report_empty_classes(ds, Path(root), training=root == self.train_path)
         return ds
 
+    def _report_empty_classes(self, ds: datasets.ImageFolder, root: Path, training: bool) -> None:
+        """Class folders without images: refused in a training tree (a class never seen), listed in the others
+        (kept as classes, so that class indices follow the folder names across trees)."""
+        counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
+        empty = [name for name, n in zip(ds.classes, counts) if n == 0]
+        if not empty:
+            return
+        listed = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        if training:
+            raise DataNotFoundError(f"imagefolder: the training tree {root} has class folders with no images ({listed}); "
+                                    "training cannot learn a class it never sees: add images or remove the folders "
+                                    "from every tree")
+        print(f"warning: imagefolder: {len(empty)} class folders under {root} hold no images ({listed}); they "
+              "still count as classes (indices follow the folder names)", flush=True)
+
     def _scan(self, ds: datasets.ImageFolder, root: Path) -> None:
-        """Open every file's header (fast: no decoding); an unreadable one fails here, or is left out."""
-        bad = []
+        """Check every file (:func:`check_image`); an unreadable one fails here, or is left out."""
+        bad, reasons = [], []
         for file, _ in ds.samples:
             try:
-                with Image.open(file):
-                    pass
-            except (OSError, ValueError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+                check_image(file)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
                 bad.append(file)
+                reasons.append(" ".join(str(err).replace(file, "it").split()) or type(err).__name__)
         if not bad:
             return
         names = [str(Path(f).relative_to(root)) for f in bad]
         if not self.skip_unreadable:
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise DataNotFoundError(f"imagefolder: cannot read the image {bad[0]}{more}; remove or fix it, or pass "
-                                    "data.skip_unreadable=true to leave unreadable files out (they are listed in the run)")
+                                    "data.skip_unreadable=true to leave unreadable files out (they are listed in the "
+                                    f"run). {Path(bad[0]).name}: {reasons[0][:200]}")
         keep = [(f, t) for f, t in ds.samples if f not in set(bad)]
         if not keep:
             raise DataNotFoundError(f"imagefolder: none of the {len(bad)} files under {root} is a readable image")

@@ -185,6 +185,10 @@ class LRP(Explainer):
         super().__init__(pooling=pooling)
         if composite not in RULE_TABLES:
             raise ValueError(f"Unknown LRP composite {composite!r}; choose one of {', '.join(RULE_TABLES)}.")
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon={epsilon} is invalid: the epsilon rule needs epsilon >= 0")
+        if not stabilizer > 0:
+            raise ValueError(f"stabilizer={stabilizer} is invalid: it must be > 0 (it keeps denominators off zero)")
         if alpha - beta != 1:
             raise ValueError(f"The alpha-beta rule needs alpha - beta = 1 to conserve relevance, got {alpha}, {beta}.")
         self.composite = composite
