@@ -29,6 +29,7 @@ from heatmapbench.cli import (apply_explainer_shortcut, instantiate_data, instan
 from heatmapbench.config import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
+from heatmapbench.evaluation.shards import merge_shards, plan_batches, save_shard, shard_files
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
@@ -92,30 +93,35 @@ def build_inputs(cfg: DictConfig):
     return settings, device, net, datamodule, Subset(dataset, range(n)), explainers, perturbation
 
 
-def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device, *,
-                     gallery_size: int = 6, progress: bool = True) -> Evaluation:
-    """Evaluate ``subset`` in batches of ``data.batch_size`` and join the results.
+def batches_folder(cfg: DictConfig) -> Path:
+    """The run's folder of per-batch results (``<output_dir>/batches``)."""
+    return Path(cfg.paths.output_dir) / "batches"
 
-    The progress bar counts the inputs the perturbation engine forwards (updated after every
-    forward chunk), so its rate and ETA hold from the first batch on.
+
+def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device, *,
+                     folder: str | Path, gallery_size: int = 6, progress: bool = True) -> Evaluation:
+    """Evaluate ``subset`` in batches of ``data.batch_size``, each written to ``folder`` as it is done.
+
+    Every batch's per-image results become one shard (:mod:`heatmapbench.evaluation.shards`) the
+    moment it is scored; the whole evaluation is merged from the shards at the end, so memory
+    holds one batch at a time and a killed run keeps every finished batch. The progress bar
+    counts the inputs the perturbation engine forwards (updated after every forward chunk), so
+    its rate and ETA hold from the first batch on.
     """
-    loader = DataLoader(subset, batch_size=datamodule.batch_size, shuffle=False,
-                        num_workers=getattr(datamodule, "num_workers", 0))
-    parts = []
-    start = 0
-    bs = datamodule.batch_size
-    total = sum(engine_forwards(settings, min(bs, len(subset) - i), len(explainers), torch.device(device).type)
-                for i in range(0, len(subset), bs))
+    batches = plan_batches(len(subset), datamodule.batch_size)
+    total = sum(engine_forwards(settings, len(b), len(explainers), torch.device(device).type) for b in batches)
     with tqdm(total=total, desc="evaluate", unit="img", unit_scale=True, disable=not progress,
               dynamic_ncols=True) as bar:
-        for x, y in loader:
+        loader = DataLoader(subset, batch_sampler=batches, num_workers=getattr(datamodule, "num_workers", 0))
+        for batch, (x, y) in zip(batches, loader):
             x, y = x.to(device), torch.as_tensor(y).to(device)
+            start = batch[0]
             bar.set_postfix_str(f"images {start}-{start + len(x)} of {len(subset)}", refresh=False)
-            parts.append(evaluate_batch(net, x, explainers, settings, perturbation, label=y,
-                                        gallery_size=gallery_size if start == 0 else 0, seed_offset=start,
-                                        progress=bar.update, **datamodule.normalization))
-            start += len(x)
-    return Evaluation.concat(parts, gallery_size=gallery_size)
+            part = evaluate_batch(net, x, explainers, settings, perturbation, label=y,
+                                  gallery_size=max(0, min(gallery_size - start, len(x))), seed_offset=start,
+                                  progress=bar.update, **datamodule.normalization)
+            save_shard(folder, torch.tensor(batch), part)
+    return merge_shards(folder, len(subset), gallery_size)
 
 
 def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
@@ -138,6 +144,10 @@ def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
+    folder = batches_folder(cfg)
+    if shard_files(folder):
+        raise ConfigError(f"{folder} already holds the batches of another evaluation; "
+                          "choose another hydra.run.dir")
     run_name, sweep_tags = run_identity(cfg, "evaluate")
     logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None else {}
     logger = make_logger(cfg.logger, **logger_kwargs)
@@ -152,7 +162,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             log_skipped(logger, datamodule.skipped)
         start = time.perf_counter()
         evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
-                                      gallery_size=cfg.gallery_size, progress=cfg.progress)
+                                      folder=folder, gallery_size=cfg.gallery_size,
+                                      progress=cfg.progress)
         seconds = time.perf_counter() - start
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
