@@ -144,9 +144,9 @@ def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
-    folder = batches_folder(cfg)
-    if shard_files(folder):
-        raise ConfigError(f"{folder} already holds the batches of another evaluation; "
+    batches = batches_folder(cfg)
+    if shard_files(batches):
+        raise ConfigError(f"{batches} already holds the batches of another evaluation; "
                           "choose another hydra.run.dir")
     run_name, sweep_tags = run_identity(cfg, "evaluate")
     logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None else {}
@@ -162,7 +162,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             log_skipped(logger, datamodule.skipped)
         start = time.perf_counter()
         evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
-                                      folder=folder, gallery_size=cfg.gallery_size,
+                                      folder=batches, gallery_size=cfg.gallery_size,
                                       progress=cfg.progress)
         seconds = time.perf_counter() - start
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
