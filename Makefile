@@ -39,7 +39,7 @@ data:
 	fi
 
 demo: setup data
-	$(BIN)/python -m heatmapbench.train experiment=demo $(ARGS)
+	$(BIN)/python -m heatmapbench.app.train experiment=demo $(ARGS)
 
 test: setup data
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -53,7 +53,7 @@ bench: setup
 
 ui: setup
 	@mkdir -p mlruns/artifacts
-	@$(BIN)/python -m heatmapbench.ui --tracking-uri $(STORE) --port $(PORT)
+	@$(BIN)/python -m heatmapbench.app.ui --tracking-uri $(STORE) --port $(PORT)
 	$(BIN)/mlflow ui --backend-store-uri $(STORE) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host 127.0.0.1 --port $(PORT)
 

@@ -25,10 +25,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-import heatmapbench.config  # noqa: F401  (registers the schemas)
+import heatmapbench.app.schema  # noqa: F401  (registers the schemas)
 from heatmapbench.perturbation.engine import eval_mode
 from heatmapbench.registry import conf_dir
-from heatmapbench.train import build_model_and_data
+from heatmapbench.app.train import build_model_and_data
 
 BASE = ["experiment=finetune_lite0", "~callbacks.aopc", "callbacks.progress_bar=null", "callbacks.model_checkpoint=null",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]

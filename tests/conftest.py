@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import heatmapbench
-import heatmapbench.config  # noqa: F401  (registers the schemas)
+import heatmapbench.app.schema  # noqa: F401  (registers the schemas)
 from heatmapbench.registry import conf_dir
 
 torch.set_num_threads(2)

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from PIL import Image
 from scipy import stats
 
-from heatmapbench import metric_names as mn
-from heatmapbench.train import run_train
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.train import run_train
 from tests.conftest import store_uri
 from tests.test_data import needs_fmnist
 
@@ -161,7 +161,7 @@ def test_callback_does_not_disturb_training(train_cfg):
 
 
 def test_callback_cost_line():
-    from heatmapbench.train import callback_cost
+    from heatmapbench.app.train import callback_cost
 
     history = pd.DataFrame({"epoch": [0, 1, 2], "seconds": [1.5, 1.5, 2.5], "callback_seconds": [2.0, 2.0, 3.0],
                             "epoch_seconds": [0.0, float("nan"), 10.0]})

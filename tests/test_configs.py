@@ -9,10 +9,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from heatmapbench.config import ConfigError, validate
+from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.data import ImageDataModule
 from heatmapbench.registry import available
-from heatmapbench.tracking import resolved_config
+from heatmapbench.app.tracking import resolved_config
 from tests.conftest import compose_config
 
 DATA = available("data")
@@ -166,8 +166,8 @@ def test_ddp_trainer_config(train_cfg):
 
 
 def test_an_evaluate_recipe_that_needs_a_checkpoint_says_so(tmp_path, data_dir):
-    from heatmapbench.config import ConfigError
-    from heatmapbench.evaluate import build_inputs
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.evaluate import build_inputs
 
     cfg = compose_config("evaluate", ["experiment=protocol_sensitivity_demo"], tmp_path, data_dir)
     with pytest.raises(ConfigError, match="model.net.ckpt_path is required"):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from heatmapbench import metric_names as mn
-from heatmapbench.evaluate import run_evaluate
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.evaluate import run_evaluate
 from heatmapbench.models import zoo
 from tests.conftest import cli_env, compose_config, store_uri
 
@@ -99,7 +99,7 @@ def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = cli_env()
-    args = [sys.executable, "-m", "heatmapbench.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
+    args = [sys.executable, "-m", "heatmapbench.app.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/out", *FAST, *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
@@ -127,7 +127,7 @@ def test_bad_input_fails_clearly_and_creates_no_run(tmp_path, overrides, message
 
 def test_batches_join_into_the_whole_evaluation():
     """Evaluating in two batches gives the per-image results of evaluating each batch alone."""
-    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.app.schema import EvaluationSettings
     from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
     from heatmapbench.evaluation.core import Evaluation
     from heatmapbench.models import SmallCNN

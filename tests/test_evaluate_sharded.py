@@ -13,8 +13,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from heatmapbench import metric_names as mn
-from heatmapbench.config import EvaluationSettings
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.schema import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.shards import ShardError, merge_shards, plan_batches, save_shard, shard_files
 from tests.conftest import compose_config, store_uri
@@ -95,7 +95,7 @@ def test_plan_is_a_fixed_grid_less_what_is_done():
 
 def _reference_metrics(cfg) -> dict[str, float]:
     """What one process scoring the batches in memory and joining them logs (the path before shards)."""
-    from heatmapbench.evaluate import build_inputs, evaluation_metrics
+    from heatmapbench.app.evaluate import build_inputs, evaluation_metrics
     from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
@@ -120,7 +120,7 @@ def logged_metrics(cfg, run_id: str) -> dict[str, float]:
 
 
 def test_written_evaluation_logs_the_in_memory_metrics_bit_for_bit(tmp_path, data_dir, images):
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     cfg = compose_config("evaluate", EVAL + [f"data.path={images}"], tmp_path, data_dir)
     torch.manual_seed(0)  # the untrained net's weights

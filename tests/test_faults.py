@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from tests.conftest import cli_env
 from tests.test_data import needs_fmnist
 
@@ -137,7 +137,7 @@ def test_sigterm_during_train_kills_the_run_and_exits_143(tmp_path, data_dir):
 @pytest.mark.slow
 def test_resume_continues_the_same_run(train_cfg):
     from heatmapbench.models.checkpoints import KEY, load_checkpoint
-    from heatmapbench.train import run_train
+    from heatmapbench.app.train import run_train
 
     first = run_train(train_cfg(*TRAIN))
     last = Path(train_cfg(*TRAIN).paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -180,7 +180,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, train_cfg):
     from heatmapbench.models import SmallCNN
     from heatmapbench.models.checkpoints import UnsafeCheckpointError
     from heatmapbench.models.zoo import from_checkpoint
-    from heatmapbench.train import run_train
+    from heatmapbench.app.train import run_train
 
     marker = tmp_path / "pwned"
     crafted = tmp_path / "last.ckpt"
@@ -226,8 +226,8 @@ def no_runs(cfg) -> bool:
     (["logger.run_id=abc"], r"logger.run_id='abc' is invalid here"),
 ])
 def test_evaluate_refuses_before_the_run(eval_cfg, overrides, message):
-    from heatmapbench.config import ConfigError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.evaluate import run_evaluate
 
     cfg = eval_cfg(*overrides)
     with pytest.raises(ConfigError, match=message):
@@ -237,8 +237,8 @@ def test_evaluate_refuses_before_the_run(eval_cfg, overrides, message):
 
 @needs_fmnist
 def test_train_refuses_regions_larger_than_its_images(train_cfg):
-    from heatmapbench.config import ConfigError
-    from heatmapbench.train import run_train
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.train import run_train
 
     cfg = train_cfg(*TRAIN, "evaluation.region_size=40")
     with pytest.raises(ConfigError, match="evaluation.region_size=40 is invalid: larger than the data's 28×28"):
@@ -247,8 +247,8 @@ def test_train_refuses_regions_larger_than_its_images(train_cfg):
 
 
 def test_unreachable_server_fails_fast_naming_the_uri():
-    from heatmapbench.config import ConfigError
-    from heatmapbench.preflight import check_tracking_store
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.preflight import check_tracking_store
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -260,8 +260,8 @@ def test_unreachable_server_fails_fast_naming_the_uri():
 
 
 def test_unwritable_artifact_folder_fails_before_the_run(eval_cfg, tmp_path):
-    from heatmapbench.config import ConfigError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.evaluate import run_evaluate
 
     (tmp_path / "a_file").write_text("")
     cfg = eval_cfg(f"logger.artifact_location={tmp_path}/a_file/artifacts")
@@ -272,7 +272,7 @@ def test_unwritable_artifact_folder_fails_before_the_run(eval_cfg, tmp_path):
 
 def test_failure_while_logging_the_config_fails_the_run(eval_cfg, monkeypatch):
     from heatmapbench import tracking
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
@@ -286,7 +286,7 @@ def test_failure_while_logging_the_config_fails_the_run(eval_cfg, monkeypatch):
 
 
 def test_untrained_weights_warn_and_are_tagged(eval_cfg, capfd):
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     cfg = eval_cfg()
     result = run_evaluate(cfg)
@@ -327,7 +327,7 @@ def broken_images(tmp_path) -> Path:
 
 def test_an_unreadable_image_fails_before_any_work_naming_it(eval_cfg, broken_images):
     from heatmapbench.data import DataNotFoundError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     cfg = eval_cfg(f"data.path={broken_images}")
     with pytest.raises(DataNotFoundError, match=r"cannot read the image .*class1/9.png; .*data.skip_unreadable=true"):
@@ -338,7 +338,7 @@ def test_an_unreadable_image_fails_before_any_work_naming_it(eval_cfg, broken_im
 def test_skip_unreadable_leaves_them_out_and_lists_them_in_the_run(eval_cfg, broken_images, tmp_path):
     import mlflow
 
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     cfg = eval_cfg(f"data.path={broken_images}", "data.skip_unreadable=true")
     result = run_evaluate(cfg)
@@ -354,7 +354,7 @@ def test_skip_unreadable_leaves_them_out_and_lists_them_in_the_run(eval_cfg, bro
 @pytest.mark.parametrize("layout", ["no class folders", "empty class folders"])
 def test_an_empty_folder_is_a_one_line_error(eval_cfg, tmp_path, layout):
     from heatmapbench.data import DataNotFoundError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
 
     root = tmp_path / "empty"
     (root / ("a" if layout == "empty class folders" else "")).mkdir(parents=True)
@@ -387,7 +387,7 @@ class _Counting(torch.nn.Module):
     ("nan", r"x contains NaN or inf"),
 ])
 def test_engine_refuses_bad_batches_before_perturbing(case, message):
-    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.app.schema import EvaluationSettings
     from heatmapbench.evaluation import evaluate_batch
     from heatmapbench.explain import get_explainer
     from heatmapbench.perturbation import region_perturbation

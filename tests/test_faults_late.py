@@ -16,8 +16,8 @@ from tests.test_faults import EVAL, eval_cfg, images, runs  # noqa: F401  (fixtu
 def test_results_are_kept_when_logging_them_fails(eval_cfg, monkeypatch):
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from heatmapbench.evaluate import run_evaluate
-    from heatmapbench.tracking import LoggingFailedError
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.app.tracking import LoggingFailedError
 
     def server_gone(self, *args, **kwargs):
         raise ConnectionError("API request to http://store:5000/api/2.0/mlflow/runs/log-batch failed: "
@@ -43,7 +43,7 @@ def test_http_retries_are_bounded_to_about_a_minute(monkeypatch):
     from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
                                               MLFLOW_HTTP_REQUEST_TIMEOUT)
 
-    from heatmapbench.tracking import HTTP_RETRIES, bound_http_retries, worst_case_http_seconds
+    from heatmapbench.app.tracking import HTTP_RETRIES, bound_http_retries, worst_case_http_seconds
 
     for key in HTTP_RETRIES:
         monkeypatch.delenv(key, raising=False)
@@ -79,7 +79,7 @@ def _truncated_jpeg(path: Path) -> None:
 
 def test_a_truncated_jpeg_is_named_at_the_scan_or_skipped(eval_cfg, odd_images):
     from heatmapbench.data import DataNotFoundError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
     from tests.test_faults import no_runs
 
     _truncated_jpeg(odd_images / "class2" / "cut.jpg")
@@ -129,8 +129,8 @@ def test_empty_class_folders_are_listed_in_evaluation_and_refused_in_training(od
 def test_single_class_training_is_one_line(train_cfg, odd_images):
     import shutil
 
-    from heatmapbench.config import ConfigError
-    from heatmapbench.train import run_train
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.train import run_train
 
     for c in ("class1", "class2"):
         shutil.rmtree(odd_images / c)
@@ -148,8 +148,8 @@ def test_single_class_training_is_one_line(train_cfg, odd_images):
     (["explainer=lrp_epsilon_0.01", "explainer.epsilon=-1"], r"^explainer.epsilon=-1 is invalid: .*epsilon >= 0$"),
 ])
 def test_evaluation_settings_are_checked_with_cli_phrased_errors(eval_cfg, overrides, message):
-    from heatmapbench.config import ConfigError
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.evaluate import run_evaluate
     from tests.test_faults import no_runs
 
     cfg = eval_cfg(*overrides)

@@ -16,11 +16,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from heatmapbench import metric_names as mn
-from heatmapbench.config import ConfigError
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.schema import ConfigError
 from heatmapbench.data import DataNotFoundError, ImageFolderDataModule
 from heatmapbench.models import ClassifierModule, SmallCNN, preprocessing_of, zoo
-from heatmapbench.train import build_model_and_data, run_train
+from heatmapbench.app.train import build_model_and_data, run_train
 from tests.conftest import store_uri
 from tests.test_data import needs_fmnist
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from heatmapbench.registry import available
 
 

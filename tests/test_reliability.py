@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import Evaluation
 from heatmapbench.evaluation.reliability import (
     beats_random,
@@ -260,7 +260,7 @@ def _runs_tables(settings: dict[tuple[str, int], dict[str, np.ndarray]], order: 
 
 
 def test_cross_run_agreement_extremes():
-    from heatmapbench.report.reliability import cross_run_reliability, reliability_metrics, setting_scores
+    from heatmapbench.app.report.reliability import cross_run_reliability, reliability_metrics, setting_scores
 
     rng = np.random.default_rng(8)
     base = rng.normal(size=12)
@@ -294,7 +294,7 @@ def test_cross_run_agreement_extremes():
 
 
 def test_cross_run_pools_jobs_averages_replicates_and_says_what_it_leaves_out():
-    from heatmapbench.report.reliability import cross_run_reliability, reliability_markdown, setting_scores
+    from heatmapbench.app.report.reliability import cross_run_reliability, reliability_markdown, setting_scores
 
     rng = np.random.default_rng(9)
     x = rng.normal(size=(3, 10, 2))  # settings × images × explainers

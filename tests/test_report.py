@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from heatmapbench import metric_names as mn
-from heatmapbench.config import ConfigError
-from heatmapbench.report import build_report, filter_string, run_report
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.schema import ConfigError
+from heatmapbench.app.report import build_report, filter_string, run_report
 from tests.conftest import cli_env, compose_config
 
 EXPLAINERS = ("sensitivity_l2", "lrp_epsilon_0.01")
@@ -278,7 +278,7 @@ def test_missing_store_is_not_created(tmp_path, data_dir):
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = cli_env()
-    args = [sys.executable, "-m", "heatmapbench.report", f"paths.mlruns_dir={tmp_path}/mlruns",
+    args = [sys.executable, "-m", "heatmapbench.app.report", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/cli_out", *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 

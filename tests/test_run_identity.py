@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from heatmapbench.tracking import readable_params, run_identity, run_tags
+from heatmapbench.app.tracking import readable_params, run_identity, run_tags
 from tests.conftest import compose_config
 
 
@@ -45,7 +45,7 @@ def test_names_are_unique_and_say_what_ran_and_tags_match(tmp_path, data_dir):
 def test_ui_links_open_the_model_training_view(tmp_path):
     from mlflow import MlflowClient
 
-    from heatmapbench.ui import main, training_view_urls
+    from heatmapbench.app.ui import main, training_view_urls
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert training_view_urls(uri, "http://h:1") == []  # no store yet

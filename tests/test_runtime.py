@@ -190,7 +190,7 @@ def test_evaluation_channels_last_matches_contiguous_for_every_explainer(channel
     (in float32 that moves a few pixels of integrated gradients/SmoothGrad by ~1e-3 of the maximum).
     One input channel (grey images) is a case of its own: NCHW and NHWC are then the same memory,
     and unless the strides say NHWC the convolutions run NCHW."""
-    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.app.schema import EvaluationSettings
     from heatmapbench.registry import available
 
     if channels == 3:
@@ -222,7 +222,7 @@ def test_evaluation_channels_last_matches_contiguous_for_every_explainer(channel
 
 
 def test_evaluation_bf16_runs_every_explainer_and_fp16_is_refused_on_cpu():
-    from heatmapbench.config import ConfigError, EvaluationSettings
+    from heatmapbench.app.schema import ConfigError, EvaluationSettings
     from heatmapbench.registry import available
 
     net = vgg()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import Evaluation
 from heatmapbench.evaluation.artifacts import summary_markdown
 from heatmapbench.metrics import (

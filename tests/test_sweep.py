@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation import Perturbation
 from tests.conftest import cli_env
 from tests.test_data import needs_fmnist
@@ -37,7 +37,7 @@ class Exploding(Perturbation):
 
 def _evaluate(tmp_path: Path, data_dir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = cli_env(PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "heatmapbench.evaluate", *args, f"paths.data_dir={data_dir}",
+    cmd = [sys.executable, "-m", "heatmapbench.app.evaluate", *args, f"paths.data_dir={data_dir}",
            f"paths.mlruns_dir={tmp_path}/mlruns", f"hydra.sweep.dir={tmp_path}/multirun",
            f"hydra.run.dir={tmp_path}/run", *TINY]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
@@ -71,7 +71,7 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
         assert run.info.run_name.startswith("evaluate ") and f"explainer={name}" in run.info.run_name  # what ran
         assert set(run.data.metrics) >= {mn.random_ordering_metric(mn.AOPC), mn.IMAGES, mn.SECONDS}
     # the comparison report over this sweep: one row per job, with each run's own numbers
-    from heatmapbench.report import run_report
+    from heatmapbench.app.report import run_report
     from tests.conftest import compose_config
 
     sweep_id = runs[0].data.tags["sweep_id"]

@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import yaml
 from mlflow import MlflowClient
 
-from heatmapbench import metric_names as mn
-from heatmapbench.train import run_train
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.train import run_train
 from tests.conftest import cli_env, store_uri
 from tests.test_data import needs_fmnist
 
@@ -74,7 +74,7 @@ def test_run_that_raises_is_marked_failed(train_cfg):
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = cli_env()
-    args = [sys.executable, "-m", "heatmapbench.train", f"paths.mlruns_dir={tmp_path}/mlruns",
+    args = [sys.executable, "-m", "heatmapbench.app.train", f"paths.mlruns_dir={tmp_path}/mlruns",
             f"hydra.run.dir={tmp_path}/out", "trainer.max_epochs=1", *overrides]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
@@ -99,7 +99,7 @@ def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, override, messag
 
 
 def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
-    from heatmapbench.evaluate import run_evaluate
+    from heatmapbench.app.evaluate import run_evaluate
     from tests.conftest import compose_config
 
     cfg = train_cfg("logger.experiment_name=t-ckpt", "callbacks.aopc=null")

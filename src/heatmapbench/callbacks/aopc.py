@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from heatmapbench import metric_names as mn
-from heatmapbench.config import ConfigError, EvaluationSettings
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.schema import ConfigError, EvaluationSettings
 from heatmapbench.perturbation.engine import eval_mode
 from heatmapbench.accel.precision import CUDA_ONLY
 from heatmapbench.evaluation import (
@@ -82,7 +82,7 @@ class AOPCCallback(pl.Callback):
 
     Metrics are logged at Lightning's logging step (the step of ``val/acc``), so they overlay
     ``val/acc`` on the Step axis of the MLflow UI; ``eval/epoch`` gives the epoch beside them.
-    Names: :mod:`heatmapbench.metric_names`.
+    Names: :mod:`heatmapbench.metrics.names`.
     """
 
     def __init__(self, settings: EvaluationSettings | Mapping[str, Any] | None = None,

@@ -1,7 +1,5 @@
-"""Typed config schemas (registered in Hydra's ConfigStore) and validation before any work."""
+"""Deprecated: moved to :mod:`heatmapbench.app.schema` (this path goes in the next release)."""
 
-from heatmapbench.config.schema import ConfigError, EvaluationSettings, register_configs, validate
+from heatmapbench._moved import moved
 
-register_configs()
-
-__all__ = ["ConfigError", "EvaluationSettings", "register_configs", "validate"]
+__getattr__, __all__ = moved("heatmapbench.config", "heatmapbench.app.schema")

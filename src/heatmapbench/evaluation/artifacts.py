@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from heatmapbench import metric_names as mn  # noqa: E402
+from heatmapbench.metrics import names as mn  # noqa: E402
 from heatmapbench.evaluation.core import Evaluation  # noqa: E402
 from heatmapbench.metrics.summary import (  # noqa: E402
     CORRELATIONS,
@@ -225,7 +225,7 @@ def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "ac
                           corr: pd.DataFrame | None = None, title: str = "") -> None:
     """Paper Fig. 7: accuracy and each explainer's AOPC against the epoch, one panel per measure.
 
-    Panels in the order of :data:`~heatmapbench.metric_names.CORRELATED_MEASURES` (relative to
+    Panels in the order of :data:`~heatmapbench.metrics.names.CORRELATED_MEASURES` (relative to
     the random ordering first); the raw and normalised panels also draw the random ordering.
     Legends give each line's Pearson r with accuracy when ``corr`` is given.
     """

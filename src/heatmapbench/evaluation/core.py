@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from heatmapbench import metric_names as mn
-from heatmapbench.config.schema import EvaluationSettings
+from heatmapbench.metrics import names as mn
+from heatmapbench.app.schema import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
 from heatmapbench.accel.fusion import fusion
 from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size

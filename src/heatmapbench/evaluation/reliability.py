@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 from heatmapbench.metrics.summary import N_BOOT, bootstrap_indices
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from scipy import stats
 import torch
 from torch import Tensor
 
-from heatmapbench import metric_names as mn
+from heatmapbench.metrics import names as mn
 
 if TYPE_CHECKING:  # the engine itself uses aopc() below
     from heatmapbench.perturbation.engine import PerturbationResult
@@ -264,7 +264,7 @@ def summary_table(metrics: Mapping[str, Mapping[str, Tensor]], random_aopc: Tens
 
     ``metrics[explainer][key]`` are (N,) per-image values (``aopc``, ``aopc_rel``, ...); each
     gives columns ``key``, ``key_lo``, ``key_hi``. ``complexity[explainer][key]`` adds plain
-    means (Table I). ``attrs["eval/random_ordering/aopc"]`` (:func:`heatmapbench.metric_names.random_ordering_metric`)
+    means (Table I). ``attrs["eval/random_ordering/aopc"]`` (:func:`heatmapbench.metrics.names.random_ordering_metric`)
     is the random ordering's ``(mean, lo, hi)``.
     """
     n = int(torch.as_tensor(random_aopc).numel())

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from heatmapbench.config import ConfigError
+from heatmapbench.app.schema import ConfigError
 from heatmapbench.models.zoo import head_of
 
 #: What ``backbone_bn`` may be: how the backbone's BatchNorm layers train once it is unfrozen.

@@ -1,13 +1,5 @@
-"""``heatmapbench-report``: compare the runs of a sweep, straight from the MLflow store.
+"""Deprecated: moved to :mod:`heatmapbench.app.report` (this path goes in the next release)."""
 
-One job per module: :mod:`~heatmapbench.report.store` reads the runs, :mod:`~heatmapbench.report.tables`
-builds the tables, :mod:`~heatmapbench.report.figures` draws the figures and
-:mod:`~heatmapbench.report.cli` writes them, logs them to a summary run and is the command.
-"""
+from heatmapbench._moved import moved
 
-from heatmapbench.report.cli import main, run_report, write_report
-from heatmapbench.report.store import filter_string, load_runs, runs_frame
-from heatmapbench.report.tables import DEFAULT_IGNORE, Report, build_report, comparison_markdown
-
-__all__ = ["DEFAULT_IGNORE", "Report", "build_report", "comparison_markdown", "filter_string", "load_runs", "main",
-           "run_report", "runs_frame", "write_report"]
+__getattr__, __all__ = moved("heatmapbench.report", "heatmapbench.app.report")

@@ -1,6 +1,6 @@
-"""``python -m heatmapbench.report``."""
-
-from heatmapbench.report.cli import main
+"""``python -m heatmapbench.report`` keeps working for one release; the command is ``heatmapbench-report``."""
 
 if __name__ == "__main__":
+    from heatmapbench.app.report.command import main
+
     main()

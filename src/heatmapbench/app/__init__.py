@@ -1,0 +1,15 @@
+"""The application: the three commands and what only they need.
+
+Everything here builds on the library (``heatmapbench.explain``, ``.perturbation``, ``.metrics``,
+``.evaluation``, ``.models``, ``.data``, ``.accel``, ``.callbacks``) and the library never imports
+it back:
+
+* :mod:`.train`, :mod:`.evaluate`, :mod:`.report`: the commands ``heatmapbench-train``,
+  ``heatmapbench-evaluate`` and ``heatmapbench-report`` (thin: compose, check, instantiate, run);
+* :mod:`.plumbing`: what the commands share (objects from the config, user errors as one-line exits);
+* :mod:`.schema`: the typed Hydra config schema and its validation;
+* :mod:`.adapt_model`: the configured model fitted to the data (class count, preprocessing);
+* :mod:`.tracking`: MLflow runs (naming, parameters, lifecycle, signals);
+* :mod:`.preflight`: checks before any work starts and before any run exists;
+* :mod:`.ui`: links into the MLflow UI.
+"""

@@ -1,0 +1,122 @@
+"""Shared plumbing of the Hydra entry points: clean errors for users, instantiation helpers."""
+
+from __future__ import annotations
+
+import functools
+import re
+import signal
+import sys
+from typing import Any, Callable
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from omegaconf import open_dict
+
+from heatmapbench.app.schema import ConfigError
+from heatmapbench.data import DataNotFoundError
+from heatmapbench.models.checkpoints import CheckpointError
+from heatmapbench.models.zoo import WeightsNotFoundError
+from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted
+
+#: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
+                                                 CheckpointError)
+
+
+def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a user error as ``error: ...`` and exit 2 instead of a traceback.
+
+    SIGINT/SIGTERM (while a run is open) and Ctrl+C end the process with ``128 + signal``
+    (130, 143) after one line, also from inside a Hydra multirun (the sweep stops there). A store
+    that fails while finished results are logged is one line naming their folder, exit status 1.
+    Other exceptions propagate: Hydra prints them and exits 1.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        except LoggingFailedError as err:  # the results are safe; the message says where
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from err
+        except (RunInterrupted, KeyboardInterrupt) as err:
+            code = err.exit_code if isinstance(err, RunInterrupted) else 128 + signal.SIGINT
+            print(f"interrupted: {err or 'SIGINT received'}; exiting with status {code}", file=sys.stderr, flush=True)
+            raise SystemExit(code) from err
+
+    return wrapper
+
+
+def instantiate_data(cfg: DictConfig) -> Any:
+    """Instantiate the ``data`` node; a data error raised while building it reaches the user as itself.
+
+    Hydra wraps every exception of a ``_target_`` in ``InstantiationException``, which would turn a
+    one-line "no images under ..." into a traceback after the error's own text.
+    """
+    try:
+        return instantiate(cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
+
+
+def instantiate_model(cfg: DictConfig) -> Any:
+    """Instantiate the ``model`` node as :func:`instantiate_data` does the data; a ``_target_`` that names
+    nothing (``model.optimizer._target_=torch.optim.Adamm``) is one line too, not Hydra's traceback."""
+    try:
+        return instantiate_data(cfg)
+    except InstantiationException as err:
+        text = str(err)
+        if not text.startswith("Error locating target '"):
+            raise
+        target = text.split("'")[1]
+        key = text.partition("full_key: ")[2].strip() or "model"
+        raise ConfigError(f"{key}._target_={target!r} is invalid: no such class or function; name one that "
+                          "exists (e.g. torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)") from None
+
+
+def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate a config node whose class checks its arguments: a ``ValueError`` of the class
+    (``epsilon=-1 is invalid: ...``) becomes one line naming the key (``explainer.epsilon=-1 ...``)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            text = " ".join(str(cause).split())
+            raise ConfigError(f"{key}.{text}" if re.match(r"\w+=", text) else f"{key}: {text}") from None
+        raise
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` node of the ``callbacks`` group (``null`` entries are off)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def selected_explainer(cfg: DictConfig) -> tuple[str, DictConfig] | None:
+    """The explainer chosen with ``explainer=<name>`` (one per sweep job): its name and config node."""
+    node = cfg.get("explainer")
+    if node is None:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().runtime.choices.get("explainer") if HydraConfig.initialized() else None
+    return str(name or node.get("_target_", "explainer").rsplit(".", 1)[-1]), node
+
+
+def apply_explainer_shortcut(cfg: DictConfig) -> None:
+    """``explainer=<name>`` replaces ``evaluation.explainers`` with ``[<name>]``."""
+    chosen = selected_explainer(cfg)
+    if chosen is not None:
+        with open_dict(cfg):
+            cfg.evaluation.explainers = [chosen[0]]

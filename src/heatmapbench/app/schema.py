@@ -1,0 +1,356 @@
+"""Structured-config schemas for the groups heatmapbench owns.
+
+The YAML files of these groups list their schema first in their defaults list, so a
+mistyped key or a value of the wrong type fails while Hydra composes the config. Ranges
+are checked by ``validate`` (``__post_init__`` runs when the node is turned into its
+dataclass), before any data is read or any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from heatmapbench.metrics.summary import N_BOOT
+from heatmapbench.perturbation.regions import REGION_MODES
+from heatmapbench.registry import available, project_root
+from heatmapbench.accel.layout import LAYOUTS
+from heatmapbench.accel.precision import PRECISIONS
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {what}")
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    mlruns_dir: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    """Fields every heatmapbench data module takes (the defaults of its ``data`` YAML files)."""
+
+    _target_: str = MISSING
+    batch_size: int = 128
+    num_workers: int = 0
+    eval_subset_size: int = 256
+    seed: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size, "must be >= 0")
+        val_size = getattr(self, "val_size", 0)
+        _require(val_size >= 0, "data.val_size", val_size, "must be >= 0")
+        train_size = getattr(self, "train_size", None)
+        _require(train_size is None or train_size >= 1, "data.train_size", train_size,
+                 "must be >= 1 or null (all training images)")
+
+
+@dataclass
+class TorchvisionDataConfig(DataConfig):
+    """MNIST, Fashion-MNIST, CIFAR-10 (torchvision datasets, 50/60k train images).
+
+    ``image_size`` ... ``value_range``: a pretrained model's preprocessing (``heatmapbench-train``
+    fills them from the model); null: the native size and channels, the set's own statistics.
+    """
+
+    data_dir: str = MISSING
+    download: bool = False
+    val_size: int = 5000
+    train_size: Optional[int] = None
+    image_size: Optional[int] = None
+    resize: Optional[int] = None
+    channels: Optional[int] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    value_range: Optional[list[float]] = None
+
+
+@dataclass
+class PreprocessedDataConfig(DataConfig):
+    """Photographs resized, centre-cropped and normalised like an ImageNet model's input."""
+
+    image_size: int = 224
+    resize: int = 256
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.mean) == len(self.std), "data.mean", self.mean,
+                 "needs one value per channel, like data.std")
+
+
+@dataclass
+class ImageFolderDataConfig(PreprocessedDataConfig):
+    _target_: str = "heatmapbench.data.ImageFolderDataModule"
+    path: str = MISSING
+    train_path: Optional[str] = None
+    # validation: val_path, else val_size images or a val_fraction of train_path held out of training
+    val_path: Optional[str] = None
+    val_size: int = 0
+    # leave out files PIL cannot open (listed in the run) instead of failing before any work
+    skip_unreadable: bool = False
+    val_fraction: float = 0.2
+    train_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(Path(self.path).is_dir(), "data.path", self.path,
+                 "no such folder; point it at images laid out as <path>/<class>/<image>")
+        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        super().__post_init__()
+
+
+@dataclass
+class ImageNetSamplesDataConfig(PreprocessedDataConfig):
+    """The 20 ImageNet images bundled with foolbox (evaluation only)."""
+
+    _target_: str = "heatmapbench.data.ImageNetSamplesDataModule"
+    data_dir: Optional[str] = None
+    batch_size: int = 20
+    eval_subset_size: int = 20
+
+
+class _TrainerChecks:
+    """Ranges of the Trainer arguments heatmapbench relies on; the rest Lightning checks itself."""
+
+    def __post_init__(self) -> None:
+        def integer(key: str, low: int, none_ok: bool = True) -> None:
+            value = getattr(self, key)
+            ok = (value is None and none_ok) or (isinstance(value, int) and not isinstance(value, bool)
+                                                 and value >= low)
+            _require(ok, f"trainer.{key}", value, f"must be an integer >= {low}")
+
+        integer("max_epochs", 1, none_ok=False)  # training runs a fixed number of epochs
+        integer("num_nodes", 1, none_ok=False)
+        integer("accumulate_grad_batches", 1, none_ok=False)
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            value = getattr(self, key)
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                       and value >= 0), f"trainer.{key}", value, "must be a number >= 0")
+
+
+def _trainer_schema() -> type:
+    """The schema of the ``trainer`` group, read from ``pytorch_lightning.Trainer``'s signature.
+
+    Its keys and defaults are Lightning's own (a typo fails while Hydra composes); the YAML files
+    set only what heatmapbench changes. Values are typed ``Any``: Lightning's annotations are
+    unions OmegaConf cannot hold; :class:`_TrainerChecks` checks the ranges that matter here.
+    """
+    import inspect
+
+    import pytorch_lightning as pl
+
+    fields = [("_target_", str, field(default="pytorch_lightning.Trainer"))]
+    for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
+        if name == "self" or param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+            continue
+        default = param.default
+        if default is inspect.Parameter.empty or not (default is None or isinstance(default, (bool, int, float, str))):
+            default = None
+        fields.append((name, Any, field(default=default)))
+    return make_dataclass("TrainerConfig", fields, bases=(_TrainerChecks,))
+
+
+TrainerConfig = _trainer_schema()
+
+
+@dataclass
+class MLflowLoggerConfig:
+    _target_: str = "pytorch_lightning.loggers.MLFlowLogger"
+    experiment_name: str = "heatmapbench"
+    run_name: Optional[str] = None
+    # continue this run (heatmapbench-train resuming from ckpt_path; the checkpoint records it)
+    run_id: Optional[str] = None
+    tracking_uri: str = MISSING
+    artifact_location: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = False
+    prefix: str = ""
+    save_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment_name), "logger.experiment_name", self.experiment_name,
+                 "must be a non-empty name")
+        scheme = self.tracking_uri.split(":", 1)[0]
+        _require(scheme in ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file"),
+                 "logger.tracking_uri", self.tracking_uri,
+                 "use sqlite:///<path>/mlflow.db (default) or http://host:port of an MLflow server")
+
+
+DEFAULT_EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
+
+
+@dataclass
+class EvaluationSettings:
+    """What is scored and how (paper Sec. 3 defaults: 9×9 grid regions, L = 100, uniform noise).
+
+    Also the typed schema of the ``evaluation`` config group: a wrong key, type or value fails
+    before any work starts.
+
+    Parameters
+    ----------
+    explainers
+        Names of ``conf/explainer/*.yaml`` to compare.
+    region_size, steps, regions, score
+        Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
+    orders
+        Orders run for every explainer: ``morf`` (always), ``lerf`` (adds ABPC).
+    repeats
+        Repeats of each explainer's curve (new perturbation draws).
+    random_repeats
+        Repeats of the random-ordering baseline (paper: 10).
+    seed
+        Seed of every draw.
+    batch_size
+        Inputs per forward pass inside the engine; null (default) chooses it from the model's
+        largest activation (:func:`~heatmapbench.perturbation.engine.auto_batch_size`: cache-sized
+        chunks on a CPU). Speed and memory only, never the scores.
+    complexity
+        Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
+    n_boot
+        Bootstrap resamples of the images behind every confidence interval and paired test.
+    precision
+        ``fp32`` (the reference: IEEE float32, also on CUDA), ``tf32`` (CUDA only: TF32
+        convolutions and matrix products), ``bf16`` or ``fp16`` (CUDA only): the math of the
+        explainers' and the engine's passes (:mod:`heatmapbench.accel`); AOPC moves with it.
+    layout
+        ``auto`` (channels_last for 2-D convnets: the same numbers up to float reassociation,
+        faster), ``channels_last`` or ``contiguous``.
+    fuse
+        Run the engine's forwards and the gradient explainers on the model with BatchNorm and
+        symmetric zero padding folded into its convolutions (:mod:`heatmapbench.accel.fusion`: the same
+        numbers up to float reassociation, ~1.4-1.6x faster on EfficientNet-Lite0); LRP always
+        runs on the model itself.
+    """
+
+    explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
+    region_size: int = 9
+    steps: int = 100
+    orders: list[str] = field(default_factory=lambda: ["morf"])
+    regions: str = "grid"
+    score: str = "logit"
+    repeats: int = 1
+    random_repeats: int = 10
+    seed: int = 0
+    batch_size: Optional[int] = None
+    complexity: bool = True
+    n_boot: int = N_BOOT
+    precision: str = "fp32"
+    layout: str = "auto"
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        self.orders = list(self.orders)
+        self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
+        for key, values in (("orders", self.orders), ("explainers", self.explainers)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"evaluation.{key}=[{','.join(values)}] is invalid: {', '.join(twice)} appears more "
+                                  f"than once; name each once")
+        bad = [o for o in self.orders if o not in ("morf", "lerf")]
+        if bad or "morf" not in self.orders:
+            raise ConfigError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
+        for key in ("region_size", "steps", "repeats", "random_repeats", "n_boot"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"evaluation.batch_size={self.batch_size} is invalid: must be >= 1 or null")
+        if self.regions not in REGION_MODES:
+            raise ConfigError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
+        if self.score not in ("logit", "probability"):
+            raise ConfigError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"evaluation.precision={self.precision!r} is invalid: choose one of {list(PRECISIONS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"evaluation.layout={self.layout!r} is invalid: choose one of {list(LAYOUTS)}")
+        if not self.explainers:
+            raise ConfigError("evaluation.explainers is empty: name at least one explainer")
+        known = available("explainer")
+        unknown = [n for n in self.explainers if n not in known]
+        if unknown:
+            raise ConfigError(f"evaluation.explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``region_perturbation`` that these settings fix."""
+        return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
+                "score": self.score, "batch_size": self.batch_size, "precision": self.precision,
+                "layout": self.layout, "fuse": self.fuse}
+
+
+#: group -> (schema name, dataclass)
+SCHEMAS: dict[str, dict[str, type]] = {
+    "paths": {"paths_schema": PathsConfig},
+    "data": {"torchvision_data_schema": TorchvisionDataConfig,
+             "imagefolder_data_schema": ImageFolderDataConfig,
+             "imagenet_samples_data_schema": ImageNetSamplesDataConfig},
+    "trainer": {"trainer_schema": TrainerConfig},
+    "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
+    "evaluation": {"evaluation_schema": EvaluationSettings},
+}
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (group/name), once per process."""
+    cs = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
+
+
+def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger", "evaluation")) -> None:
+    """Check types and ranges of every typed group in ``cfg``; raise ``ConfigError`` on the first problem."""
+    for group in groups:
+        node = cfg.get(group)
+        if node is None or not isinstance(node, DictConfig):
+            continue
+        if OmegaConf.get_type(node) is dict:
+            continue  # a user's own config without a schema: nothing to check here
+        missing = sorted(k for k in node.keys() if OmegaConf.is_missing(node, k))
+        if missing:
+            raise ConfigError(f"{group}.{missing[0]} is required but not set; pass {group}.{missing[0]}=...")
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError:
+            raise
+        except Exception as err:  # omegaconf validation errors carry the key
+            raise ConfigError(f"{group}: {err}") from err
+
+
+def root_dir() -> str:
+    """``paths.root_dir``: the repository in a checkout, the working directory when installed."""
+    return str(project_root())
+
+
+def steps_that_fit(steps: int, region_size: int, height: int, width: int | None = None) -> int:
+    """``min(steps, regions)``: the paper's L where the image has that many grid regions, else all
+    of them; a sweep over region sizes then runs (32-px regions of a 224-px image: 49 steps)."""
+    from heatmapbench.perturbation.regions import max_regions
+
+    return min(int(steps), max_regions(int(height), int(width if width is not None else height), int(region_size),
+                                       "grid"))
+
+
+if not OmegaConf.has_resolver("hb_root"):
+    OmegaConf.register_new_resolver("hb_root", root_dir)
+if not OmegaConf.has_resolver("hb_steps_that_fit"):
+    OmegaConf.register_new_resolver("hb_steps_that_fit", steps_that_fit)
+
+register_configs()

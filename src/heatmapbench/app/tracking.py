@@ -1,0 +1,469 @@
+"""The MLflow run lifecycle, in one place, for every entry point.
+
+``tracked_run`` logs the resolved config (YAML artifact and flattened params), the Hydra
+overrides, the git commit and the package version, and ends the run FINISHED, FAILED (any
+exception, config logging included) or KILLED (SIGINT/SIGTERM), with a one-line
+``end_reason`` tag. The sqlite store is made safe for concurrent sweep jobs (WAL, busy
+timeout, retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+import heatmapbench
+
+T = TypeVar("T")
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    cwd = str(cwd or Path(heatmapbench.__file__).resolve().parent)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping into ``{"a.b.c": value}`` strings (MLflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(cfg, (list, tuple)) and any(isinstance(v, (dict, list)) for v in cfg):
+        for i, value in enumerate(cfg):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = str(cfg)[:6000]
+    return out
+
+
+def retry_locked(fn: Callable[..., T], attempts: int = 12, base_delay: float = 0.2) -> Callable[..., T]:
+    """Retry ``fn`` with jittered exponential backoff while sqlite says the database is locked."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # MLflow wraps sqlite errors in several exception types
+                text = str(err).lower()
+                if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
+                    raise
+                time.sleep(base_delay * (2 ** min(attempt, 5)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create the sqlite store's folder and switch it to WAL with a busy timeout.
+
+    WAL lets readers and one writer work at once; the busy timeout makes a writer wait for
+    the lock instead of failing, which is what concurrent sweep jobs need.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(20):
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=60)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app
+        return []
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers with interpolations resolved (without Hydra's own node)."""
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key])
+            else cfg[key] for key in cfg if key != "hydra"}
+
+
+def _class_name(node: Any) -> str:
+    """The last part of a config node's ``_target_`` (``heatmapbench.models.SmallCNN`` → ``SmallCNN``)."""
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def run_tags(cfg: DictConfig, task: str, explainers: Sequence[str] = ()) -> dict[str, str]:
+    """The tags every train and evaluate run carries: task, model, data, perturbation, explainers."""
+    model = cfg.get("model")
+    net = model.get("net") if isinstance(model, DictConfig) else None
+    tags = {"task": task, "model": _class_name(net) or _class_name(model), "data": _class_name(cfg.get("data")),
+            "perturbation": _class_name(cfg.get("perturbation")).lower(), "explainers": ",".join(explainers)}
+    return {k: v for k, v in tags.items() if v}
+
+
+def _short_override(override: str) -> str:
+    """``trainer.max_epochs=2`` → ``max_epochs=2`` (the value whole)."""
+    key, sep, value = override.partition("=")
+    return f"{key.split('.')[-1]}{sep}{value}" if sep else override
+
+
+def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[str, str]]:
+    """A unique, meaningful run name and, inside a sweep (``-m``), the sweep's tags.
+
+    The name reads ``<task> <model>/<data> <overrides> [#<job>] <MMDD-HHMMSS>-<4 hex>``: what ran,
+    what was changed, and a time plus random suffix that keep reruns apart. Every job of one sweep
+    gets the same ``sweep_id`` (its sweep directory) plus its job number and overrides, so the
+    runs can be filtered together in the UI and in ``report``.
+    """
+    tags_ = run_tags(cfg, task or str(cfg.get("task_name") or "run"))
+    overrides: list[str] = []
+    sweep: dict[str, str] = {}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ValueError, ImportError):
+        hc = None
+    if hc is not None:
+        overrides = [o for o in hc.overrides.task if not o.startswith(("hydra.", "paths.", "logger."))]
+        if hc.mode == RunMode.MULTIRUN:
+            sweep_dir = Path(str(hc.sweep.dir))
+            sweep = {"sweep_id": f"{sweep_dir.parent.parent.name}/{sweep_dir.name}",
+                     "sweep_job": str(hc.job.num), "sweep_overrides": " ".join(overrides) or "(none)"}
+    parts = [tags_["task"], "/".join(tags_[k] for k in ("model", "data") if k in tags_)]
+    shown = " ".join(_short_override(o) for o in overrides)
+    if shown:
+        parts.append(shown if len(shown) <= 60 else shown[:59] + "…")
+    if sweep:
+        parts.append(f"#{sweep['sweep_job']}")
+    parts.append(f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    return " ".join(p for p in parts if p)[:250], sweep
+
+
+#: Config groups that are bookkeeping (where files go, how runs are stored), not the experiment.
+_NOT_PARAMS = ("hydra", "paths", "logger", "progress")
+#: How data are loaded, not which: they stay in config.yaml.
+_LOADING_KEYS = ("data.num_workers", "data.pin_memory", "data.download")
+#: Instantiation keys of Hydra: their class paths become ``<node>=<ClassName>``, the rest are dropped.
+_HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+
+
+def _short_path(value: str) -> str:
+    parts = Path(value).parts
+    return value if len(parts) <= 1 else "…/" + "/".join(parts[-2:])
+
+
+#: Trainer arguments that change what is trained (the others, logging and display, stay in config.yaml).
+TRAINER_PARAMS = ("max_epochs", "max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy",
+                  "accumulate_grad_batches", "gradient_clip_val", "deterministic", "benchmark", "limit_train_batches",
+                  "limit_val_batches", "val_check_interval", "check_val_every_n_epoch")
+
+
+def readable_params(cfg: DictConfig) -> dict[str, str]:
+    """The settings that define the experiment, as MLflow params a person can read.
+
+    From the config: no Hydra instantiation keys (a node's ``_target_`` becomes ``<node>`` = its
+    class name), no interpolations (they restate another param), no ``paths``/``logger``/``hydra``
+    groups, no callbacks but the AOPC callback's own settings, only the Trainer arguments that
+    change what is trained (:data:`TRAINER_PARAMS`), and no absolute paths (shortened to
+    ``…/<folder>/<file>``). The full resolved config is the run's ``config.yaml`` artifact.
+    """
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, DictConfig):
+            if node.get("_target_") and key and key != "trainer":
+                out[key] = _class_name(node)
+            for child in node.keys():
+                name = f"{key}.{child}" if key else str(child)
+                if child in _HYDRA_KEYS or OmegaConf.is_interpolation(node, child):
+                    continue
+                if not key and child in _NOT_PARAMS:
+                    continue
+                if key == "callbacks" and child != "aopc":
+                    continue
+                walk(node._get_node(child), name)
+            return
+        value = node._value() if hasattr(node, "_value") else node
+        if isinstance(node, ListConfig) or isinstance(value, (list, tuple)):
+            value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else value
+        if key.startswith("trainer.") and key[len("trainer."):] not in TRAINER_PARAMS or key in _LOADING_KEYS:
+            return
+        text = str(value)
+        if isinstance(value, str) and os.path.isabs(value):
+            text = _short_path(value)
+        out[key] = text[:6000]
+
+    walk(cfg, "")
+    return out
+
+
+def log_config(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None,
+               resumed: bool = False) -> None:
+    """Log the resolved config as params and a ``config.yaml`` artifact, plus provenance tags.
+
+    In a ``resumed`` run (params are immutable in MLflow), only new params are logged; the
+    resumed config and overrides go to ``resume_<n>/`` and the changed keys to a tag.
+    """
+    client, run_id = logger.experiment, logger.run_id
+    resolved = resolved_config(cfg)
+    params = readable_params(cfg)
+    folder = None
+    if resumed:
+        run = retry_locked(client.get_run)(run_id)
+        old = run.data.params
+        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+        params = {k: v for k, v in params.items() if k not in old}
+        folder = f"resume_{int(run.data.tags.get('resumes', '0')) + 1}"
+        extra_tags = {**(extra_tags or {}), "resumes": folder.split("_")[1],
+                      f"{folder}_changed": ",".join(changed)[:5000] or "(none)"}
+    if params:
+        retry_locked(logger.log_hyperparams)(params)
+    overrides = _overrides()
+    tags = {"git_commit": git_commit(), "heatmapbench_version": heatmapbench.__version__,
+            "hydra_overrides": " ".join(overrides) or "(none)", **(extra_tags or {})}
+    for key, value in tags.items():
+        retry_locked(client.set_tag)(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(resolved))
+        (Path(tmp) / "overrides.txt").write_text("\n".join(overrides) + "\n")
+        retry_locked(client.log_artifact)(run_id, str(path), folder)
+        retry_locked(client.log_artifact)(run_id, str(Path(tmp) / "overrides.txt"), folder)
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise creating a sqlite store, its experiment and a run across processes.
+
+    Concurrent sweep jobs otherwise race on the first schema migration and on creating the
+    same experiment (a UNIQUE constraint error for all but one). Other stores need no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: MLflow's HTTP retries, bounded: a server that went away is given up on within about a minute
+#: (MLflow's own defaults retry 7 times with a 2 s backoff factor and a 120 s timeout: minutes per
+#: call). A value the user exported is kept.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: Closing a run after logging already failed: one try, a short timeout.
+HTTP_LAST_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def bound_http_retries() -> None:
+    """Set :data:`HTTP_RETRIES` in the environment where the user did not (MLflow reads it per request)."""
+    for key, value in HTTP_RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+def worst_case_http_seconds() -> float:
+    """The longest one MLflow HTTP call can take under the environment's retry settings: every try
+    timing out plus urllib3's backoff (``factor * 2**(n-1)`` after the n-th failure) and its jitter."""
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"))
+    jitter = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "1"))
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+    backoff = sum(min(factor * 2 ** (n - 1), 120.0) + jitter for n in range(1, retries + 1))
+    return (retries + 1) * timeout + backoff
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class LoggingFailedError(RuntimeError):
+    """Logging finished results to MLflow failed; they are safe in a folder the message names."""
+
+
+@contextlib.contextmanager
+def results_kept_in(folder: str | Path) -> Iterator[None]:
+    """Turn a failure while logging results already written to ``folder`` into one line that says where
+    they are (:class:`LoggingFailedError`); the run is then closed FAILED by :func:`tracked_run`."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever the store raised, the results are safe
+        raise LoggingFailedError(f"logging to MLflow failed ({end_reason(err)[:300]}); the results are saved in "
+                                 f"{folder}") from err
+
+
+def write_metrics(metrics: dict[str, float], path: Path) -> Path:
+    """The metrics logged to MLflow, also as a JSON file beside the other results (NaN as null)."""
+    import json
+    import math
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in sorted(metrics.items())}, indent=1) + "\n")
+    return path
+
+
+def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate the MLflow logger from its config, safely for parallel jobs on one sqlite store.
+
+    The logger's client creates (and migrates) the store when it is built, so that happens
+    under :func:`store_lock`, in WAL mode. HTTP retries are bounded (:data:`HTTP_RETRIES`).
+    """
+    from hydra.utils import instantiate
+
+    bound_http_retries()
+    uri = str(logger_cfg.get("tracking_uri") or "")
+    with store_lock(uri):
+        prepare_sqlite_store(uri)
+        return retry_locked(instantiate)(logger_cfg, **kwargs)
+
+
+def log_skipped(logger: Any, skipped: list[str]) -> None:
+    """The count (tag ``skipped_images``) and names (artifact ``skipped_images.txt``) of input files left out."""
+    retry_locked(logger.experiment.set_tag)(logger.run_id, "skipped_images", str(len(skipped)))
+    if skipped:
+        retry_locked(logger.experiment.log_text)(logger.run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while a run was open; the entry point exits ``128 + signum``.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` swallows
+    it, but not a ``KeyboardInterrupt``: Lightning turns that into ``sys.exit(1)``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(f"{signal.Signals(self.signum).name} received")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by that signal
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While open, the first SIGINT or SIGTERM raises :class:`RunInterrupted` in the main thread.
+
+    Later signals are ignored until the block exits, so that closing the run is not cut short.
+    Lightning's own SIGTERM handler calls this one after its own (it chains existing handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise RunInterrupted(signum)
+
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def end_reason(err: BaseException) -> str:
+    """One line saying why a run ended early: ``SIGTERM received`` or ``ValueError: ...``."""
+    if isinstance(err, RunInterrupted):
+        return str(err)
+    if isinstance(err, SystemExit):
+        return f"exit status {err.code}"
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text}"[:500]
+
+
+def end_run(logger: Any, status: str, reason: str | None = None) -> None:
+    """End the logger's run with ``status`` (FINISHED, FAILED, KILLED) and a reason tag, if it exists."""
+    run_id = getattr(logger, "_run_id", None)
+    if run_id is None:  # the run was never created: nothing to close
+        return
+    if reason:
+        retry_locked(logger.experiment.set_tag)(run_id, "end_reason", reason)
+    retry_locked(logger.finalize)(status)
+
+
+def status_of(err: BaseException) -> str:
+    """The MLflow status of a run ended by ``err``: KILLED for signals and Ctrl+C, else FAILED."""
+    return "KILLED" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "FAILED"
+
+
+@contextlib.contextmanager
+def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Open the logger's MLflow run, log the config, and close it FINISHED, FAILED or KILLED.
+
+    From before the run is created until it is closed, SIGINT and SIGTERM raise
+    :class:`RunInterrupted`; any exception (or signal) ends the run with an ``end_reason`` tag
+    and propagates, so the entry point exits non-zero. A failure while closing is printed and
+    does not hide the original error. When the logger was given the ``run_id`` of an earlier
+    run (a resumed training), that run is reopened (status RUNNING) and logged into.
+    """
+    with interrupts_raise():
+        try:
+            resumed = getattr(logger, "_run_id", None) is not None
+            with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
+                retry_locked(lambda: logger.experiment)()  # creates the experiment and the run
+            if resumed:
+                retry_locked(logger.experiment.update_run)(logger.run_id, status="RUNNING")
+            log_config(logger, cfg, extra_tags, resumed=resumed)
+            yield logger
+            end_run(logger, "FINISHED")
+        except BaseException as err:
+            quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}
+            try:
+                with _environ(quick):  # the server already failed: one short try to mark the run
+                    end_run(logger, status_of(err), end_reason(err))
+            except Exception as close_err:  # noqa: BLE001 - the original error matters more
+                print(f"warning: could not mark the MLflow run {status_of(err)}: {end_reason(close_err)}",
+                      file=sys.stderr, flush=True)
+            raise
