@@ -159,7 +159,7 @@ def test_user_config_folder_on_hydras_search_path(tmp_path, data_dir):
 
 
 def test_installed_layout_puts_outputs_in_the_working_directory(tmp_path, monkeypatch):
-    assert registry.in_checkout() and registry.project_root() == registry.conf_dir().parent
+    assert registry.in_checkout() and registry.project_root() == registry.conf_dir().parents[2]  # <repo>/src/heatmapbench/conf
     package = tmp_path / "site-packages" / "heatmapbench"
     (package / "conf").mkdir(parents=True)
     (package / "conf" / "train.yaml").write_text("task_name: train\n")

@@ -31,19 +31,13 @@ _USER_DIRS: list[Path] = []
 
 # -- where the configs are -----------------------------------------------------------------
 def conf_dir() -> Path:
-    """The package's configs: ``heatmapbench/conf`` in an installed wheel, ``<repo>/conf`` in a checkout."""
-    for candidate in (_PACKAGE / "conf", _PACKAGE.parent.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"heatmapbench's configs are missing: neither {_PACKAGE / 'conf'} (installed package) nor "
-        f"{_PACKAGE.parent.parent / 'conf'} (repository checkout) holds train.yaml. Reinstall the "
-        "package (pip install heatmapbench-*.whl or pip install <repository>).")
+    """The package's own configs, ``heatmapbench/conf`` (in a checkout: ``src/heatmapbench/conf``)."""
+    return _PACKAGE / "conf"
 
 
 def in_checkout() -> bool:
     """Whether the package runs from a repository checkout (``src/`` layout, editable or PYTHONPATH)."""
-    return conf_dir() != _PACKAGE / "conf"
+    return _PACKAGE.parent.name == "src" and (_PACKAGE.parent.parent / "pyproject.toml").is_file()
 
 
 def project_root() -> Path:
@@ -53,7 +47,7 @@ def project_root() -> Path:
     Makefile and the README expect. Installed: the working directory (``./mlruns``,
     ``./outputs``), as MLflow and Hydra users expect.
     """
-    return conf_dir().parent if in_checkout() else Path.cwd()
+    return _PACKAGE.parent.parent if in_checkout() else Path.cwd()
 
 
 def add_config_dir(path: str | Path) -> None:
