@@ -12,6 +12,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.data import ImageDataModule
 from heatmapbench.registry import available
+from heatmapbench.app.sanity import sanity_settings
 from heatmapbench.app.tracking import resolved_config
 from tests.conftest import compose_config
 
@@ -97,6 +98,11 @@ def test_experiments_compose(train_cfg, tmp_path, data_dir, name):
             cfg.evaluation.region_size = size
             grid = (-(-side // size)) ** 2  # tiles, the last row/column cropped at the border
             assert cfg.evaluation.steps == min(100 if side == 224 else 24, grid)
+    elif name.startswith("sanity"):  # heatmapbench-evaluate with the randomisation test
+        extra = ["model.net.ckpt_path=/models/last.ckpt"] if name.endswith("demo") else []
+        cfg = compose_config("evaluate", [f"experiment={name}", *extra], tmp_path, data_dir)
+        validate(cfg, groups=("paths", "data", "logger", "evaluation", "sanity"))
+        assert sanity_settings(cfg).modes == ["cascading", "independent"]
     else:
         cfg = train_cfg(f"experiment={name}")
         validate(cfg)

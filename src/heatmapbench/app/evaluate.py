@@ -34,6 +34,7 @@ from heatmapbench.evaluation.reliability import per_image_table, reliability_met
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
 from heatmapbench.accel.precision import CUDA_ONLY
+from heatmapbench.app.sanity import log_sanity, run_sanity, sanity_settings
 from heatmapbench.app.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
 from heatmapbench.app.tracking import (log_skipped, make_logger, results_kept_in, retry_locked, run_identity, run_tags,
@@ -143,6 +144,7 @@ def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
+    sanity = sanity_settings(cfg)  # sanity=mprt: the randomisation test in the same run
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
     batches = batches_folder(cfg)
     if shard_files(batches):
@@ -181,6 +183,13 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             retry_locked(logger.log_metrics)(metrics)
             for path in files.values():
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
+        if sanity is not None:
+            checks = run_sanity(sanity, net, subset, explainers, device, folder / "sanity",
+                                n_boot=settings.n_boot, seed=settings.seed)
+            metrics.update(checks.metrics)
+            print("\n" + checks.markdown, flush=True)
+            with results_kept_in(folder):
+                log_sanity(logger, checks)
     print(f"{len(subset)} images in {seconds:.1f} s; MLflow run {logger.run_id} "
           f"(experiment {cfg.logger.experiment_name!r}, {cfg.logger.tracking_uri})", flush=True)
     return {"run_id": logger.run_id, **metrics}

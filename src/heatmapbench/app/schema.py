@@ -20,6 +20,8 @@ from heatmapbench.perturbation.regions import REGION_MODES
 from heatmapbench.registry import available, project_root
 from heatmapbench.accel.layout import LAYOUTS
 from heatmapbench.accel.precision import PRECISIONS
+from heatmapbench.sanity.randomisation import MODES as RANDOMISATION_MODES
+from heatmapbench.sanity.similarity import SIMILARITIES
 
 
 class ConfigError(ValueError):
@@ -295,6 +297,64 @@ class EvaluationSettings:
                 "layout": self.layout, "fuse": self.fuse}
 
 
+@dataclass
+class SanitySettings:
+    """The model-randomisation test run beside an evaluation, on its explainers and first images.
+
+    Parameters
+    ----------
+    modes
+        ``cascading`` (output layer down, Adebayo et al. Fig. 2) and/or ``independent``.
+    measures
+        Similarities to the trained model's heatmap (:data:`~heatmapbench.sanity.similarity.SIMILARITIES`).
+    num_images
+        The first images of the evaluated set that are explained at every step.
+    max_steps
+        At most this many randomisation steps per mode, evenly spaced (the output layer's and the
+        last always kept); null: one per layer.
+    topk, ssim_window
+        Fraction of locations of the top-k intersection; SSIM window (odd).
+    seed
+        Seed of the re-initialisation (every layer is reset after seeding with it).
+    batch_size
+        Images per explainer call; null: all ``num_images`` at once.
+    gallery_size
+        Images shown in the heatmap grid.
+    """
+
+    modes: list[str] = field(default_factory=lambda: ["cascading", "independent"])
+    measures: list[str] = field(default_factory=lambda: list(SIMILARITIES))
+    num_images: int = 16
+    max_steps: Optional[int] = None
+    topk: float = 0.1
+    ssim_window: int = 7
+    seed: int = 42
+    batch_size: Optional[int] = None
+    gallery_size: int = 2
+
+    def __post_init__(self) -> None:
+        self.modes, self.measures = list(self.modes), list(self.measures)
+        bad = [m for m in self.modes if m not in RANDOMISATION_MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"sanity.modes={self.modes} is invalid: choose from {list(RANDOMISATION_MODES)}")
+        bad = [m for m in self.measures if m not in SIMILARITIES]
+        if bad or not self.measures:
+            raise ConfigError(f"sanity.measures={self.measures} is invalid: choose from {list(SIMILARITIES)}")
+        if self.num_images < 1:
+            raise ConfigError(f"sanity.num_images={self.num_images} is invalid: must be >= 1")
+        if self.max_steps is not None and self.max_steps < 2:
+            raise ConfigError(f"sanity.max_steps={self.max_steps} is invalid: must be >= 2 or null (every layer)")
+        if not 0 < self.topk <= 1:
+            raise ConfigError(f"sanity.topk={self.topk} is invalid: a fraction of the locations in (0, 1]")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise ConfigError(f"sanity.ssim_window={self.ssim_window} is invalid: an odd number >= 3")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"sanity.batch_size={self.batch_size} is invalid: must be >= 1 or null")
+        if self.gallery_size < 0:
+            raise ConfigError(f"sanity.gallery_size={self.gallery_size} is invalid: must be >= 0")
+
+
+
 #: group -> (schema name, dataclass)
 SCHEMAS: dict[str, dict[str, type]] = {
     "paths": {"paths_schema": PathsConfig},
@@ -304,6 +364,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "trainer": {"trainer_schema": TrainerConfig},
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
     "evaluation": {"evaluation_schema": EvaluationSettings},
+    "sanity": {"sanity_schema": SanitySettings},
 }
 
 

@@ -31,6 +31,12 @@ like any other; it is not the random-ordering baseline.
 ``reliability/tau_min`` and per explainer ``reliability/cronbach_alpha/<explainer>``
 (:func:`explainer_reliability_metric`).
 
+**Sanity checks** under ``sanity/`` (:func:`sanity_metric`): ``sanity/mprt/<explainer>``, the mean
+Spearman correlation of |heatmap| with the trained model's after the whole network is randomised
+(cascading; Adebayo et al. 2018; lower is better), ``sanity/mprt_<measure>/<explainer>`` the same for
+each similarity measure and ``sanity/mprt_independent_<measure>/<explainer>`` its mean over the layers
+randomised one at a time (bounds ``_lo``/``_hi`` as above).
+
 **Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`,
 :data:`ACCURACY`, :data:`SUBSET_ACCURACY`, :data:`EPOCH`, and the random *ordering* baseline
 under ``eval/random_ordering/``: ``eval/random_ordering/aopc`` (:func:`random_ordering_metric`)
@@ -52,7 +58,7 @@ __all__ = [
     "TEST_ACC", "ExplainerMetric", "explainer_metric", "parse_explainer_metric", "correlation_metric",
     "parse_correlation_metric", "random_ordering_metric", "random_ordering_correlation", "explainers_in",
     "MEASURE_LABELS", "BEATS_RANDOM", "P_BEST", "RANKING_ORDERS", "RELIABILITY", "ranking_metric",
-    "reliability_metric", "explainer_reliability_metric",
+    "reliability_metric", "explainer_reliability_metric", "SANITY", "sanity_metric",
 ]
 
 # -- explainer measures ------------------------------------------------------------------------
@@ -94,6 +100,7 @@ SUBSET_ACCURACY = f"{NAMESPACE}/subset_accuracy"  #: accuracy on the callback's 
 EPOCH = f"{NAMESPACE}/epoch"  #: epochs of training behind the evaluated weights (0: before training)
 RANDOM_ORDERING = f"{NAMESPACE}/random_ordering"  #: prefix of the random-ordering baseline's metrics
 RELIABILITY = "reliability"  #: prefix of the ranking's reliability statistics
+SANITY = "sanity"  #: prefix of the sanity checks' metrics (model randomisation)
 
 # -- Lightning's own ------------------------------------------------------------------------------
 VAL_ACC = "val/acc"
@@ -238,3 +245,10 @@ def explainers_in(names: Iterable[str], measures: Iterable[str] = (AOPC_REL, AOP
         if parsed is not None and parsed.bound is None and parsed.measure in wanted:
             found.setdefault(parsed.explainer)
     return list(found)
+
+
+def sanity_metric(test: str, explainer: str, bound: Optional[str] = None) -> str:
+    """``sanity/<test>[_lo|_hi]/<explainer>``, e.g. ``sanity_metric("mprt", "gradient")``."""
+    if not test or "/" in test:
+        raise ValueError(f"sanity test name {test!r} is invalid: non-empty, without '/'")
+    return f"{SANITY}/{_with_bound(test, bound)}/{_check_explainer(explainer)}"
