@@ -18,7 +18,7 @@ from heatmapbench.registry import conf_dir
 
 torch.set_num_threads(2)
 
-REPO = conf_dir().parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

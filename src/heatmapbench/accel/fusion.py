@@ -23,7 +23,7 @@ a zero pad (``nn.ZeroPadNd``, ``nn.ConstantPadNd`` with 0,   the convolution's o
 sides of every spatial dimension, feeding only the conv
 ==========================================================  =====================================
 
-The result computes the same function up to float reassociation (``tests/test_fuse.py`` proves it
+The result computes the same function up to float reassociation (``tests/unit/accel/test_fusion.py`` proves it
 in float64 against the model, which runs its BatchNorms and pads itself). Folded weights are recomputed
 whenever a source parameter or statistic changes (in place, e.g. by an optimizer step, or by the
 channels_last swap of :func:`heatmapbench.accel.layout.channels_last`) and follow the source weight's

@@ -21,7 +21,7 @@ For a linear layer ``z = W x + b`` (paper Sec. 2, Bach et al. 2015):
 * flat: ``R_x = 1^T (R / stab(1 1))``: the layer once more with unit weights on a unit input.
 
 Nonlinearities (``Pass``) route the relevance arriving at their output to their input unchanged.
-``tests/test_explain.py`` proves every rule equal to Zennit's on every supported architecture and
+``tests/unit/explain/test_explainers.py`` proves every rule equal to Zennit's on every supported architecture and
 to float64 matrix-form references.
 """
 

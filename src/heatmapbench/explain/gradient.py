@@ -9,7 +9,7 @@ that replaces the rectifier's backward; guided backprop keeps the rectifier's na
 rectifies the gradient that reaches its output (one tensor hook, one clamp), so both passes cost
 about what a plain gradient costs. Zennit's hooks clone every rectifier input and run Python
 hooks on every gradient, which made both methods up to 1.5x slower than Captum's.
-``tests/test_explain.py`` proves the results equal to Zennit's rules and to Captum's
+``tests/unit/explain/test_explainers.py`` proves the results equal to Zennit's rules and to Captum's
 ``Deconvolution`` / ``GuidedBackprop`` on ReLU networks.
 """
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from heatmapbench.metrics import names as mn
 from tests.conftest import cli_env
-from tests.test_data import needs_fmnist
+from tests.unit.data.test_data import needs_fmnist
 
 ENV = cli_env(HYDRA_FULL_ERROR="0")
 #: A tiny evaluation on a 32×32 RGB image folder with an untrained small CNN, long enough to be
@@ -303,7 +303,7 @@ def test_cli_exit_status_user_error_2_exception_1(tmp_path, images, data_dir):
     assert code == 2 and "error: evaluation.region_size=40 is invalid" in out, out[-3000:]
     assert not (tmp_path / "a" / "mlruns" / "mlflow.db").exists()
     proc = start(tmp_path / "b", "train", *TRAIN, f"paths.data_dir={data_dir}",
-                 "+callbacks.boom._target_=tests.test_faults.Boom")
+                 "+callbacks.boom._target_=tests.integration.test_faults.Boom")
     code, out = finish(proc, timeout=300)
     assert code == 1, out[-3000:]
     (run,) = runs(tmp_path / "b")

@@ -21,7 +21,7 @@ from heatmapbench.explain.base import explaining
 from heatmapbench.explain.canonize import canonize
 from heatmapbench.testing import randomize_batch_norm
 
-from .test_explain import assert_same_snapshot, snapshot
+from .test_explainers import assert_same_snapshot, snapshot
 
 torch.set_num_threads(2)
 

@@ -433,7 +433,7 @@ def test_fast_explainers_in_channels_last_equal_contiguous(arch):
     # by the same 2.4e-4 of the max between the layouts on EfficientNet-Lite0 (alpha 2, beta 1)
     # A plain gradient is discontinuous at every ReLU6 kink: on EfficientNet-Lite0 the reassociated
     # float32 convolutions move a few units across a kink and sensitivity by up to 6e-3 of the max
-    # (measured; deconvnet / guided backprop stay below 1e-5). tests/test_runtime.py checks every
+    # (measured; deconvnet / guided backprop stay below 1e-5). tests/unit/accel/test_layout_precision.py checks every
     # explainer equal between the layouts in float64, where no unit moves.
     tolerance = {"sensitivity_l2": 1e-5 if arch == "vgg_small" else 1e-2, "deconvnet_l2": 1e-5, "guided_backprop": 1e-5, "lrp_epsilon_0.01": 1e-4,
                  "lrp_alpha2_beta1": 1e-3, "lrp_alpha1_beta0": 1e-3, "lrp_epsilon_plus_flat": 1e-3}

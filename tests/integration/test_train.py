@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
 from tests.conftest import cli_env, store_uri
-from tests.test_data import needs_fmnist
+from tests.unit.data.test_data import needs_fmnist
 
 pytestmark = [needs_fmnist, pytest.mark.slow]  # trainings and CLI runs
 
@@ -65,7 +65,7 @@ class _Boom(pl.Callback):
 
 def test_run_that_raises_is_marked_failed(train_cfg):
     cfg = train_cfg("logger.experiment_name=t-fail",
-                    "+callbacks.boom._target_=tests.test_train._Boom")
+                    "+callbacks.boom._target_=tests.integration.test_train._Boom")
     with pytest.raises(RuntimeError, match="boom"):
         run_train(cfg)
     _, run = _only_run(store_uri(cfg), "t-fail")

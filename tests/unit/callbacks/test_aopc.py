@@ -17,7 +17,7 @@ from scipy import stats
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
 from tests.conftest import store_uri
-from tests.test_data import needs_fmnist
+from tests.unit.data.test_data import needs_fmnist
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -150,7 +150,7 @@ class CaptureWeights(pl.Callback):
 
 def test_callback_does_not_disturb_training(train_cfg):
     CaptureWeights.weights.clear()
-    capture = "+callbacks.capture._target_=tests.test_callback.CaptureWeights"
+    capture = "+callbacks.capture._target_=tests.unit.callbacks.test_aopc.CaptureWeights"
     common = ["trainer.max_epochs=2", capture, *SMALL]
     run_train(train_cfg(*common, "logger.experiment_name=t-with", "evaluation.explainers=[random,smoothgrad]"))
     run_train(train_cfg(*common, "logger.experiment_name=t-without", "callbacks.aopc=null"))

@@ -127,7 +127,7 @@ def _user_conf(tmp_path: Path) -> Path:
     (folder / "explainer").mkdir(parents=True)
     (folder / "perturbation").mkdir()
     (folder / "explainer" / "center_yaml.yaml").write_text(
-        "_target_: tests.test_registry.CenterExplainer\nweight: 5.0\n")
+        "_target_: tests.unit.test_registry.CenterExplainer\nweight: 5.0\n")
     (folder / "perturbation" / "grey.yaml").write_text("_target_: heatmapbench.perturbation.Constant\nvalue: 0.5\n")
     return folder
 

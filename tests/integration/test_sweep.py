@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation import Perturbation
 from tests.conftest import cli_env
-from tests.test_data import needs_fmnist
+from tests.unit.data.test_data import needs_fmnist
 
 pytestmark = [pytest.mark.slow, needs_fmnist]
 
@@ -89,7 +89,7 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, data_dir):
     proc = _evaluate(tmp_path, data_dir, "-m", "explainer=sensitivity_l2",
-                     "perturbation._target_=heatmapbench.perturbation.Uniform,tests.test_sweep.Exploding")
+                     "perturbation._target_=heatmapbench.perturbation.Uniform,tests.integration.test_sweep.Exploding")
     assert proc.returncode != 0
     assert "exploding perturbation" in proc.stderr
     runs = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")

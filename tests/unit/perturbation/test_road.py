@@ -1,4 +1,4 @@
-"""ROAD imputation and blur (summaries and complexity: tests/test_summary.py)."""
+"""ROAD imputation and blur (summaries and complexity: tests/unit/metrics/test_summary.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import scipy.ndimage
 import torch
 
 from heatmapbench.perturbation import Blur, PixelSpace, Road, RoadWalk, region_perturbation, road_impute, select_regions
-from tests.test_perturbation import ref_impute, tiny_net
+from tests.unit.perturbation.test_engine import ref_impute, tiny_net
 
 
 def random_mask(n, h, w, frac, seed):

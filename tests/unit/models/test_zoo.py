@@ -53,7 +53,7 @@ def test_efficientnet_lite0_classifies_the_samples_offline():
     # 129 -> 127). The bounds leave 2 images of slack for other JPEG decoders / resamplers.
     # Random or misloaded weights get ~0/20. Accuracy does not pin the normalisation down
     # (ImageNet mean/std on [0, 1] still gives 16/20 thanks to BatchNorm), so the exact
-    # (px - 127) / 128 is checked in tests/test_samples.py.
+    # (px - 127) / 128 is checked in tests/unit/data/test_samples.py.
     assert top1 >= 15, f"top-1 {top1}/20"
     assert top5 >= 17, f"top-5 {top5}/20"
 

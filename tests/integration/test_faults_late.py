@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults import EVAL, eval_cfg, images, runs  # noqa: F401  (fixtures)
+from tests.integration.test_faults import EVAL, eval_cfg, images, runs  # noqa: F401  (fixtures)
 
 
 # -- results first, then logging ---------------------------------------------------------------
@@ -61,7 +61,7 @@ def test_http_retries_are_bounded_to_about_a_minute(monkeypatch):
 # -- inputs checked for what they are -----------------------------------------------------------
 @pytest.fixture
 def odd_images(tmp_path) -> Path:
-    from tests.test_faults import make_images
+    from tests.integration.test_faults import make_images
 
     return make_images(tmp_path / "odd")
 
@@ -80,7 +80,7 @@ def _truncated_jpeg(path: Path) -> None:
 def test_a_truncated_jpeg_is_named_at_the_scan_or_skipped(eval_cfg, odd_images):
     from heatmapbench.data import DataNotFoundError
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.test_faults import no_runs
+    from tests.integration.test_faults import no_runs
 
     _truncated_jpeg(odd_images / "class2" / "cut.jpg")
     cfg = eval_cfg(f"data.path={odd_images}")
@@ -150,7 +150,7 @@ def test_single_class_training_is_one_line(train_cfg, odd_images):
 def test_evaluation_settings_are_checked_with_cli_phrased_errors(eval_cfg, overrides, message):
     from heatmapbench.app.schema import ConfigError
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.test_faults import no_runs
+    from tests.integration.test_faults import no_runs
 
     cfg = eval_cfg(*overrides)
     with pytest.raises(ConfigError, match=message):

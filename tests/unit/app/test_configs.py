@@ -49,7 +49,7 @@ def test_imagefolder_config_instantiates(train_cfg, tmp_path):
 
 
 # Zoo models: random init (no weights on disk here); the checkpoint model needs a file
-# and is composed in tests/test_zoo.py.
+# and is composed in tests/unit/models/test_zoo.py.
 ZOO_RANDOM_INIT = {n: ["model.net.weights=null"] for n in ("alexnet", "vgg16", "resnet50", "googlenet")}
 
 

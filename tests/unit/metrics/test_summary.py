@@ -25,7 +25,7 @@ from heatmapbench.metrics import (
 )
 from heatmapbench.metrics.summary import bootstrap_indices, format_p, holm
 from heatmapbench.perturbation import region_perturbation
-from tests.test_perturbation import linear_setup
+from tests.unit.perturbation.test_engine import linear_setup
 
 
 def _normal(n, seed, loc=0.0):
