@@ -3,7 +3,7 @@
 Kept apart from the evaluate command so that it stays a few lines there: :func:`sanity_settings`
 checks the config before any MLflow run exists; :func:`run_sanity` runs every mode on the first
 images and writes the tables and figures into the run's output folder; :func:`log_sanity` logs the
-``sanity/...`` metrics (:func:`heatmapbench.metric_names.sanity_metric`) and the files under ``sanity/``.
+``sanity/...`` metrics (:func:`heatmapbench.metrics.names.sanity_metric`) and the files under ``sanity/``.
 """
 
 from __future__ import annotations
