@@ -4,6 +4,8 @@ image once, and the logged metrics are those of the batches joined in one proces
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,11 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from heatmapbench.metrics import names as mn
 from heatmapbench.app.schema import EvaluationSettings
+from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.shards import ShardError, merge_shards, plan_batches, save_shard, shard_files
-from tests.conftest import compose_config, store_uri
+from tests.conftest import cli_env, compose_config, store_uri
 
 #: 10 random 16×16 RGB images of 2 classes, an untrained small CNN, two explainers, batches of 4.
 EVAL = ["data=imagefolder", "data.image_size=16", "data.resize=16", "data.batch_size=4", "model=small_cnn",
@@ -123,13 +125,48 @@ def test_written_evaluation_logs_the_in_memory_metrics_bit_for_bit(tmp_path, dat
     from heatmapbench.app.evaluate import run_evaluate
 
     cfg = compose_config("evaluate", EVAL + [f"data.path={images}"], tmp_path, data_dir)
-    torch.manual_seed(0)  # the untrained net's weights
     result = run_evaluate(cfg)
     folder = Path(cfg.paths.output_dir) / "batches"
     assert len(shard_files(folder)) == 3  # 10 images in batches of 4
     logged = logged_metrics(cfg, result["run_id"])
-    torch.manual_seed(0)
     reference = _reference_metrics(cfg)
     reference.pop(mn.SECONDS), logged.pop(mn.SECONDS)  # wall time
     assert logged.keys() >= reference.keys()
     assert {k: logged[k] for k in reference} == reference
+
+
+def _cli(tmp: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "heatmapbench.app.evaluate", *EVAL, f"data.path={images}",
+            f"paths.mlruns_dir={tmp}/mlruns", f"hydra.run.dir={tmp}/out", *overrides]
+    return subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600, cwd=tmp)
+
+
+def _only_run(mlruns: Path):
+    client = MlflowClient(f"sqlite:///{mlruns}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return run
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_image_once_with_one_process_numbers(tmp_path, data_dir, images):
+    """DDP over gloo, 2 CPU processes: each rank scores its grid batches; rank 0 merges and logs the
+    numbers of one process, per image and in every metric."""
+    from heatmapbench.app.evaluate import run_evaluate
+
+    proc = _cli(tmp_path / "two", images, "trainer.devices=2", "trainer.strategy=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = shard_files(tmp_path / "two" / "out" / "batches")
+    assert [p.name for p in shards] == ["batch-000000000-r0.npz", "batch-000000004-r1.npz", "batch-000000008-r0.npz"]
+    two = _only_run(tmp_path / "two" / "mlruns")
+    assert two.info.status == "FINISHED"
+
+    cfg = compose_config("evaluate", EVAL + [f"data.path={images}"], tmp_path / "one", data_dir)
+    one = logged_metrics(cfg, run_evaluate(cfg)["run_id"])
+    per_image = [pd.read_parquet(root / "out" / "evaluation" / "per_image.parquet") for root in
+                 (tmp_path / "one", tmp_path / "two")]
+    pd.testing.assert_frame_equal(per_image[0], per_image[1], check_exact=True)
+    assert sorted(per_image[1].image.unique()) == list(range(10))  # none lost, none doubled (the merge checks it)
+    logged = dict(two.data.metrics)
+    one.pop(mn.SECONDS), logged.pop(mn.SECONDS)
+    assert logged == one

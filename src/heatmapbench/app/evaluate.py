@@ -11,6 +11,7 @@ metrics, the curves, plots, gallery and the paper-style tables, which are also p
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,17 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import Subset
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
 from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_data, instantiate_node, selected_explainer,
                              user_errors_exit)
 from heatmapbench.app.schema import ConfigError, EvaluationSettings, validate
-from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, engine_forwards, evaluate_batch
+from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
-from heatmapbench.evaluation.shards import merge_shards, plan_batches, save_shard, shard_files
+from heatmapbench.evaluation.loop import EvaluationModule, ShardWriter
+from heatmapbench.evaluation.shards import merge_shards, plan_batches, shard_files
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
@@ -48,6 +49,8 @@ def _device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} is invalid: no CUDA device here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is None and os.environ.get("LOCAL_RANK"):
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # a DDP rank's own GPU (Lightning moves it there)
     return device
 
 
@@ -67,6 +70,7 @@ def build_inputs(cfg: DictConfig):
     if settings.precision in CUDA_ONLY and device.type != "cuda":
         raise ConfigError(f"evaluation.precision={settings.precision} is invalid on {device.type}: it needs a "
                           "CUDA device; use evaluation.precision=bf16 or fp32")
+    torch.manual_seed(int(cfg.seed))  # untrained weights alike in every process of a run, and in every rerun
     module = instantiate(cfg.model)
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):
@@ -99,30 +103,71 @@ def batches_folder(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / "batches"
 
 
-def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device, *,
-                     folder: str | Path, gallery_size: int = 6, progress: bool = True) -> Evaluation:
-    """Evaluate ``subset`` in batches of ``data.batch_size``, each written to ``folder`` as it is done.
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it before any Trainer exists; 0 for the process
+    a user started.
 
-    Every batch's per-image results become one shard (:mod:`heatmapbench.evaluation.shards`) the
-    moment it is scored; the whole evaluation is merged from the shards at the end, so memory
-    holds one batch at a time and a killed run keeps every finished batch. The progress bar
-    counts the inputs the perturbation engine forwards (updated after every forward chunk), so
-    its rate and ETA hold from the first batch on.
+    Lightning's DDP launcher starts ranks 1… as copies of the command (``LOCAL_RANK``, ``NODE_RANK``),
+    SLURM's ``srun`` as tasks (``SLURM_PROCID``), torchrun with ``RANK``. Only rank 0 opens the MLflow
+    run, logs, and merges; the others score their share of the images and exit.
     """
-    batches = plan_batches(len(subset), datamodule.batch_size)
-    total = sum(engine_forwards(settings, len(b), len(explainers), torch.device(device).type) for b in batches)
-    with tqdm(total=total, desc="evaluate", unit="img", unit_scale=True, disable=not progress,
-              dynamic_ncols=True) as bar:
-        loader = DataLoader(subset, batch_sampler=batches, num_workers=getattr(datamodule, "num_workers", 0))
-        for batch, (x, y) in zip(batches, loader):
-            x, y = x.to(device), torch.as_tensor(y).to(device)
-            start = batch[0]
-            bar.set_postfix_str(f"images {start}-{start + len(x)} of {len(subset)}", refresh=False)
-            part = evaluate_batch(net, x, explainers, settings, perturbation, label=y,
-                                  gallery_size=max(0, min(gallery_size - start, len(x))), seed_offset=start,
-                                  progress=bar.update, **datamodule.normalization)
-            save_shard(folder, torch.tensor(batch), part)
-    return merge_shards(folder, len(subset), gallery_size)
+    keys = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return next((int(os.environ[k]) for k in keys if int(os.environ.get(k) or 0)), 0)
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``pytorch_lightning.Trainer`` arguments of the prediction loop: ``trainer.*``, with ``device``
+    choosing the accelerator, gradients on (the explainers need them) and no Lightning logging."""
+    node = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if not k.startswith("_")}
+    node = {k: v for k, v in node.items() if v is not None}
+    accelerator = str(node.get("accelerator", "auto"))
+    device = str(cfg.device)
+    if device == "auto":
+        want = "gpu" if torch.cuda.is_available() else "cpu"
+    else:
+        parsed = _device(device)
+        want = "cpu" if parsed.type == "cpu" else "gpu"
+        if parsed.index is not None:
+            if node.get("devices", 1) not in (1, "1", "auto"):
+                raise ConfigError(f"device={device} names one GPU but trainer.devices={node['devices']}; use "
+                                  "device=cuda with trainer.devices=N (or a list: trainer.devices=[0,2])")
+            node["devices"] = [parsed.index]
+    if accelerator != "auto" and accelerator != want and device != "auto":
+        raise ConfigError(f"device={device} and trainer.accelerator={accelerator} disagree; set one of them")
+    node["accelerator"] = want if accelerator == "auto" else accelerator
+    precision = str(node.get("precision", "32-true"))
+    if precision not in ("32", "32-true"):
+        raise ConfigError(f"trainer.precision={precision} is invalid for evaluate: the explainers' and the engine's "
+                          "precision is evaluation.precision (fp32, bf16, fp16, tf32); drop trainer.precision")
+    node.update(inference_mode=False, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=False, use_distributed_sampler=False)
+    return node
+
+
+def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, *, folder: str | Path,
+                     batches: list[list[int]], trainer: dict[str, Any] | None = None, gallery_size: int = 6,
+                     progress: bool = True, callbacks: tuple = ()) -> Evaluation | None:
+    """Score ``batches`` of ``subset`` in a Lightning prediction loop, each batch written to ``folder``
+    as a shard the moment it is scored; rank 0 returns the evaluation merged from every shard.
+
+    ``trainer``: ``pytorch_lightning.Trainer`` arguments (:func:`trainer_kwargs`); with several
+    processes each scores its share of the batches (:mod:`heatmapbench.evaluation.loop`). Memory
+    holds one batch at a time; a killed run keeps every finished batch. Ranks other than 0
+    return ``None``.
+    """
+    import pytorch_lightning as pl
+
+    module = EvaluationModule(net, subset, batches, explainers, settings, perturbation, datamodule.normalization,
+                              gallery_size=gallery_size, num_workers=getattr(datamodule, "num_workers", 0),
+                              progress=progress)
+    writer = ShardWriter(folder)
+    runner = pl.Trainer(**(trainer or {"accelerator": "cpu", "devices": 1, "logger": False,
+                                       "inference_mode": False, "enable_progress_bar": False}),
+                        callbacks=[writer, *callbacks])
+    runner.predict(module, return_predictions=False)
+    if not runner.is_global_zero:
+        return None
+    return merge_shards(writer.folder, len(subset), gallery_size)
 
 
 def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
@@ -143,10 +188,21 @@ def evaluation_metrics(evaluation: Evaluation, summary) -> dict[str, float]:
 
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything (failing before any MLflow run exists), evaluate, log and print the tables."""
+    """Build everything (failing before any MLflow run exists), evaluate, log and print the tables.
+
+    In a run of several processes (``trainer.devices``, ``trainer.num_nodes``) every rank builds the
+    same inputs and scores its share of the images; rank 0 alone opens the MLflow run, merges,
+    logs and returns the metrics (the others return ``{}``).
+    """
     sanity = sanity_settings(cfg)  # sanity=mprt: the randomisation test in the same run
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
+    trainer = trainer_kwargs(cfg)
     batches = batches_folder(cfg)
+    plan = plan_batches(len(subset), datamodule.batch_size)
+    score = dict(folder=batches, batches=plan, trainer=trainer, gallery_size=cfg.gallery_size, progress=cfg.progress)
+    if launched_rank() != 0:  # rank 0 has the run, the plan and the folder (broadcast as the loop starts)
+        evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, **score)
+        return {}
     if shard_files(batches):
         raise ConfigError(f"{batches} already holds the batches of another evaluation; "
                           "choose another hydra.run.dir")
@@ -163,9 +219,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         if getattr(datamodule, "skip_unreadable", False):
             log_skipped(logger, datamodule.skipped)
         start = time.perf_counter()
-        evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, device,
-                                      folder=batches, gallery_size=cfg.gallery_size,
-                                      progress=cfg.progress)
+        evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, **score)
         seconds = time.perf_counter() - start
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
