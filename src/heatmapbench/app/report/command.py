@@ -36,6 +36,7 @@ from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.registry import conf_dir
 from heatmapbench.app.preflight import check_logger, check_tracking_store
 from heatmapbench.app.report.figures import plot_accuracy_vs_aopc_runs, plot_rank_per_setting, plot_region_sizes
+from heatmapbench.app.report.agreement import agreement_reports, write_agreement
 from heatmapbench.app.report.reliability import reliability_markdown, reliability_metrics
 from heatmapbench.app.report.store import filter_string, load_runs, per_image_tables
 from heatmapbench.app.report.tables import DEFAULT_IGNORE, Report, build_report, long_format
@@ -123,6 +124,12 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
                           "heatmapbench-train runs); check experiments/sweep_id/tags/filter")
     folder = Path(cfg.output_dir)
     files = write_report(report, folder)
+    agreements = []
+    if cfg.get("agreement", True):  # several measures of the same explainers and model: do they agree?
+        agreements = agreement_reports(report.runs, per_image, runs_df, n_boot=int(cfg.get("n_boot", N_BOOT)),
+                                       seed=int(cfg.get("seed", 0)))
+        if agreements:
+            files.update(write_agreement(agreements, folder))
     run_id = None
     if cfg.log_summary:
         query = filter_string(selection["sweep_id"], selection["tags"], selection["filter"])
@@ -144,13 +151,15 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     print("\n" + report.markdown())
     if "reliability_md" in files:
         print(files["reliability_md"].read_text())
+    if "agreement_md" in files:
+        print(files["agreement_md"].read_text())
     print(f"{len(runs_df)} runs → {len(report.comparison)} comparison rows"
           + (f", {len(report.training)} training points" if len(report.training) else "")
           + f"; files in {folder}", flush=True)
     if run_id is not None:
         print(f"summary MLflow run {run_id} (experiment {cfg.logger.experiment_name!r}, {cfg.tracking_uri}), "
               "artifacts under report/", flush=True)
-    return {"run_id": run_id, "files": files, "report": report, "runs": runs_df}
+    return {"run_id": run_id, "files": files, "report": report, "runs": runs_df, "agreement": agreements}
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="report")

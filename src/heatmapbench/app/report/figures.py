@@ -85,3 +85,33 @@ def plot_rank_per_setting(settings: pd.DataFrame, explainers: Sequence[str], pat
     fig.tight_layout()
     fig.savefig(path, dpi=STYLE["savefig.dpi"])
     plt.close(fig)
+
+
+def plot_agreement(agreements, path: Path) -> None:
+    """Per model × data, the matrix of Kendall's τ between the measures' rankings, with 95% CIs in the cells."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(agreements), squeeze=False,
+                                 figsize=(max(4.5, 1.25 * len(agreements[0].measures) + 2) * len(agreements),
+                                          max(3.8, 1.0 * len(agreements[0].measures) + 1.5)))
+        for ax, a in zip(axes[0], agreements):
+            names = [m.name for m in a.measures]
+            k = len(names)
+            tau = np.eye(k)
+            text = [["1" if i == j else "" for j in range(k)] for i in range(k)]
+            for r in a.tau.itertuples(index=False):
+                i, j = names.index(r.measure_a), names.index(r.measure_b)
+                tau[i, j] = tau[j, i] = r.tau
+                text[i][j] = text[j][i] = f"{r.tau:.2f}\n[{r.tau_lo:.2f}, {r.tau_hi:.2f}]"
+            image = ax.imshow(tau, cmap="RdBu", vmin=-1, vmax=1)
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(k))
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(k))
+            ax.set_yticklabels(names, fontsize=8)
+            ax.set_title(f"{a.group}: Kendall τ between rankings", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)

@@ -113,8 +113,8 @@ def _local_dir(artifact_uri: str) -> Path | None:
     return None
 
 
-def _read_per_image(artifact_uri: str) -> pd.DataFrame | None:
-    names = [f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.parquet", f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.csv"]
+def read_run_table(artifact_uri: str, names: Sequence[str]) -> pd.DataFrame | None:
+    """The first of the artifact tables ``names`` (Parquet or CSV, by suffix) a run has, else None."""
     local = _local_dir(artifact_uri)
     for name in names:
         if local is not None:
@@ -129,6 +129,11 @@ def _read_per_image(artifact_uri: str) -> pd.DataFrame | None:
         except (MlflowException, OSError):
             continue
     return None
+
+
+def _read_per_image(artifact_uri: str) -> pd.DataFrame | None:
+    return read_run_table(artifact_uri, [f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.parquet",
+                                         f"{PER_IMAGE_FOLDER}/{PER_IMAGE_STEM}.csv"])
 
 
 def per_image_tables(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
