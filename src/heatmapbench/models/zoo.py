@@ -1,5 +1,8 @@
 """Pretrained classifiers, built offline: the torchvision zoo, EfficientNet-Lite0, and ``train``'s checkpoints.
 
+Models of timm and Hugging Face transformers are built in :mod:`heatmapbench.models.timm_models`
+and :mod:`heatmapbench.models.hf_models` on the same terms (preprocessing, heads, offline weights).
+
 Every builder returns a plain ``nn.Module`` in eval mode, so it can be the ``net`` of
 ``ClassifierModule`` in a ``conf/model/<name>.yaml``. The preprocessing the net expects is
 attached as ``net.preprocessing`` (a :class:`Preprocessing`), read it back with
@@ -34,13 +37,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
-    "Preprocessing", "WeightsNotFoundError", "alexnet", "efficientnet_lite0", "from_checkpoint",
-    "googlenet", "head_of", "hub_weights_file", "preprocessing_of", "replace_head", "resnet50", "vgg16",
+    "MissingExtraError", "Preprocessing", "WeightsNotFoundError", "alexnet", "convnext_tiny", "efficientnet_lite0",
+    "from_checkpoint", "googlenet", "head_of", "hub_weights_file", "preprocessing_of", "replace_head", "resnet50",
+    "swin_t", "vgg16", "vit_b_16",
 ]
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights are not on disk and may not be downloaded; the message says how to get them."""
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """An optional dependency of a model family is not installed; the message names the extra to install."""
+
+
+def require_extra(module: str, extra: str, what: str) -> Any:
+    """Import ``module`` or raise :class:`MissingExtraError` naming ``pip install 'heatmapbench[extra]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(f"{what} needs the {module} package, which is not installed here ({err}); "
+                                f"install it with: pip install 'heatmapbench[{extra}]'") from err
 
 
 @dataclass(frozen=True)
@@ -157,9 +176,13 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], type[torchvision.models.
     "vgg16": (torchvision.models.vgg16, torchvision.models.VGG16_Weights),
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
     "googlenet": (torchvision.models.googlenet, torchvision.models.GoogLeNet_Weights),
+    "vit_b_16": (torchvision.models.vit_b_16, torchvision.models.ViT_B_16_Weights),
+    "swin_t": (torchvision.models.swin_t, torchvision.models.Swin_T_Weights),
+    "convnext_tiny": (torchvision.models.convnext_tiny, torchvision.models.ConvNeXt_Tiny_Weights),
 }
 #: The classification head of each network (its last ``nn.Linear``).
 _HEADS = {"alexnet": "classifier.6", "vgg16": "classifier.6", "resnet50": "fc", "googlenet": "fc",
+          "vit_b_16": "heads.head", "swin_t": "head", "convnext_tiny": "classifier.2",
           "efficientnet_lite0": "_fc"}
 
 
@@ -292,6 +315,28 @@ def googlenet(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = 
     state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     _load_into(net, state, name, source)
     return _finish(net, _preprocessing_from(_weights_enum(name, weights)), _HEADS[name], num_classes)
+
+
+def vit_b_16(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+             allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
+    """Torchvision's ViT-B/16 (Dosovitskiy et al. 2021), ImageNet-pretrained; parameters as :func:`alexnet`.
+
+    It takes 224² inputs only (its position embeddings are fixed). Randomly initialised
+    (``weights=None``) its head is zero, as torchvision builds it: every logit is 0.
+    """
+    return _torchvision_net("vit_b_16", weights, weights_path, allow_download, num_classes)
+
+
+def swin_t(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+           allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
+    """Torchvision's Swin-T (Liu et al. 2021), ImageNet-pretrained (resize 232, crop 224); as :func:`alexnet`."""
+    return _torchvision_net("swin_t", weights, weights_path, allow_download, num_classes)
+
+
+def convnext_tiny(weights: str | None = "IMAGENET1K_V1", weights_path: str | None = None,
+                  allow_download: bool = False, num_classes: int = PRETRAINED_CLASSES) -> nn.Module:
+    """Torchvision's ConvNeXt-T (Liu et al. 2022), ImageNet-pretrained (resize 236, crop 224); as :func:`alexnet`."""
+    return _torchvision_net("convnext_tiny", weights, weights_path, allow_download, num_classes)
 
 
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------------

@@ -124,7 +124,10 @@ def test_allow_download_uses_torchvision_weights_api(resnet_file, empty_hub, mon
 @pytest.mark.parametrize("name, file", [("alexnet", "alexnet-owt-7be5be79.pth"),
                                         ("vgg16", "vgg16-397923af.pth"),
                                         ("resnet50", "resnet50-0676ba61.pth"),
-                                        ("googlenet", "googlenet-1378be20.pth")])
+                                        ("googlenet", "googlenet-1378be20.pth"),
+                                        ("vit_b_16", "vit_b_16-c867db91.pth"),
+                                        ("swin_t", "swin_t-704ceda3.pth"),
+                                        ("convnext_tiny", "convnext_tiny-983f1562.pth")])
 def test_no_download_with_empty_hub_fails_clearly(empty_hub, name, file):
     with pytest.raises(WeightsNotFoundError) as info:
         getattr(zoo, name)(allow_download=False)
@@ -134,6 +137,28 @@ def test_no_download_with_empty_hub_fails_clearly(empty_hub, name, file):
     assert f"https://download.pytorch.org/models/{file}" in message
     assert "allow_download=true" in message and "weights_path=" in message
     assert not (empty_hub / "checkpoints").exists()  # nothing was downloaded
+
+
+@pytest.mark.parametrize("name, head, width", [("vit_b_16", "heads.head", 768), ("convnext_tiny", "classifier.2", 768)])
+def test_torchvision_transformers_and_convnext_heads(name, head, width):
+    torch.manual_seed(0)
+    net = getattr(zoo, name)(weights=None, num_classes=3)
+    assert zoo.head_of(net)[0] == head and net.get_submodule(head).weight.shape == (3, width)
+    assert getattr(net, "weights_source", None) is None  # random init: evaluate warns, tags untrained
+
+
+def test_swin_t_from_a_weights_file_with_its_own_preprocessing(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.swin_t(weights=None).eval()
+    path = tmp_path / "swin_t.pth"
+    torch.save(ref.state_dict(), path)
+    net = zoo.swin_t(weights_path=str(path), num_classes=3)
+    # torchvision's Swin_T_Weights.IMAGENET1K_V1 preset: resize 232, crop 224
+    assert preprocessing_of(net) == Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (0.0, 1.0), 224, 232)
+    assert net.weights_source == str(path) and not net.training
+    assert zoo.head_of(net)[0] == "head" and net.head.weight.shape == (3, 768)
+    loaded = net.state_dict()  # every weight but the fresh head (a 224² forward takes ~10 s)
+    assert all(torch.equal(v, loaded[k]) for k, v in ref.state_dict().items() if not k.startswith("head."))
 
 
 def test_missing_weights_path_names_the_file(tmp_path):
