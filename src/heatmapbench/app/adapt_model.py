@@ -70,6 +70,13 @@ def adapt_num_classes(cfg: DictConfig, data_classes: int | None) -> str | None:
             net.adapt_head = policy == "adapt"
     if data_classes is None or "num_classes" not in cfg.model:
         return None
+    if cfg.model.num_classes is None:  # the net's own width (timm, Hugging Face): known once it is built
+        if policy == "keep":
+            return None  # the built model's outputs are checked against the data before any run
+        with open_dict(cfg):
+            cfg.model.num_classes = data_classes
+        return (f"{data_classes} outputs (the data's classes; a pretrained head of another width is replaced by a "
+                "fresh one)")
     configured = int(cfg.model.num_classes)
     if configured == data_classes:
         return None

@@ -18,14 +18,13 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
-from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_data, instantiate_node, selected_explainer,
-                             user_errors_exit)
+from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_data, instantiate_model, instantiate_node,
+                                      selected_explainer, user_errors_exit)
 from heatmapbench.app.schema import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
@@ -71,7 +70,7 @@ def build_inputs(cfg: DictConfig):
         raise ConfigError(f"evaluation.precision={settings.precision} is invalid on {device.type}: it needs a "
                           "CUDA device; use evaluation.precision=bf16 or fp32")
     torch.manual_seed(int(cfg.seed))  # untrained weights alike in every process of a run, and in every rerun
-    module = instantiate(cfg.model)
+    module = instantiate_model(cfg.model)  # a model's user error (no weights, unknown name) is one line
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):
         from_checkpoint(cfg.ckpt_path, net)

@@ -17,12 +17,12 @@ from omegaconf import open_dict
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.checkpoints import CheckpointError
-from heatmapbench.models.zoo import WeightsNotFoundError
+from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
 from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
-                                                 CheckpointError)
+                                                 CheckpointError, MissingExtraError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -36,7 +36,8 @@ class ClassifierModule(pl.LightningModule):
     net
         The classifier; maps ``(B, C, H, W)`` in model space to ``(B, num_classes)`` logits.
     num_classes
-        Number of classes (for the accuracy metric).
+        Number of classes (for the accuracy metric); ``None``: the net's own ``num_classes``
+        (timm and Hugging Face models, whose pretrained width the config leaves open).
     optimizer
         A partial (``_partial_: true``) taking the parameters, e.g. ``torch.optim.Adam``.
     scheduler
@@ -58,7 +59,7 @@ class ClassifierModule(pl.LightningModule):
         A backbone option is set but ``net`` does not name its head, or a value is out of range.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int,
+    def __init__(self, net: nn.Module, num_classes: int | None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None,
                  freeze_backbone_epochs: int = 0, backbone_lr_factor: float = 1.0,
@@ -73,6 +74,11 @@ class ClassifierModule(pl.LightningModule):
             raise ConfigError(f"model.backbone_bn={backbone_bn!r} is invalid: choose train (BatchNorm statistics "
                              "re-estimated), eval (pretrained statistics kept) or frozen (statistics and affine "
                              "parameters kept)")
+        if num_classes is None:
+            num_classes = getattr(net, "num_classes", None)
+            if not isinstance(num_classes, int):
+                raise ConfigError(f"model.num_classes is null but {type(net).__name__} does not say its number of "
+                                  "outputs (net.num_classes); set model.num_classes=<classes>")
         head = head_of(net)
         if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0 or backbone_bn != "train"):
             raise ConfigError(f"model.freeze_backbone_epochs / model.backbone_lr_factor / model.backbone_bn need a "

@@ -49,11 +49,14 @@ def test_imagefolder_config_instantiates(train_cfg, tmp_path):
 
 
 # Zoo models: random init (no weights on disk here); the checkpoint model needs a file
-# and is composed in tests/unit/models/test_zoo.py.
-ZOO_RANDOM_INIT = {n: ["model.net.weights=null"] for n in ("alexnet", "vgg16", "resnet50", "googlenet")}
+# and is composed in tests/unit/models/test_zoo.py, the hf model a saved folder
+# (tests/unit/models/test_timm_hf.py).
+ZOO_RANDOM_INIT = {n: ["model.net.weights=null"] for n in ("alexnet", "vgg16", "resnet50", "googlenet", "vit_b_16",
+                                                           "swin_t", "convnext_tiny")}
+ZOO_RANDOM_INIT["timm"] = ["model.net.name=test_vit", "model.net.pretrained=false"]
 
 
-@pytest.mark.parametrize("name", [m for m in MODELS if m != "checkpoint"])
+@pytest.mark.parametrize("name", [m for m in MODELS if m not in ("checkpoint", "hf")])
 def test_model_configs_instantiate(train_cfg, name):
     cfg = train_cfg(f"model={name}", *ZOO_RANDOM_INIT.get(name, []))
     module = instantiate(cfg.model)
