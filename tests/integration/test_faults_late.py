@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_faults import EVAL, eval_cfg, images, runs  # noqa: F401  (fixtures)
+from tests.unit.data.test_data import needs_fmnist
+from tests.integration.test_faults import EVAL, TRAIN, eval_cfg, images, runs  # noqa: F401  (fixtures)
 
 
 # -- results first, then logging ---------------------------------------------------------------
@@ -156,3 +157,196 @@ def test_evaluation_settings_are_checked_with_cli_phrased_errors(eval_cfg, overr
     with pytest.raises(ConfigError, match=message):
         run_evaluate(cfg)
     assert no_runs(cfg)
+
+
+# -- the model named where the model is at fault ------------------------------------------------
+class _Padded(__import__("torch").nn.Module):
+    """conv(pad(x)) with the pad as a function or as nn.ZeroPad2d (the same numbers)."""
+
+    def __init__(self, functional: bool) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.functional = functional
+        self.pad = nn.ZeroPad2d(1)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        x = F.pad(x, (1, 1, 1, 1)) if self.functional else self.pad(x)
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_functional_pad_is_routed_like_the_module_under_lrp():
+    import torch
+
+    from heatmapbench.explain import LRP
+    from tests.unit.explain.test_canonize import gradient_x_input
+
+    torch.manual_seed(0)
+    module = _Padded(functional=False).double().eval()
+    functional = _Padded(functional=True).double().eval()
+    functional.load_state_dict(module.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 2])
+    lrp = LRP(composite="epsilon", epsilon=1e-12, stabilizer=1e-12)
+    with torch.no_grad():
+        assert torch.equal(module(x), functional(x))
+    relevance = lrp.attribute(functional, x.clone(), target).sum(1).detach()  # (B, H, W)
+    assert torch.allclose(relevance, lrp.attribute(module, x.clone(), target).sum(1), rtol=0, atol=1e-12)
+    reference = gradient_x_input(functional, x, target)  # LRP-0 = gradient x input on a ReLU net
+    assert float((relevance - reference).norm() / reference.norm()) <= 1e-8
+
+
+def test_nan_scores_of_the_model_are_named_as_the_models():
+    import torch
+
+    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.evaluation import ModelScoresNotFinite, evaluate_batch
+
+    model = _Padded(functional=False).eval()
+    with torch.no_grad():
+        model.fc.bias[1] = float("nan")
+    settings = EvaluationSettings(explainers=["sensitivity_l2"], region_size=2, steps=3, random_repeats=1)
+    with pytest.raises(ModelScoresNotFinite, match=r"the model's scores are not finite \(NaN or inf\) for 2 of 2 "
+                                                   r"images .*the model is at fault, not an explainer"):
+        evaluate_batch(model, torch.rand(2, 3, 8, 8), settings=settings)
+
+
+class Diverge(__import__("pytorch_lightning").Callback):
+    """Sets every weight to NaN when the first training epoch starts: a diverged training, for certain."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import torch
+
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.fill_(float("nan"))
+
+
+@needs_fmnist
+def test_a_diverged_training_keeps_training_and_records_aopc_as_not_measured(train_cfg):
+    from mlflow import MlflowClient
+
+    from heatmapbench import metric_names as mn
+    from heatmapbench.callbacks.aopc import NOT_FINITE
+    from heatmapbench.train import run_train
+
+    cfg = train_cfg(*TRAIN, "test=false", "+callbacks.diverge._target_=tests.integration.test_faults_late.Diverge")
+    result = run_train(cfg)
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "FINISHED" and run.info.run_id == result["run_id"]
+
+    client = MlflowClient(f"sqlite:///{cfg.paths.mlruns_dir}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, mn.explainer_metric(mn.AOPC_REL, "sensitivity_l2"))]
+    assert len(steps) == 1  # epoch 0 (before training) measured, epoch 1 not
+    epochs = sorted(m.value for m in client.get_metric_history(run.info.run_id, mn.EPOCH))
+    assert epochs == [0.0, 1.0]
+    text = Path(client.download_artifacts(run.info.run_id, "aopc/epoch_001/not_measured.txt",
+                                          str(Path(cfg.paths.output_dir) / "dl"))).read_text()
+    assert text.startswith(NOT_FINITE)
+
+
+# -- one-line errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false"])
+def test_trainer_flags_turn_their_callbacks_off(train_cfg, flag):
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from heatmapbench.cli import instantiate_callbacks
+    from heatmapbench.train import callbacks_the_trainer_allows
+
+    base = [o for o in TRAIN if not o.startswith(("callbacks.progress_bar", "trainer.enable_progress_bar"))]
+    cfg = train_cfg(*base, flag)
+    callbacks = callbacks_the_trainer_allows(instantiate_callbacks(cfg.callbacks), cfg.trainer)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)  # Lightning refused the pair before
+    assert isinstance(trainer, pl.Trainer)
+    kind = pl.callbacks.ProgressBar if "progress" in flag else pl.callbacks.ModelCheckpoint
+    assert not any(isinstance(c, kind) for c in trainer.callbacks)
+
+
+def test_a_server_that_is_not_mlflow_is_one_line():
+    import http.server
+    import threading
+
+    from heatmapbench.config import ConfigError
+    from heatmapbench.preflight import check_tracking_store
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError, match=rf"logger.tracking_uri='{uri}': the server there is not an MLflow "
+                                              r"tracking server \(.*HTTP 404\)") as err:
+            check_tracking_store(uri, timeout=2.0)
+    finally:
+        server.shutdown()
+    assert "\n" not in str(err.value) and "<html" not in str(err.value).lower()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no weights", r"vgg16: pretrained IMAGENET1K_V1 weights not found"),
+    ("wrong weights", r"^model: vgg16: the weights in .*wrong.pth do not fit the network: 32 keys missing "
+                      r"\(features.0.weight, .*\); 1 keys unexpected \(a\)$"),
+    ("checkpoint of another model", r"^ckpt_path=.*small.ckpt: .* do not fit .*keys missing"),
+])
+def test_evaluate_builds_models_through_one_line_errors(tmp_path, data_dir, images, monkeypatch, case, message):
+    import torch
+
+    from heatmapbench.evaluate import build_inputs
+    from heatmapbench.models import SmallCNN
+    from heatmapbench.models.zoo import WeightsNotFoundError
+    from heatmapbench.config import ConfigError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub"))  # no cached weights
+    torch.save({"a": torch.zeros(2)}, tmp_path / "wrong.pth")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in SmallCNN().state_dict().items()}}, tmp_path / "small.ckpt")
+    overrides = {"no weights": ["model=vgg16"], "wrong weights": ["model=vgg16", f"model.net.weights_path={tmp_path}/wrong.pth"],
+                 "checkpoint of another model": ["model=vgg16", "model.net.weights=null", f"ckpt_path={tmp_path}/small.ckpt"]}
+    from tests.conftest import compose_config
+
+    cfg = compose_config("evaluate", [*overrides[case], "data=imagefolder", f"data.path={images}", "device=cpu"],
+                         tmp_path, data_dir)
+    with pytest.raises((ConfigError, WeightsNotFoundError), match=message):
+        build_inputs(cfg)
+
+
+def test_output_folders_are_unique_per_run(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from heatmapbench.config.schema import unique_suffix
+    from heatmapbench.registry import conf_dir
+
+    def folders() -> tuple[str, str]:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True)
+        return OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")
+
+    first, again = folders(), folders()
+    drawn = unique_suffix()
+    assert all(f.endswith(f"-{drawn}") for f in (*first, *again))  # one process: one suffix
+    unique_suffix.cache_clear()  # a second process started in the same second draws its own
+    second = folders()
+    GlobalHydra.instance().clear()
+    assert all(f.endswith(f"-{unique_suffix()}") for f in second)
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_an_unwritable_output_folder_is_one_line(tmp_path, data_dir, capsys, key):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    (tmp_path / "a_file").write_text("")
+    cfg = compose_config("evaluate", [f"{key}={tmp_path}/a_file/out"], tmp_path, data_dir)
+    check = instantiate(cfg.hydra.callbacks.output_folder)  # what Hydra runs before it makes the folder
+    with pytest.raises(SystemExit) as exit_:
+        (check.on_run_start if key == "hydra.run.dir" else check.on_multirun_start)(config=cfg)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}='{tmp_path}/a_file/out' is invalid: cannot write to") and err.count("\n") == 1

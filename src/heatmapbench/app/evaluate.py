@@ -31,6 +31,7 @@ from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
 from heatmapbench.evaluation.loop import EvaluationModule, ShardWriter
 from heatmapbench.evaluation.shards import merge_shards, plan_batches, shard_files
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
+from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
 from heatmapbench.accel.precision import CUDA_ONLY
@@ -73,7 +74,12 @@ def build_inputs(cfg: DictConfig):
     module = instantiate_model(cfg.model)  # a model's user error (no weights, unknown name) is one line
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):
-        from_checkpoint(cfg.ckpt_path, net)
+        try:
+            from_checkpoint(cfg.ckpt_path, net)
+        except CheckpointError:
+            raise
+        except ValueError as err:  # a file of another network, or not one of heatmapbench-train
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {' '.join(str(err).split())}") from err
     net = net.to(device).eval()
     apply_model_preprocessing(cfg, net)
     datamodule = instantiate_data(cfg.data)

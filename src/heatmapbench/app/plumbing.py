@@ -52,35 +52,6 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def instantiate_data(cfg: DictConfig) -> Any:
-    """Instantiate the ``data`` node; a data error raised while building it reaches the user as itself.
-
-    Hydra wraps every exception of a ``_target_`` in ``InstantiationException``, which would turn a
-    one-line "no images under ..." into a traceback after the error's own text.
-    """
-    try:
-        return instantiate(cfg)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, USER_ERRORS):
-            raise err.__cause__ from None
-        raise
-
-
-def instantiate_model(cfg: DictConfig) -> Any:
-    """Instantiate the ``model`` node as :func:`instantiate_data` does the data; a ``_target_`` that names
-    nothing (``model.optimizer._target_=torch.optim.Adamm``) is one line too, not Hydra's traceback."""
-    try:
-        return instantiate_data(cfg)
-    except InstantiationException as err:
-        text = str(err)
-        if not text.startswith("Error locating target '"):
-            raise
-        target = text.split("'")[1]
-        key = text.partition("full_key: ")[2].strip() or "model"
-        raise ConfigError(f"{key}._target_={target!r} is invalid: no such class or function; name one that "
-                          "exists (e.g. torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)") from None
-
-
 def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """Instantiate a config node whose class checks its arguments: a ``ValueError`` of the class
     (``epsilon=-1 is invalid: ...``) becomes one line naming the key (``explainer.epsilon=-1 ...``)."""
@@ -90,10 +61,34 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, USER_ERRORS):
             raise cause from None
-        if isinstance(cause, ValueError):
+        if isinstance(cause, (ValueError, TypeError)):
             text = " ".join(str(cause).split())
-            raise ConfigError(f"{key}.{text}" if re.match(r"\w+=", text) else f"{key}: {text}") from None
+            if not text.startswith((f"{key}.", f"{key}:")):
+                text = f"{key}.{text}" if re.match(r"\w+=", text) else f"{key}: {text}"
+            raise ConfigError(text) from None
         raise
+
+
+def instantiate_data(cfg: DictConfig) -> Any:
+    """Instantiate the ``data`` node; a data error raised while building it reaches the user as one line
+    (:func:`instantiate_node`), not as a traceback after the error's own text."""
+    return instantiate_node(cfg, "data")
+
+
+def instantiate_model(cfg: DictConfig) -> Any:
+    """Instantiate the ``model`` node as :func:`instantiate_node` does (a weights file that does not fit,
+    a checkpoint of another network: one line); a ``_target_`` that names nothing
+    (``model.optimizer._target_=torch.optim.Adamm``) is one line too, not Hydra's traceback."""
+    try:
+        return instantiate_node(cfg, "model")
+    except InstantiationException as err:
+        text = str(err)
+        if not text.startswith("Error locating target '"):
+            raise
+        target = text.split("'")[1]
+        key = text.partition("full_key: ")[2].strip() or "model"
+        raise ConfigError(f"{key}._target_={target!r} is invalid: no such class or function; name one that "
+                          "exists (e.g. torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)") from None
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Any]:

@@ -38,6 +38,35 @@ def _writable_folder(folder: Path, key: str, value: str) -> None:
                           f"point {key} at a writable folder") from err
 
 
+def check_output_folder(config: Any, key: str) -> None:
+    """The Hydra run (or sweep) folder ``key`` of ``config`` can be created and written, else ``SystemExit(2)``
+    after one ``error:`` line: Hydra creates it before any entry point runs, and would print a traceback."""
+    from omegaconf import OmegaConf
+
+    folder = str(OmegaConf.select(config, key))
+    try:
+        _writable_folder(Path(folder), key, folder)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from err
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class OutputFolderCheck(_HydraCallback):
+    """Hydra callback (``conf/hydra/default.yaml``): :func:`check_output_folder` before a run or a sweep."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
+        check_output_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
+        check_output_folder(config, "hydra.sweep.dir")
+
+
 def _server_answers(uri: str, timeout: float) -> None:
     """Raise ``ConfigError`` unless an HTTP server answers at ``uri`` within ``timeout`` seconds."""
     url = uri.rstrip("/") + "/health"
@@ -49,10 +78,17 @@ def _server_answers(uri: str, timeout: float) -> None:
         if left <= 0:
             break
         try:
-            urllib.request.urlopen(url, timeout=min(3.0, left)).close()
-            return
-        except urllib.error.HTTPError:  # it answered (e.g. 401 behind basic auth): reachable
-            return
+            with urllib.request.urlopen(url, timeout=min(3.0, left)) as answer:
+                body = answer.read(64)
+            if body.strip() == b"OK":  # what an MLflow server's /health says
+                return
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the server there is not an MLflow tracking server "
+                              f"({url} answered {body[:40]!r}, not 'OK'); point it at mlflow server's address")
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # behind authentication: reachable, the client's credentials decide
+                return
+            raise ConfigError(f"logger.tracking_uri={uri!r}: the server there is not an MLflow tracking server "
+                              f"({url} answered HTTP {err.code}); point it at mlflow server's address") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = str(getattr(err, "reason", err))
         attempt += 1
@@ -116,6 +152,10 @@ def check_model_fits_data(net: nn.Module, x: torch.Tensor, num_classes: int | No
                           "model's input channels/size to the data (e.g. model.net.in_channels)") from err
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
         raise ConfigError(f"the model returns shape {tuple(out.shape)} for one image; it must return (1, classes) scores")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError("the model's scores are not finite (NaN or inf) for the data's first image: its weights or "
+                          "its input normalisation are broken (the model, not an explainer); check the weights file "
+                          "or checkpoint")
     k = int(out.shape[1])
     if num_classes is not None and (k != num_classes if exact else k < num_classes):
         raise ConfigError(f"the model has {k} outputs but the data has {num_classes} classes; set "

@@ -8,6 +8,8 @@ dataclass), before any data is read or any MLflow run exists.
 
 from __future__ import annotations
 
+import functools
+import secrets
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -409,6 +411,15 @@ def steps_that_fit(steps: int, region_size: int, height: int, width: int | None 
                                        "grid"))
 
 
+@functools.lru_cache(maxsize=None)
+def unique_suffix() -> str:
+    """Four hex digits drawn once per process: run folders named to the second stay apart when several
+    runs start in the same second (on one machine or several sharing a file system)."""
+    return secrets.token_hex(2)
+
+
+if not OmegaConf.has_resolver("hb_unique"):
+    OmegaConf.register_new_resolver("hb_unique", unique_suffix)
 if not OmegaConf.has_resolver("hb_root"):
     OmegaConf.register_new_resolver("hb_root", root_dir)
 if not OmegaConf.has_resolver("hb_steps_that_fit"):

@@ -36,7 +36,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, datamodule, notes = build_model_and_data(cfg)
     datamodule.prepare_data()
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = callbacks_the_trainer_allows(instantiate_callbacks(cfg.get("callbacks")), cfg.trainer)
     _check_model_and_data(model, datamodule, callbacks)
     check_optimizer(model)
     run_name, sweep_tags = run_identity(cfg, "train")
@@ -77,6 +77,16 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(callback, AOPCCallback) and callback.history:
             _print_aopc(callback)
     return {"run_id": run_id, **metrics}
+
+
+def callbacks_the_trainer_allows(callbacks: list[Any], trainer_cfg: Any) -> list[Any]:
+    """``trainer.enable_progress_bar=false`` / ``enable_checkpointing=false`` turn the configured progress bar /
+    checkpoint callbacks off (Lightning refuses the combination, naming a callback the user never chose)."""
+    from pytorch_lightning.callbacks import Checkpoint, ProgressBar
+
+    off = tuple(kind for kind, flag in ((ProgressBar, "enable_progress_bar"), (Checkpoint, "enable_checkpointing"))
+                if trainer_cfg.get(flag) is False)
+    return [c for c in callbacks if not (off and isinstance(c, off))]
 
 
 def _check_model_and_data(model: pl.LightningModule, datamodule: Any, callbacks: list[Any]) -> None:

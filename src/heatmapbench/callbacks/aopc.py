@@ -29,6 +29,7 @@ from heatmapbench.perturbation.engine import eval_mode
 from heatmapbench.accel.precision import CUDA_ONLY
 from heatmapbench.evaluation import (
     ExplainerSpec,
+    ModelScoresNotFinite,
     build_explainers,
     build_perturbation,
     build_settings,
@@ -46,6 +47,8 @@ from heatmapbench.evaluation.artifacts import (
 )
 
 FIGURES = ("ends", "every")
+#: What the history and the run say for an evaluation of a model whose scores are NaN or inf.
+NOT_FINITE = "not measured: the model's scores are not finite"
 
 
 class AOPCCallback(pl.Callback):
@@ -268,9 +271,13 @@ class AOPCCallback(pl.Callback):
                   disable=not self.progress, dynamic_ncols=True) as bar:
             # the callback must not disturb training: its random draws use a forked RNG state
             with torch.random.fork_rng(devices=[] if self._device.type == "cpu" else [self._device]):
-                evaluation = evaluate_batch(net, x, self.explainers, self.settings, self.perturbation,
-                                            label=y, gallery_size=self.gallery_size if self.artifacts else 0,
-                                            progress=bar.update, **self._norm)
+                try:
+                    evaluation = evaluate_batch(net, x, self.explainers, self.settings, self.perturbation,
+                                                label=y, gallery_size=self.gallery_size if self.artifacts else 0,
+                                                progress=bar.update, **self._norm)
+                except ModelScoresNotFinite as err:  # a diverged training: its own business, not the callback's
+                    self._not_measured(trainer, epoch, accuracy, epoch_seconds, step, err, time.perf_counter() - start)
+                    return
         seconds = time.perf_counter() - start
         subset_acc = float((evaluation.target == y.cpu()).double().mean())
         step = self._step(trainer) if step is None else step
@@ -307,6 +314,23 @@ class AOPCCallback(pl.Callback):
                                  statistics=statistics, figures=draw)
                 logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path=f"aopc/epoch_{epoch:03d}")
             self._undrawn = None if draw else (evaluation, epoch)
+
+    def _not_measured(self, trainer: pl.Trainer, epoch: int, accuracy: float | None, epoch_seconds: float,
+                      step: int | None, err: ModelScoresNotFinite, seconds: float) -> None:
+        """Record an evaluation the model's own NaN/inf scores made impossible; training goes on."""
+        step = self._step(trainer) if step is None else step
+        accuracy = float("nan") if accuracy is None else accuracy
+        self.history.append({"epoch": epoch, "step": step, "accuracy": accuracy, "seconds": seconds,
+                             "epoch_seconds": epoch_seconds, "note": NOT_FINITE})
+        print(f"warning: AOPC at epoch {epoch} {NOT_FINITE} ({err})", flush=True)
+        logger = self._mlflow(trainer)
+        if logger is None:
+            return
+        metrics = {mn.EPOCH: float(epoch), mn.SECONDS: seconds}
+        if not math.isnan(accuracy):
+            metrics[mn.ACCURACY] = accuracy
+        logger.log_metrics(metrics, step=step)
+        logger.experiment.log_text(logger.run_id, f"{NOT_FINITE}\n{err}\n", f"aopc/epoch_{epoch:03d}/not_measured.txt")
 
     def _title(self, evaluation, epoch: int) -> str:
         return settings_title(self.settings, self.perturbation, evaluation.num_images, f"epoch {epoch} · ")

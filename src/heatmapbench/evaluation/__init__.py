@@ -7,9 +7,10 @@ from heatmapbench.evaluation.core import (
     build_explainers,
     build_perturbation,
     engine_forwards,
+    ModelScoresNotFinite,
     evaluate_batch,
     predicted_class,
 )
 
 __all__ = ["Evaluation", "ExplainerSpec", "build_explainers", "build_settings", "build_perturbation",
-           "engine_forwards", "evaluate_batch", "predicted_class"]
+           "engine_forwards", "evaluate_batch", "predicted_class", "ModelScoresNotFinite"]

@@ -230,6 +230,21 @@ def predicted_class(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tenso
     return torch.cat(parts)  # outside inference mode: a normal tensor
 
 
+class ModelScoresNotFinite(ValueError):
+    """The model's own scores of the clean images are NaN or inf: no heatmap can be judged on them."""
+
+
+def check_scores_finite(scores: Tensor, precision: str = "fp32") -> None:
+    """Raise :class:`ModelScoresNotFinite` naming how many images have NaN/inf scores ``(B, ...)``."""
+    bad = ~torch.isfinite(scores.reshape(scores.shape[0], -1)).all(dim=1)  # (B,)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ModelScoresNotFinite(
+            f"the model's scores are not finite (NaN or inf) for {int(bad.sum())} of {len(bad)} images (first: "
+            f"image {first}) at precision {precision}: the model is at fault, not an explainer; check its weights "
+            "(a diverged training?) and its input normalisation")
+
+
 def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None = None,
                    settings: EvaluationSettings | Mapping | None = None,
                    perturbation: str | Perturbation | Mapping = "uniform", *,
@@ -271,6 +286,7 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
                                      seed=seed, progress=progress, **common)
         random_curves = random.curves.mean(dim=0)
         clean_scores = random.scores[0, :, 0].detach().float().cpu()
+        check_scores_finite(clean_scores, settings.precision)  # before any explainer is blamed for NaN heatmaps
         curves: dict[str, dict[str, Tensor]] = {}
         complexity: dict[str, dict[str, Tensor]] = {}
         gallery: dict[str, Tensor] = {}

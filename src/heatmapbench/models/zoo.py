@@ -162,11 +162,20 @@ def _load_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def mismatch(net: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``net``'s own state dict, in one short line (torch lists every key)."""
+    own = net.state_dict()
+    kinds = (("missing", [k for k in own if k not in state]), ("unexpected", [k for k in state if k not in own]),
+             ("of another shape", [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]))
+    return "; ".join(f"{len(keys)} keys {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for kind, keys in kinds if keys) or "no key differs"
+
+
 def _load_into(net: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str) -> None:
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # missing/unexpected keys or shape mismatches, listed by torch
-        raise ValueError(f"{what}: the weights in {source} do not fit the network: {err}") from err
+    except RuntimeError as err:  # missing/unexpected keys or shape mismatches
+        raise ValueError(f"{what}: the weights in {source} do not fit the network: {mismatch(net, state)}") from err
     net.weights_source = source  # a plain attribute: evaluate warns about nets without one
 
 
@@ -476,7 +485,7 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
         raise ValueError(
             f"checkpoint: the weights in {path} do not fit model.net.net ({type(net).__name__}); set "
             f"model.net.net to the network config used in training (e.g. the net of conf/model/vgg_small.yaml): "
-            f"{err}") from err
+            f"{mismatch(net, sub)}") from err
     net.weights_source = str(path)
     if widths is not None:
         net.adapted_head = widths

@@ -39,6 +39,7 @@ ROUTING = _ops(
     "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "clone", "to",
     "float", "double", "half", "type", "type_as", "unbind", "pixel_shuffle", "channel_shuffle",
+    "pad", "constant_pad_nd",  # F.pad: what nn.ZeroPad2d / nn.ConstantPad2d do as modules
 )
 DROPOUT = _ops("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
 NON_TENSOR = _ops("size", "dim", "numel", "ndimension") | {getattr, len}
