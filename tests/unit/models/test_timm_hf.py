@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from heatmapbench.app.plumbing import user_errors_exit
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.data.samples import eval_transform
 from heatmapbench.explain.gradient import Sensitivity
@@ -80,6 +81,17 @@ def empty_caches(tmp_path, monkeypatch):
     return tmp_path / "hf", tmp_path / "torch" / "hub" / "checkpoints"
 
 
+def _into_hf_cache(cache, repo: str, file):
+    """Put ``file`` into the Hugging Face hub cache as huggingface_hub lays out a download of ``repo``."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / file.name.replace(file.stem, "model")).symlink_to(file)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    return snapshot / file.name.replace(file.stem, "model")
+
+
 def _x(n=2, size=160, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -138,15 +150,21 @@ def test_timm_weights_from_timms_caches_and_its_download(timm_file, empty_caches
         timm_model("test_vit")
     assert "timm/test_vit.r160_in1k" in str(info.value) and not hf_cache.exists()
     # the Hugging Face hub cache, laid out as huggingface_hub writes it
-    snapshot = hf_cache / "models--timm--test_vit.r160_in1k" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").symlink_to(folder / "test_vit.safetensors")
-    (hf_cache / "models--timm--test_vit.r160_in1k" / "refs").mkdir()
-    (hf_cache / "models--timm--test_vit.r160_in1k" / "refs" / "main").write_text("0" * 40)
+    cached = _into_hf_cache(hf_cache, "timm/test_vit.r160_in1k", folder / "test_vit.safetensors")
     net = timm_model("test_vit")
-    assert net.weights_source == str(snapshot / "model.safetensors")
+    assert net.weights_source == str(cached)
     with torch.no_grad():
         assert torch.equal(net(x), ref(x))
+    # a model whose URL file is JAX's .npz (timm's custom loader): its hub file, in timm's layout, loads too
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    assert timm.models.get_pretrained_cfg("vit_tiny_patch16_224").custom_load
+    from safetensors.torch import save_file
+
+    save_file(dict(vit.state_dict()), folder / "vit_tiny.safetensors")
+    _into_hf_cache(hf_cache, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", folder / "vit_tiny.safetensors")
+    with torch.no_grad():
+        assert torch.equal(timm_model("vit_tiny_patch16_224")(_x(1, 224)), vit(_x(1, 224)))
     # a URL-hosted model: torch hub's checkpoints folder, the file name of timm's URL
     torch.manual_seed(0)
     resnet = timm.create_model("resnet10t", pretrained=False).eval()
@@ -328,8 +346,12 @@ def test_one_fine_tuning_step_trains_the_fresh_head_only(train_cfg, vit_folder, 
     ("timm", lambda: timm_model("test_vit", pretrained=False), "timm"),
     ("transformers", lambda: hf_model("/nowhere"), "hf"),
 ])
-def test_a_missing_extra_is_named(monkeypatch, module, build, extra):
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, module, build, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     with pytest.raises(MissingExtraError, match=rf"pip install 'heatmapbench\[{extra}\]'") as info:
         build()
     assert "\n" not in str(info.value)
+    with pytest.raises(SystemExit) as code:  # what the commands print: one line, status 2
+        user_errors_exit(build)()
+    assert code.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {info.value}"
