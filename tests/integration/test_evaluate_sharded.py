@@ -3,7 +3,9 @@ image once, and the logged metrics are those of the batches joined in one proces
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 from PIL import Image
@@ -95,7 +98,7 @@ def test_plan_is_a_fixed_grid_less_what_is_done():
     assert plan_batches(3, 4, done=[0, 1, 2]) == []
 
 
-def _reference_metrics(cfg) -> dict[str, float]:
+def _reference(cfg) -> tuple[Evaluation, dict[str, float]]:
     """What one process scoring the batches in memory and joining them logs (the path before shards)."""
     from heatmapbench.app.evaluate import build_inputs, evaluation_metrics
     from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
@@ -114,7 +117,7 @@ def _reference_metrics(cfg) -> dict[str, float]:
     metrics = evaluation_metrics(evaluation, statistics.summary)
     metrics.update(reliability_metrics(run_reliability(per_image_table(evaluation), n_boot=settings.n_boot,
                                                        seed=settings.seed)))
-    return metrics
+    return evaluation, metrics
 
 
 def logged_metrics(cfg, run_id: str) -> dict[str, float]:
@@ -129,8 +132,9 @@ def test_written_evaluation_logs_the_in_memory_metrics_bit_for_bit(tmp_path, dat
     folder = Path(cfg.paths.output_dir) / "batches"
     assert len(shard_files(folder)) == 3  # 10 images in batches of 4
     logged = logged_metrics(cfg, result["run_id"])
-    reference = _reference_metrics(cfg)
+    reference = _reference(cfg)[1]
     reference.pop(mn.SECONDS), logged.pop(mn.SECONDS)  # wall time
+    assert logged.pop(mn.IMAGES_REUSED) == 0
     assert logged.keys() >= reference.keys()
     assert {k: logged[k] for k in reference} == reference
 
@@ -170,3 +174,57 @@ def test_two_processes_score_every_image_once_with_one_process_numbers(tmp_path,
     logged = dict(two.data.metrics)
     one.pop(mn.SECONDS), logged.pop(mn.SECONDS)
     assert logged == one
+
+
+class KillAfter(pl.Callback):
+    """``kill -9`` of its own process after ``batches`` scored batches (their shards are written first)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        self.seen += 1
+        if self.seen >= self.batches:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_to_the_uninterrupted_numbers(tmp_path, data_dir, images):
+    """kill -9 after one of three batches; resume=<run folder> reopens the same MLflow run, scores the two
+    missing batches only and logs what an uninterrupted run logs; a changed setting is refused first."""
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.app.schema import ConfigError
+
+    killed = tmp_path / "killed"
+    proc = _cli(killed, images, f"+callbacks.kill._target_={__name__}.KillAfter", "+callbacks.kill.batches=1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    folder = killed / "out" / "batches"
+    assert [p.name for p in shard_files(folder)] == ["batch-000000000-r0.npz"] and not list(folder.glob("*.tmp"))
+    run = _only_run(killed / "mlruns")
+    assert run.info.status == "RUNNING"  # what a SIGKILL leaves; resume finishes it
+
+    store = f"logger.tracking_uri=sqlite:///{killed}/mlruns/mlflow.db"
+    resume = EVAL + [f"data.path={images}", f"resume={killed / 'out'}", store]
+    by_id = EVAL + [f"data.path={images}", f"resume={run.info.run_id}", store, "evaluation.steps=3"]
+    changed = compose_config("evaluate", by_id, tmp_path / "changed", data_dir)
+    with pytest.raises(ConfigError, match=r"^resume=.*: evaluation.steps=3 differs from the run's evaluation.steps=4; "):
+        run_evaluate(changed)
+    assert len(shard_files(folder)) == 1
+
+    cfg = compose_config("evaluate", resume, tmp_path / "resumed", data_dir)
+    result = run_evaluate(cfg)
+    assert result["run_id"] == run.info.run_id
+    assert [p.name for p in shard_files(folder)] == [f"batch-00000000{i}-r0.npz" for i in (0, 4, 8)]
+    finished = MlflowClient(f"sqlite:///{killed}/mlruns/mlflow.db").get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED"
+    logged = dict(finished.data.metrics)
+    assert logged.pop(mn.IMAGES_REUSED) == 4 and logged[mn.IMAGES] == 10
+
+    evaluation, reference = _reference(compose_config("evaluate", EVAL + [f"data.path={images}"], tmp_path / "ref",
+                                                      data_dir))
+    reference.pop(mn.SECONDS), logged.pop(mn.SECONDS)
+    assert logged == reference
+    from heatmapbench.evaluation.reliability import per_image_table
+
+    per_image = pd.read_parquet(killed / "out" / "evaluation" / "per_image.parquet")
+    pd.testing.assert_frame_equal(per_image, per_image_table(evaluation), check_exact=True)

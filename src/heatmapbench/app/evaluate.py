@@ -23,18 +23,19 @@ from torch.utils.data import Subset
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
-from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_data, instantiate_model, instantiate_node,
-                                      selected_explainer, user_errors_exit)
+from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_callbacks, instantiate_data,
+                                      instantiate_model, instantiate_node, selected_explainer, user_errors_exit)
 from heatmapbench.app.schema import ConfigError, EvaluationSettings, validate
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
 from heatmapbench.evaluation.loop import EvaluationModule, ShardWriter
-from heatmapbench.evaluation.shards import merge_shards, plan_batches, shard_files
+from heatmapbench.evaluation.shards import images_done, merge_shards, plan_batches, shard_files
 from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
 from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
 from heatmapbench.accel.precision import CUDA_ONLY
+from heatmapbench.app.resume import BATCHES_TAG, find_resume, write_manifest
 from heatmapbench.app.sanity import log_sanity, run_sanity, sanity_settings
 from heatmapbench.app.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
@@ -202,33 +203,48 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     sanity = sanity_settings(cfg)  # sanity=mprt: the randomisation test in the same run
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
     trainer = trainer_kwargs(cfg)
-    batches = batches_folder(cfg)
-    plan = plan_batches(len(subset), datamodule.batch_size)
-    score = dict(folder=batches, batches=plan, trainer=trainer, gallery_size=cfg.gallery_size, progress=cfg.progress)
+    score = dict(trainer=trainer, gallery_size=cfg.gallery_size, progress=cfg.progress,
+                 callbacks=tuple(instantiate_callbacks(cfg.get("callbacks"))))
     if launched_rank() != 0:  # rank 0 has the run, the plan and the folder (broadcast as the loop starts)
-        evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, **score)
+        evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, folder=batches_folder(cfg),
+                         batches=[], **score)
         return {}
-    if shard_files(batches):
-        raise ConfigError(f"{batches} already holds the batches of another evaluation; "
-                          "choose another hydra.run.dir")
+    resume = find_resume(cfg) if cfg.get("resume") else None
+    batches = batches_folder(cfg) if resume is None else resume.folder
+    if resume is None and shard_files(batches):
+        raise ConfigError(f"{batches} already holds the batches of another evaluation; choose another "
+                          f"hydra.run.dir, or finish that one with resume={batches.parent}")
+    reused = images_done(batches) if resume is not None else []
+    plan = plan_batches(len(subset), datamodule.batch_size, reused)
     run_name, sweep_tags = run_identity(cfg, "evaluate")
-    logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None else {}
+    if resume is not None:
+        logger_kwargs = {"run_id": resume.run_id}
+    else:
+        logger_kwargs = {"run_name": run_name} if cfg.logger.get("run_name") is None else {}
     logger = make_logger(cfg.logger, **logger_kwargs)
-    tags = {**run_tags(cfg, "evaluate", list(explainers)), **sweep_tags, "weights": weights_source(net) or "untrained"}
+    tags = {**run_tags(cfg, "evaluate", list(explainers)), **sweep_tags, "weights": weights_source(net) or "untrained",
+            BATCHES_TAG: str(batches.resolve())}
     if weights_source(net) is None:
         warn_untrained(f"model={tags['model']}")
-    print(f"evaluating {len(subset)} images × {len(explainers)} explainers "
+    if resume is not None:
+        print(f"resuming run {resume.run_id}: {len(reused)} of {len(subset)} images already scored in {batches}",
+              flush=True)
+    print(f"evaluating {len(subset) - len(reused)} images × {len(explainers)} explainers "
           f"({settings.steps} steps of {settings.region_size}×{settings.region_size} regions) on {device}", flush=True)
-    folder = Path(cfg.paths.output_dir) / "evaluation"
+    folder = batches.parent / "evaluation"  # the run's own output folder, also when resumed from another
     with tracked_run(logger, cfg, extra_tags=tags):
         if getattr(datamodule, "skip_unreadable", False):
             log_skipped(logger, datamodule.skipped)
+        if resume is None:
+            write_manifest(batches, logger.run_id, str(cfg.logger.tracking_uri), cfg, len(subset))
         start = time.perf_counter()
-        evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, **score)
+        evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, folder=batches,
+                                      batches=plan, **score)
         seconds = time.perf_counter() - start
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
         metrics[mn.SECONDS] = seconds
+        metrics[mn.IMAGES_REUSED] = float(len(reused))
         reliability = run_reliability(per_image_table(evaluation), n_boot=settings.n_boot, seed=settings.seed)
         metrics.update(reliability_metrics(reliability))
         # the results first, into the run's output folder: a store that fails later loses nothing

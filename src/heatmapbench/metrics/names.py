@@ -37,7 +37,7 @@ Spearman correlation of |heatmap| with the trained model's after the whole netwo
 each similarity measure and ``sanity/mprt_independent_<measure>/<explainer>`` its mean over the layers
 randomised one at a time (bounds ``_lo``/``_hi`` as above).
 
-**Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`,
+**Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`, :data:`IMAGES_REUSED`,
 :data:`ACCURACY`, :data:`SUBSET_ACCURACY`, :data:`EPOCH`, and the random *ordering* baseline
 under ``eval/random_ordering/``: ``eval/random_ordering/aopc`` (:func:`random_ordering_metric`)
 and its correlations ``eval/random_ordering/corr_pearson/aopc``
@@ -54,7 +54,7 @@ from typing import Iterable, NamedTuple, Optional
 __all__ = [
     "AOPC", "AOPC_REL", "AOPC_NORM", "AOPC_LERF", "ABPC", "COMPLEXITY_PNG", "COMPLEXITY_JPEG",
     "COMPLEXITY_ENTROPY", "MEASURES", "COMPLEXITY", "BOUNDS", "CORRELATION_METHODS", "CORRELATED_MEASURES",
-    "NAMESPACE", "SECONDS", "IMAGES", "ACCURACY", "SUBSET_ACCURACY", "EPOCH", "RANDOM_ORDERING", "VAL_ACC",
+    "NAMESPACE", "SECONDS", "IMAGES", "IMAGES_REUSED", "ACCURACY", "SUBSET_ACCURACY", "EPOCH", "RANDOM_ORDERING", "VAL_ACC",
     "TEST_ACC", "ExplainerMetric", "explainer_metric", "parse_explainer_metric", "correlation_metric",
     "parse_correlation_metric", "random_ordering_metric", "random_ordering_correlation", "explainers_in",
     "MEASURE_LABELS", "BEATS_RANDOM", "P_BEST", "RANKING_ORDERS", "RELIABILITY", "ranking_metric",
@@ -95,6 +95,7 @@ CORRELATED_MEASURES = (AOPC_REL, AOPC_NORM, AOPC)
 NAMESPACE = "eval"
 SECONDS = f"{NAMESPACE}/seconds"  #: wall time of the evaluation (the callback: of this epoch's)
 IMAGES = f"{NAMESPACE}/images"  #: images evaluated
+IMAGES_REUSED = f"{NAMESPACE}/images_reused"  #: of those, images a resumed evaluation kept from before it was stopped
 ACCURACY = f"{NAMESPACE}/accuracy"  #: accuracy the AOPC is compared with (callback: val/acc; evaluate: on its images)
 SUBSET_ACCURACY = f"{NAMESPACE}/subset_accuracy"  #: accuracy on the callback's evaluation subset
 EPOCH = f"{NAMESPACE}/epoch"  #: epochs of training behind the evaluated weights (0: before training)
