@@ -81,15 +81,17 @@ def empty_caches(tmp_path, monkeypatch):
     return tmp_path / "hf", tmp_path / "torch" / "hub" / "checkpoints"
 
 
-def _into_hf_cache(cache, repo: str, file):
-    """Put ``file`` into the Hugging Face hub cache as huggingface_hub lays out a download of ``repo``."""
+def _into_hf_cache(cache, repo: str, file, name: str | None = None):
+    """Put ``file`` into the Hugging Face hub cache as huggingface_hub lays out a download of ``repo``
+    (as ``name``, by default ``model<suffix>``)."""
     folder = cache / f"models--{repo.replace('/', '--')}"
     snapshot = folder / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / file.name.replace(file.stem, "model")).symlink_to(file)
-    (folder / "refs").mkdir()
+    snapshot.mkdir(parents=True, exist_ok=True)
+    target = snapshot / (name or "model" + file.suffix)
+    target.symlink_to(file)
+    (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text("0" * 40)
-    return snapshot / file.name.replace(file.stem, "model")
+    return target
 
 
 def _x(n=2, size=160, seed=1):
@@ -269,6 +271,26 @@ def test_hf_head_replacement_and_random_init(vit_folder):
         torch.testing.assert_close(net(x), cls @ b["classifier.weight"].T + b["classifier.bias"])
     rand = hf_model(str(folder), pretrained=False)
     assert getattr(rand, "weights_source", None) is None and rand.num_classes == 5
+
+
+def test_hf_model_by_hub_id_from_the_cache_only(vit_folder, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    ref, folder = vit_folder
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache))  # read at its import
+    with pytest.raises(WeightsNotFoundError, match="no hub model 'acme/tiny-vit' in the Hugging Face cache"):
+        hf_model("acme/tiny-vit")
+    for file in folder.iterdir():  # as huggingface_hub lays out a download
+        _into_hf_cache(cache, "acme/tiny-vit", file, name=file.name)
+    net = hf_model("acme/tiny-vit")
+    assert net.weights_source == "hf:acme/tiny-vit"
+    assert preprocessing_of(net) == preprocessing_of(hf_model(str(folder)))
+    x = _x(2, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(pixel_values=x).logits)
 
 
 def test_hf_bad_folders_fail_in_one_line(vit_folder, tmp_path):
