@@ -12,7 +12,7 @@ from torch import nn
 
 import heatmapbench
 from heatmapbench import registry
-from heatmapbench.app.schema import EvaluationSettings
+from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import evaluate_batch
 from heatmapbench.explain import Explainer, Sensitivity, get_explainer
 from heatmapbench.perturbation import Uniform, region_perturbation

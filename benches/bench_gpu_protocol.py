@@ -85,7 +85,7 @@ def build_nets(device: torch.device):
 
 
 def protocol(name, net, x255, mean, std, precisions, steps, batch_size, device, methods) -> None:
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.evaluation import build_explainers, evaluate_batch
     from heatmapbench.perturbation import Uniform, region_perturbation
     from heatmapbench.accel.layout import fast_model, to_layout

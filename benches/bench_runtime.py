@@ -104,7 +104,7 @@ def explainers(all_nets, reps: int) -> None:
 def aopc_deviation(n_images: int, steps: int, random_repeats: int, precisions: tuple[str, ...] = ("bf16",),
                    device: str = "cpu", data_dir: str | None = None, batch_size: int = 64) -> None:
     """AOPC rel. random at each of ``precisions`` against fp32 on the real Lite0 and the ImageNet samples."""
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.data.samples import ImageNetSamplesDataModule
     from heatmapbench.evaluation import build_explainers, evaluate_batch
     from heatmapbench.metrics.summary import mean_ci

@@ -127,7 +127,7 @@ def test_bad_input_fails_clearly_and_creates_no_run(tmp_path, overrides, message
 
 def test_batches_join_into_the_whole_evaluation():
     """Evaluating in two batches gives the per-image results of evaluating each batch alone."""
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.evaluation import build_explainers, build_perturbation, evaluate_batch
     from heatmapbench.evaluation.core import Evaluation
     from heatmapbench.models import SmallCNN

@@ -18,8 +18,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from heatmapbench.app.schema import EvaluationSettings
 from heatmapbench.metrics import names as mn
+from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.shards import ShardError, merge_shards, plan_batches, save_shard, shard_files
 from tests.conftest import cli_env, compose_config, store_uri

@@ -387,7 +387,7 @@ class _Counting(torch.nn.Module):
     ("nan", r"x contains NaN or inf"),
 ])
 def test_engine_refuses_bad_batches_before_perturbing(case, message):
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.evaluation import evaluate_batch
     from heatmapbench.explain import get_explainer
     from heatmapbench.perturbation import region_perturbation

@@ -124,14 +124,23 @@ def test_frozen_backbone_trains_only_the_head_then_everything(tmp_path):
 
 
 def test_backbone_options_need_a_named_head():
-    with pytest.raises(ConfigError, match="names none"):
+    with pytest.raises(ValueError, match="names none"):
         ClassifierModule(SmallCNN(), num_classes=10, freeze_backbone_epochs=1)
-    with pytest.raises(ConfigError, match="names none"):
+    with pytest.raises(ValueError, match="names none"):
         ClassifierModule(SmallCNN(), num_classes=10, backbone_bn="eval")
-    with pytest.raises(ConfigError, match="backbone_lr_factor must be > 0"):
+    with pytest.raises(ValueError, match=r"backbone_lr_factor=0.0 is invalid: must be > 0"):
         ClassifierModule(_tiny_zoo_like_net(), num_classes=3, backbone_lr_factor=0.0)
-    with pytest.raises(ConfigError, match="model.backbone_bn='off' is invalid: choose train"):
+    with pytest.raises(ValueError, match="^backbone_bn='off' is invalid: choose train"):
         ClassifierModule(_tiny_zoo_like_net(), num_classes=3, backbone_bn="off")
+    # the library names its argument; the command names the config key that set it
+    from omegaconf import OmegaConf
+
+    from heatmapbench.app.plumbing import instantiate_model
+
+    node = OmegaConf.create({"_target_": "heatmapbench.models.ClassifierModule", "num_classes": 3,
+                             "net": {"_target_": "heatmapbench.models.SmallCNN"}, "backbone_lr_factor": -1.0})
+    with pytest.raises(ConfigError, match=r"^model.backbone_lr_factor=-1.0 is invalid: must be > 0"):
+        instantiate_model(node)
 
 
 def _bn_net() -> nn.Module:

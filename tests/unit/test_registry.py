@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from heatmapbench import registry
-from heatmapbench.app.schema import ConfigError, EvaluationSettings, validate
+from heatmapbench.app.schema import ConfigError, validate
+from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import build_explainers, evaluate_batch
 from heatmapbench.explain import Explainer, Sensitivity, get_explainer
 from heatmapbench.perturbation import Constant, Perturbation, Road, Uniform, get_perturbation, region_perturbation

@@ -25,7 +25,8 @@ from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
 from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_callbacks, instantiate_data,
                                       instantiate_model, instantiate_node, selected_explainer, user_errors_exit)
-from heatmapbench.app.schema import ConfigError, EvaluationSettings, validate
+from heatmapbench.app.schema import ConfigError, config_error, validate
+from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
 from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
 from heatmapbench.evaluation.loop import EvaluationModule, ShardWriter
@@ -34,7 +35,7 @@ from heatmapbench.evaluation.reliability import per_image_table, reliability_met
 from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
-from heatmapbench.accel.precision import CUDA_ONLY
+from heatmapbench.accel.precision import check_precision
 from heatmapbench.app.resume import BATCHES_TAG, find_resume, write_manifest
 from heatmapbench.app.sanity import log_sanity, run_sanity, sanity_settings
 from heatmapbench.app.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
@@ -68,9 +69,10 @@ def build_inputs(cfg: DictConfig):
         raise ConfigError(f"num_images={cfg.num_images} is invalid: must be >= 1 or null (all images)")
     settings = EvaluationSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     device = _device(cfg.device)
-    if settings.precision in CUDA_ONLY and device.type != "cuda":
-        raise ConfigError(f"evaluation.precision={settings.precision} is invalid on {device.type}: it needs a "
-                          "CUDA device; use evaluation.precision=bf16 or fp32")
+    try:
+        check_precision(settings.precision, device)
+    except ValueError as err:
+        raise config_error("evaluation", err) from None
     torch.manual_seed(int(cfg.seed))  # untrained weights alike in every process of a run, and in every rerun
     module = instantiate_model(cfg.model)  # a model's user error (no weights, unknown name) is one line
     net = getattr(module, "net", module)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 import signal
 import sys
 from typing import Any, Callable
@@ -14,15 +13,15 @@ from omegaconf import DictConfig
 
 from omegaconf import open_dict
 
-from heatmapbench.app.schema import ConfigError
+from heatmapbench.app.schema import ConfigError, config_error
 from heatmapbench.data import DataNotFoundError
-from heatmapbench.models.checkpoints import CheckpointError
+from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
 from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
-                                                 CheckpointError, MissingExtraError)
+                                                 CheckpointError, MissingExtraError, ModelConfigError)
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,10 +61,7 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         if isinstance(cause, USER_ERRORS):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
-            text = " ".join(str(cause).split())
-            if not text.startswith((f"{key}.", f"{key}:")):
-                text = f"{key}.{text}" if re.match(r"\w+=", text) else f"{key}: {text}"
-            raise ConfigError(text) from None
+            raise config_error(key, cause) from None
         raise
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import re
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,17 +18,24 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from heatmapbench.metrics.summary import N_BOOT
-from heatmapbench.perturbation.regions import REGION_MODES
-from heatmapbench.registry import available, project_root
-from heatmapbench.accel.layout import LAYOUTS
-from heatmapbench.accel.precision import PRECISIONS
+from heatmapbench.evaluation.settings import EvaluationSettings
+from heatmapbench.registry import project_root
 from heatmapbench.sanity.randomisation import MODES as RANDOMISATION_MODES
 from heatmapbench.sanity.similarity import SIMILARITIES
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the fix."""
+
+
+def config_error(key: str, err: Exception) -> ConfigError:
+    """A library's error about one of its arguments (``epsilon=-1 is invalid: ...``) as the config key
+    that set it (``explainer.epsilon=-1 is invalid: ...``); other messages follow ``<key>: ``, and one
+    that already names the key is kept as it is."""
+    text = " ".join(str(err).split())
+    if text.startswith((f"{key}.", f"{key}:")):
+        return ConfigError(text)
+    return ConfigError(f"{key}.{text}" if re.match(r"[a-z_][a-z0-9_]*(=|: | is )", text) else f"{key}: {text}")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -199,106 +207,6 @@ class MLflowLoggerConfig:
                  "use sqlite:///<path>/mlflow.db (default) or http://host:port of an MLflow server")
 
 
-DEFAULT_EXPLAINERS = ["random", "sensitivity_l2", "deconvnet_l2", "lrp_epsilon_0.01", "lrp_alpha2_beta1"]
-
-
-@dataclass
-class EvaluationSettings:
-    """What is scored and how (paper Sec. 3 defaults: 9×9 grid regions, L = 100, uniform noise).
-
-    Also the typed schema of the ``evaluation`` config group: a wrong key, type or value fails
-    before any work starts.
-
-    Parameters
-    ----------
-    explainers
-        Names of ``conf/explainer/*.yaml`` to compare.
-    region_size, steps, regions, score
-        Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
-    orders
-        Orders run for every explainer: ``morf`` (always), ``lerf`` (adds ABPC).
-    repeats
-        Repeats of each explainer's curve (new perturbation draws).
-    random_repeats
-        Repeats of the random-ordering baseline (paper: 10).
-    seed
-        Seed of every draw.
-    batch_size
-        Inputs per forward pass inside the engine; null (default) chooses it from the model's
-        largest activation (:func:`~heatmapbench.perturbation.engine.auto_batch_size`: cache-sized
-        chunks on a CPU). Speed and memory only, never the scores.
-    complexity
-        Also measure PNG/JPEG-90 size and entropy of the heatmaps (paper Table I).
-    n_boot
-        Bootstrap resamples of the images behind every confidence interval and paired test.
-    precision
-        ``fp32`` (the reference: IEEE float32, also on CUDA), ``tf32`` (CUDA only: TF32
-        convolutions and matrix products), ``bf16`` or ``fp16`` (CUDA only): the math of the
-        explainers' and the engine's passes (:mod:`heatmapbench.accel`); AOPC moves with it.
-    layout
-        ``auto`` (channels_last for 2-D convnets: the same numbers up to float reassociation,
-        faster), ``channels_last`` or ``contiguous``.
-    fuse
-        Run the engine's forwards and the gradient explainers on the model with BatchNorm and
-        symmetric zero padding folded into its convolutions (:mod:`heatmapbench.accel.fusion`: the same
-        numbers up to float reassociation, ~1.4-1.6x faster on EfficientNet-Lite0); LRP always
-        runs on the model itself.
-    """
-
-    explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
-    region_size: int = 9
-    steps: int = 100
-    orders: list[str] = field(default_factory=lambda: ["morf"])
-    regions: str = "grid"
-    score: str = "logit"
-    repeats: int = 1
-    random_repeats: int = 10
-    seed: int = 0
-    batch_size: Optional[int] = None
-    complexity: bool = True
-    n_boot: int = N_BOOT
-    precision: str = "fp32"
-    layout: str = "auto"
-    fuse: bool = True
-
-    def __post_init__(self) -> None:
-        self.orders = list(self.orders)
-        self.explainers = [self.explainers] if isinstance(self.explainers, str) else list(self.explainers)
-        for key, values in (("orders", self.orders), ("explainers", self.explainers)):
-            twice = sorted({v for v in values if values.count(v) > 1})
-            if twice:
-                raise ConfigError(f"evaluation.{key}=[{','.join(values)}] is invalid: {', '.join(twice)} appears more "
-                                  f"than once; name each once")
-        bad = [o for o in self.orders if o not in ("morf", "lerf")]
-        if bad or "morf" not in self.orders:
-            raise ConfigError(f"evaluation.orders={self.orders} is invalid: it must contain 'morf' and may add 'lerf'")
-        for key in ("region_size", "steps", "repeats", "random_repeats", "n_boot"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"evaluation.{key}={getattr(self, key)} is invalid: must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"evaluation.batch_size={self.batch_size} is invalid: must be >= 1 or null")
-        if self.regions not in REGION_MODES:
-            raise ConfigError(f"evaluation.regions={self.regions!r} is invalid: choose one of {list(REGION_MODES)}")
-        if self.score not in ("logit", "probability"):
-            raise ConfigError(f"evaluation.score={self.score!r} is invalid: choose logit or probability")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"evaluation.precision={self.precision!r} is invalid: choose one of {list(PRECISIONS)}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"evaluation.layout={self.layout!r} is invalid: choose one of {list(LAYOUTS)}")
-        if not self.explainers:
-            raise ConfigError("evaluation.explainers is empty: name at least one explainer")
-        known = available("explainer")
-        unknown = [n for n in self.explainers if n not in known]
-        if unknown:
-            raise ConfigError(f"evaluation.explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``region_perturbation`` that these settings fix."""
-        return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
-                "score": self.score, "batch_size": self.batch_size, "precision": self.precision,
-                "layout": self.layout, "fuse": self.fuse}
-
-
 @dataclass
 class SanitySettings:
     """The model-randomisation test run beside an evaluation, on its explainers and first images.
@@ -393,7 +301,9 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "train
             OmegaConf.to_object(node)
         except ConfigError:
             raise
-        except Exception as err:  # omegaconf validation errors carry the key
+        except ValueError as err:  # a library class's check of its own argument, or omegaconf's (with the key)
+            raise config_error(group, err) from None
+        except Exception as err:  # noqa: BLE001 - omegaconf validation errors carry the key
             raise ConfigError(f"{group}: {err}") from err
 
 

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.app.schema import ConfigError, EvaluationSettings
+from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.perturbation.engine import eval_mode
-from heatmapbench.accel.precision import CUDA_ONLY
+from heatmapbench.accel.precision import check_precision
 from heatmapbench.evaluation import (
     ExplainerSpec,
     ModelScoresNotFinite,
@@ -99,9 +99,7 @@ class AOPCCallback(pl.Callback):
         if figures not in FIGURES:
             raise ValueError(f"figures={figures!r} is invalid: choose one of {', '.join(FIGURES)}")
         self.settings = build_settings(settings)
-        if self.settings.precision in CUDA_ONLY and not torch.cuda.is_available():
-            raise ConfigError(f"evaluation.precision={self.settings.precision} is invalid here: it needs a CUDA "
-                              "device; use bf16 or fp32")
+        check_precision(self.settings.precision, "cuda" if torch.cuda.is_available() else "cpu")
         if log_abpc and "lerf" not in self.settings.orders:
             self.settings.orders = list(self.settings.orders) + ["lerf"]
         self.settings.complexity = log_complexity

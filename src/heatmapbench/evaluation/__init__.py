@@ -11,6 +11,7 @@ from heatmapbench.evaluation.core import (
     evaluate_batch,
     predicted_class,
 )
+from heatmapbench.evaluation.settings import EvaluationSettings
 
-__all__ = ["Evaluation", "ExplainerSpec", "build_explainers", "build_settings", "build_perturbation",
+__all__ = ["Evaluation", "EvaluationSettings", "ExplainerSpec", "build_explainers", "build_settings", "build_perturbation",
            "engine_forwards", "evaluate_batch", "predicted_class", "ModelScoresNotFinite"]

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.app.schema import EvaluationSettings
+from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.explain import Explainer, get_explainer
 from heatmapbench.accel.fusion import fusion
 from heatmapbench.metrics.complexity import heatmap_entropy, heatmap_jpeg_size, heatmap_png_size

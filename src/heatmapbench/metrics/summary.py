@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from heatmapbench.metrics import names as mn
+from heatmapbench.perturbation.curves import aopc
 
-if TYPE_CHECKING:  # the engine itself uses aopc() below
+if TYPE_CHECKING:
     from heatmapbench.perturbation.engine import PerturbationResult
 
 __all__ = ["N_BOOT", "aopc", "relative_to_random", "abpc", "bootstrap_indices", "mean_ci", "paired_bootstrap_test",
@@ -31,11 +32,6 @@ __all__ = ["N_BOOT", "aopc", "relative_to_random", "abpc", "bootstrap_indices", 
 
 #: Bootstrap resamples when none are given (evaluation.n_boot sets them for the CLIs and the callback).
 N_BOOT = 2000
-
-
-def aopc(curves: Tensor) -> Tensor:
-    """Per-image AOPC of perturbation curves ``(..., L+1)``: ``1/(L+1) Σ_{k=0..L} curve_k`` (eq. 11)."""
-    return curves.mean(dim=-1)
 
 
 def _per_image_aopc(result: PerturbationResult | Tensor) -> Tensor:

@@ -18,18 +18,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from heatmapbench.models.zoo import WeightsNotFoundError
+from heatmapbench.models.errors import CheckpointError, UnsafeCheckpointError, WeightsNotFoundError
 
 #: The checkpoint entry written by :class:`RunRecord`.
 KEY = "heatmapbench"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used as asked; the message names the file and the fix."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file needs code to unpickle (``weights_only=True`` refused it): it is not loaded."""
 
 
 def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]:

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from heatmapbench.app.schema import ConfigError
 from heatmapbench.models.zoo import head_of
 
 #: What ``backbone_bn`` may be: how the backbone's BatchNorm layers train once it is unfrozen.
@@ -55,7 +54,7 @@ class ClassifierModule(pl.LightningModule):
 
     Raises
     ------
-    ConfigError
+    ValueError
         A backbone option is set but ``net`` does not name its head, or a value is out of range.
     """
 
@@ -66,22 +65,22 @@ class ClassifierModule(pl.LightningModule):
                  backbone_bn: str = "train") -> None:
         super().__init__()
         if not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
-            raise ConfigError(f"model.freeze_backbone_epochs must be an integer >= 0, got {freeze_backbone_epochs!r}")
+            raise ValueError(f"freeze_backbone_epochs={freeze_backbone_epochs!r} is invalid: must be an integer >= 0")
         if not backbone_lr_factor > 0:
-            raise ConfigError(f"model.backbone_lr_factor must be > 0 (freeze with model.freeze_backbone_epochs "
-                             f"instead), got {backbone_lr_factor!r}")
+            raise ValueError(f"backbone_lr_factor={backbone_lr_factor!r} is invalid: must be > 0 (freeze with "
+                             "freeze_backbone_epochs instead)")
         if backbone_bn not in BACKBONE_BN:
-            raise ConfigError(f"model.backbone_bn={backbone_bn!r} is invalid: choose train (BatchNorm statistics "
+            raise ValueError(f"backbone_bn={backbone_bn!r} is invalid: choose train (BatchNorm statistics "
                              "re-estimated), eval (pretrained statistics kept) or frozen (statistics and affine "
                              "parameters kept)")
         if num_classes is None:
             num_classes = getattr(net, "num_classes", None)
             if not isinstance(num_classes, int):
-                raise ConfigError(f"model.num_classes is null but {type(net).__name__} does not say its number of "
-                                  "outputs (net.num_classes); set model.num_classes=<classes>")
+                raise ValueError(f"num_classes is null but {type(net).__name__} does not say its number of "
+                                 "outputs (net.num_classes); set num_classes=<classes>")
         head = head_of(net)
         if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0 or backbone_bn != "train"):
-            raise ConfigError(f"model.freeze_backbone_epochs / model.backbone_lr_factor / model.backbone_bn need a "
+            raise ValueError(f"freeze_backbone_epochs / backbone_lr_factor / backbone_bn need a "
                              f"network whose head is known (a zoo model); {type(net).__name__} names none")
         # plain data only, so checkpoints load with weights_only=True (the optimiser partials
         # are in the run's config, which RunRecord writes into the checkpoint)

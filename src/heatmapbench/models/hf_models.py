@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heatmapbench.app.schema import ConfigError
+from heatmapbench.models.errors import ModelConfigError
 from heatmapbench.models.zoo import Preprocessing, WeightsNotFoundError, require_extra
 
 __all__ = ["HFClassifier", "hf_model", "hf_preprocessing"]
@@ -70,16 +70,16 @@ def _transformers() -> Any:
 def _source(path: str, allow_download: bool) -> tuple[str, bool]:
     """``(where, is_folder)``: a ``save_pretrained`` folder, or a hub id in the cache (or to download)."""
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"model.net.path={path!r} is invalid: give the folder a transformers image classifier "
+        raise ModelConfigError(f"model.net.path={path!r} is invalid: give the folder a transformers image classifier "
                           "was saved to (model.save_pretrained(folder))")
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.net.path={path!r} is invalid: {folder.resolve()} has no config.json; point it "
+            raise ModelConfigError(f"model.net.path={path!r} is invalid: {folder.resolve()} has no config.json; point it "
                               "at a folder written by model.save_pretrained(folder) (config.json and model.safetensors)")
         return str(folder), True
     if folder.exists():
-        raise ConfigError(f"model.net.path={path!r} is invalid: a file, not a folder; point it at the folder "
+        raise ModelConfigError(f"model.net.path={path!r} is invalid: a file, not a folder; point it at the folder "
                           "model.save_pretrained(folder) wrote")
     if _HUB_ID.match(path) and not path.startswith((".", "~")):
         from huggingface_hub import try_to_load_from_cache
@@ -89,7 +89,7 @@ def _source(path: str, allow_download: bool) -> tuple[str, bool]:
         raise WeightsNotFoundError(
             f"model.net.path={path!r}: no such folder, and no hub model {path!r} in the Hugging Face cache; save the "
             "model to a folder with save_pretrained, or run with model.net.allow_download=true (needs internet)")
-    raise ConfigError(f"model.net.path={path!r} is invalid: no such folder ({folder.resolve()}); save a transformers "
+    raise ModelConfigError(f"model.net.path={path!r} is invalid: no such folder ({folder.resolve()}); save a transformers "
                       "image classifier there with model.save_pretrained(folder)")
 
 
@@ -126,7 +126,7 @@ def hf_model(path: str, pretrained: bool = True, allow_download: bool = False,
     ------
     MissingExtraError
         transformers is not installed.
-    ConfigError
+    ModelConfigError
         No such folder, no ``config.json`` in it, or its config is not an image classifier's.
     WeightsNotFoundError
         ``pretrained`` but no weights file in the folder (or the hub id is not cached).
@@ -141,7 +141,7 @@ def hf_model(path: str, pretrained: bool = True, allow_download: bool = False,
     config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
     auto = transformers.AutoModelForImageClassification
     if type(config) not in auto._model_mapping:
-        raise ConfigError(f"model.net.path={path!r}: its config.json describes a {config.model_type!r} model, which "
+        raise ModelConfigError(f"model.net.path={path!r}: its config.json describes a {config.model_type!r} model, which "
                           "transformers has no image classifier for (AutoModelForImageClassification)")
     new_head = num_classes is not None and num_classes != config.num_labels
     if not pretrained:
@@ -176,7 +176,7 @@ def hf_model(path: str, pretrained: bool = True, allow_download: bool = False,
 # -- preprocessing ---------------------------------------------------------------------------------
 def _square(size: dict[str, int], what: str) -> int:
     if size.get("height") != size.get("width"):
-        raise ConfigError(f"the model's image processor {what} is {size['height']}×{size['width']}; heatmapbench's "
+        raise ModelConfigError(f"the model's image processor {what} is {size['height']}×{size['width']}; heatmapbench's "
                           "data modules crop squares")
     return int(size["height"])
 
@@ -190,7 +190,7 @@ def processor_preprocessing(processor: Any, channels: int = 3) -> Preprocessing:
     name = type(processor).__name__
     for flag in ("do_flip_channel_order", "rescale_offset"):
         if getattr(processor, flag, False):
-            raise ConfigError(f"the model's image processor {name} sets {flag}, which heatmapbench's preprocessing "
+            raise ModelConfigError(f"the model's image processor {name} sets {flag}, which heatmapbench's preprocessing "
                               "cannot express; use another model")
     size = dict(processor.size) if getattr(processor, "do_resize", True) and processor.size else {}
     crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) and processor.crop_size else None
@@ -204,7 +204,7 @@ def processor_preprocessing(processor: Any, channels: int = 3) -> Preprocessing:
         elif name.startswith("LevitImageProcessor"):
             resize = int((256 / 224) * image_size)  # Levit's own rule
     else:
-        raise ConfigError(f"the model's image processor {name} has size={size}: heatmapbench reads height/width or "
+        raise ModelConfigError(f"the model's image processor {name} has size={size}: heatmapbench reads height/width or "
                           "shortest_edge sizes only")
     if crop is not None:
         image_size = _square(crop, "crop_size")
@@ -240,7 +240,7 @@ def hf_preprocessing(where: str, config: Any, local_files_only: bool = True) -> 
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or (None,)
     cls = getattr(transformers, names[0]) if names[0] else None
     if cls is None:
-        raise ConfigError(f"model.net.path={where!r} has no preprocessor_config.json and transformers knows no image "
+        raise ModelConfigError(f"model.net.path={where!r} has no preprocessor_config.json and transformers knows no image "
                           f"processor for {config.model_type!r}; save the image processor beside the model "
                           "(processor.save_pretrained(folder))")
     pre = processor_preprocessing(cls(), channels)

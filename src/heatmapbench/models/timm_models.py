@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from heatmapbench.app.schema import ConfigError
+from heatmapbench.models.errors import ModelConfigError
 from heatmapbench.models.zoo import Preprocessing, WeightsNotFoundError, require_extra
 
 __all__ = ["cached_weights_file", "timm_model", "timm_preprocessing"]
@@ -55,18 +55,18 @@ def _timm() -> Any:
 
 
 def _pretrained_cfg(timm: Any, name: str) -> Any:
-    """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``); a ``ConfigError`` for unknown names."""
+    """timm's pretrained config of ``name`` (``arch`` or ``arch.tag``); a ``ModelConfigError`` for unknown names."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if not isinstance(name, str) or not name or ":" in name:
-        raise ConfigError(f"model.net.name={name!r} is invalid: give a timm architecture name, optionally with a "
+        raise ModelConfigError(f"model.net.name={name!r} is invalid: give a timm architecture name, optionally with a "
                           "pretrained tag (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k; timm.list_models() "
                           "lists them); a weights file goes in model.net.weights_path")
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError(f"model.net.name={name!r} is not a timm model; {hint}timm.list_models('*part*') lists "
+        raise ModelConfigError(f"model.net.name={name!r} is not a timm model; {hint}timm.list_models('*part*') lists "
                           f"the {len(timm.list_models())} names of timm {timm.__version__}")
     try:
         cfg = get_pretrained_cfg(name)
@@ -74,7 +74,7 @@ def _pretrained_cfg(timm: Any, name: str) -> Any:
         cfg = None
     if cfg is None:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-        raise ConfigError(f"model.net.name={name!r}: timm's {arch} has no pretrained tag {tag!r}; its tags: "
+        raise ModelConfigError(f"model.net.name={name!r}: timm's {arch} has no pretrained tag {tag!r}; its tags: "
                           f"{', '.join(tags) or 'none'}")
     return cfg
 
@@ -116,7 +116,7 @@ def timm_preprocessing(net: nn.Module, image_size: int | None = None, channels: 
     if image_size is not None:
         height = width = int(image_size)
     if height != width:
-        raise ConfigError(f"timm model {type(net).__name__} takes {height}×{width} inputs; heatmapbench's data "
+        raise ModelConfigError(f"timm model {type(net).__name__} takes {height}×{width} inputs; heatmapbench's data "
                           "modules crop squares: pass a square size (model.net.kwargs.img_size=...)")
     mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
     c = int(channels or c)
@@ -155,7 +155,7 @@ def timm_model(name: str, pretrained: bool = True, weights_path: str | None = No
     ------
     MissingExtraError
         timm is not installed.
-    ConfigError
+    ModelConfigError
         ``name`` is not a timm model or tag.
     WeightsNotFoundError
         No weights at ``weights_path`` or in timm's caches, and no download allowed.

@@ -33,6 +33,9 @@ import torch
 import torchvision
 from torch import nn
 
+from heatmapbench.models.checkpoints import CheckpointError, load_checkpoint
+from heatmapbench.models.errors import WeightsNotFoundError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,10 +44,6 @@ __all__ = [
     "from_checkpoint", "googlenet", "head_of", "hub_weights_file", "preprocessing_of", "replace_head", "resnet50",
     "swin_t", "vgg16", "vit_b_16",
 ]
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights are not on disk and may not be downloaded; the message says how to get them."""
 
 
 class MissingExtraError(ModuleNotFoundError):
@@ -452,8 +451,6 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
             "heatmapbench-train trainer.enable_checkpointing=true, or point ckpt_path at a .ckpt file.")
     if not isinstance(net, nn.Module):
         raise TypeError(f"checkpoint: net must be an nn.Module (the architecture trained), got {type(net).__name__}")
-    from heatmapbench.models.checkpoints import CheckpointError, load_checkpoint  # it imports this module
-
     ckpt = load_checkpoint(path, "model.net.ckpt_path")
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from heatmapbench.accel.fusion import fused
-from heatmapbench.metrics.summary import aopc
+from heatmapbench.perturbation.curves import aopc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
 from heatmapbench.accel.layout import check_layout, fast_model, to_layout

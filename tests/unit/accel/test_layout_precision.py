@@ -190,7 +190,7 @@ def test_evaluation_channels_last_matches_contiguous_for_every_explainer(channel
     (in float32 that moves a few pixels of integrated gradients/SmoothGrad by ~1e-3 of the maximum).
     One input channel (grey images) is a case of its own: NCHW and NHWC are then the same memory,
     and unless the strides say NHWC the convolutions run NCHW."""
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.registry import available
 
     if channels == 3:
@@ -222,7 +222,8 @@ def test_evaluation_channels_last_matches_contiguous_for_every_explainer(channel
 
 
 def test_evaluation_bf16_runs_every_explainer_and_fp16_is_refused_on_cpu():
-    from heatmapbench.app.schema import ConfigError, EvaluationSettings
+    from heatmapbench.app.schema import ConfigError, config_error
+    from heatmapbench.evaluation import EvaluationSettings
     from heatmapbench.registry import available
 
     net = vgg()
@@ -238,7 +239,9 @@ def test_evaluation_bf16_runs_every_explainer_and_fp16_is_refused_on_cpu():
     torch.testing.assert_close(low.random_curves, ref.random_curves, rtol=0.05, atol=0.05 * scale)
     with pytest.raises(ValueError, match="precision='fp16' needs a CUDA device"):
         evaluate(net, x, EvaluationSettings(precision="fp16", **common))
-    with pytest.raises(ConfigError, match="evaluation.precision='fp8' is invalid"):
+    with pytest.raises(ValueError, match="precision='fp8' is invalid") as err:  # the library names its argument
         EvaluationSettings(precision="fp8")
-    with pytest.raises(ConfigError, match="evaluation.layout='nchw' is invalid"):
+    assert str(config_error("evaluation", err.value)).startswith("evaluation.precision='fp8' is invalid")  # the app
+    with pytest.raises(ValueError, match="layout='nchw' is invalid") as err:
         EvaluationSettings(layout="nchw")
+    assert isinstance(config_error("evaluation", err.value), ConfigError)

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.app.schema import EvaluationSettings
+from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import build_explainers, build_perturbation, engine_forwards, evaluate_batch
 from heatmapbench.evaluation.artifacts import RANDOM_ORDERING_LABEL, correlation_markdown, correlations
 from heatmapbench.metrics.summary import correlation_ci

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from heatmapbench.app.plumbing import user_errors_exit
-from heatmapbench.app.schema import ConfigError
+from heatmapbench.models.errors import ModelConfigError
 from heatmapbench.data.samples import eval_transform
 from heatmapbench.explain.gradient import Sensitivity
 from heatmapbench.models import ClassifierModule, preprocessing_of
@@ -200,12 +200,12 @@ def test_timm_random_init_is_untrained_and_bad_names_fail_in_one_line(tmp_path):
     assert getattr(net, "weights_source", None) is None  # evaluate warns and tags weights=untrained
     assert preprocessing_of(net) == Preprocessing((0.5,) * 3, (0.5,) * 3, (0.0, 1.0), 32, 33, 3)
     assert net(_x(1, 32)).shape == (1, 1000)
-    with pytest.raises(ConfigError, match=r"'vit_tiny_patch16_2244' is not a timm model; did you mean "
+    with pytest.raises(ModelConfigError, match=r"'vit_tiny_patch16_2244' is not a timm model; did you mean "
                                           r"vit_tiny_patch16_224"):
         timm_model("vit_tiny_patch16_2244")
-    with pytest.raises(ConfigError, match="has no pretrained tag 'nope'; its tags: r160_in1k"):
+    with pytest.raises(ModelConfigError, match="has no pretrained tag 'nope'; its tags: r160_in1k"):
         timm_model("test_vit.nope")
-    with pytest.raises(ConfigError, match="weights_path"):
+    with pytest.raises(ModelConfigError, match="weights_path"):
         timm_model("hf-hub:timm/test_vit.r160_in1k")
     with pytest.raises(WeightsNotFoundError, match=str(tmp_path / "none.pth")):
         timm_model("test_vit", weights_path=str(tmp_path / "none.pth"))
@@ -295,9 +295,9 @@ def test_hf_model_by_hub_id_from_the_cache_only(vit_folder, tmp_path, monkeypatc
 
 def test_hf_bad_folders_fail_in_one_line(vit_folder, tmp_path):
     _, folder = vit_folder
-    with pytest.raises(ConfigError, match="no such folder"):
+    with pytest.raises(ModelConfigError, match="no such folder"):
         hf_model(str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ModelConfigError, match="has no config.json"):
         hf_model(str(tmp_path))
     config_only = tmp_path / "config_only"
     transformers.ViTConfig(**TINY_VIT).save_pretrained(config_only)
@@ -306,7 +306,7 @@ def test_hf_bad_folders_fail_in_one_line(vit_folder, tmp_path):
     text = tmp_path / "bert"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=32).save_pretrained(text)
-    with pytest.raises(ConfigError, match="no image classifier"):
+    with pytest.raises(ModelConfigError, match="no image classifier"):
         hf_model(str(text))
     base = tmp_path / "base"  # a backbone without a classifier: its head would be random
     transformers.ViTModel(transformers.ViTConfig(**TINY_VIT)).save_pretrained(base)
