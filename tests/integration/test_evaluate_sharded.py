@@ -177,15 +177,16 @@ def test_two_processes_score_every_image_once_with_one_process_numbers(tmp_path,
 
 
 class KillAfter(pl.Callback):
-    """``kill -9`` of its own process after ``batches`` scored batches (their shards are written first)."""
+    """Sends its own process ``signum`` (default SIGKILL) after ``batches`` scored batches (their shards
+    are written first)."""
 
-    def __init__(self, batches: int) -> None:
-        self.batches, self.seen = batches, 0
+    def __init__(self, batches: int, signum: int = int(signal.SIGKILL)) -> None:
+        self.batches, self.signum, self.seen = batches, signum, 0
 
     def on_predict_batch_end(self, *args, **kwargs) -> None:
         self.seen += 1
         if self.seen >= self.batches:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.slow
@@ -228,3 +229,17 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_numbers(tmp_path, data_d
 
     per_image = pd.read_parquet(killed / "out" / "evaluation" / "per_image.parquet")
     pd.testing.assert_frame_equal(per_image, per_image_table(evaluation), check_exact=True)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_evaluation_leaves_complete_batches_and_a_killed_run(tmp_path, images):
+    from heatmapbench.evaluation.shards import images_done, plan_batches
+
+    proc = _cli(tmp_path, images, f"+callbacks.kill._target_={__name__}.KillAfter", "+callbacks.kill.batches=2",
+                f"+callbacks.kill.signum={int(signal.SIGTERM)}")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    run = _only_run(tmp_path / "mlruns")
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM received"
+    folder = tmp_path / "out" / "batches"
+    assert images_done(folder).tolist() == list(range(8)) and not list(folder.glob("*.tmp"))
+    assert plan_batches(10, 4, images_done(folder)) == [[8, 9]]  # what resume= would score

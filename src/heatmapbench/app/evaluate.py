@@ -112,8 +112,8 @@ def batches_folder(cfg: DictConfig) -> Path:
 
 
 def launched_rank() -> int:
-    """This process's global rank as its launcher set it before any Trainer exists; 0 for the process
-    a user started.
+    """0 for the process a user started (rank 0), else the first non-zero rank variable its launcher
+    set (not always the global rank); read before any Trainer exists.
 
     Lightning's DDP launcher starts ranks 1… as copies of the command (``LOCAL_RANK``, ``NODE_RANK``),
     SLURM's ``srun`` as tasks (``SLURM_PROCID``), torchrun with ``RANK``. Only rank 0 opens the MLflow
