@@ -117,11 +117,26 @@ def _class_name(node: Any) -> str:
     return str(target).rsplit(".", 1)[-1] if target else ""
 
 
+#: The argument of a generic builder that says which network it makes: timm's model name, a
+#: Hugging Face folder (its last part) or hub id.
+_NET_IDENTITY = ("name", "path")
+
+
+def _model_label(model: Any) -> str:
+    """``SmallCNN``, or ``timm_model:convnext_atto`` / ``hf_model:my-vit`` where one builder makes many networks."""
+    net = model.get("net") if isinstance(model, DictConfig) else None
+    label = _class_name(net) or _class_name(model)
+    for key in _NET_IDENTITY:
+        if isinstance(net, DictConfig) and key in net and not OmegaConf.is_missing(net, key):
+            value = net.get(key)
+            if isinstance(value, str) and value:
+                return f"{label}:{Path(value).name if key == 'path' and Path(value).is_dir() else value}"
+    return label
+
+
 def run_tags(cfg: DictConfig, task: str, explainers: Sequence[str] = ()) -> dict[str, str]:
     """The tags every train and evaluate run carries: task, model, data, perturbation, explainers."""
-    model = cfg.get("model")
-    net = model.get("net") if isinstance(model, DictConfig) else None
-    tags = {"task": task, "model": _class_name(net) or _class_name(model), "data": _class_name(cfg.get("data")),
+    tags = {"task": task, "model": _model_label(cfg.get("model")), "data": _class_name(cfg.get("data")),
             "perturbation": _class_name(cfg.get("perturbation")).lower(), "explainers": ",".join(explainers)}
     return {k: v for k, v in tags.items() if v}
 

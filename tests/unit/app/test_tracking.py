@@ -56,3 +56,17 @@ def test_ui_links_open_the_model_training_view(tmp_path):
     assert "compare-experiments" in links["all of them"] and "machine_learning" in links["all of them"]
     assert "Default" not in links  # empty
     assert main(["--tracking-uri", uri, "--port", "1"]) == 0
+
+
+def test_the_model_tag_names_the_network_of_a_generic_builder(tmp_path, data_dir):
+    folder = tmp_path / "my-vit"
+    folder.mkdir()
+    timm = compose_config("evaluate", ["model=timm", "model.net.name=convnext_atto"], tmp_path, data_dir)
+    hf = compose_config("evaluate", ["model=hf", f"model.net.path={folder}"], tmp_path, data_dir)
+    hub = compose_config("evaluate", ["model=hf", "model.net.path=acme/vit-tiny"], tmp_path, data_dir)
+    zoo = compose_config("evaluate", ["model=resnet50"], tmp_path, data_dir)
+    assert run_tags(timm, "evaluate")["model"] == "timm_model:convnext_atto"
+    assert run_tags(hf, "evaluate")["model"] == "hf_model:my-vit"
+    assert run_tags(hub, "evaluate")["model"] == "hf_model:acme/vit-tiny"
+    assert run_tags(zoo, "evaluate")["model"] == "resnet50"
+    assert run_identity(timm, "evaluate")[0].startswith("evaluate timm_model:convnext_atto/")
