@@ -40,6 +40,7 @@ from heatmapbench.evaluation.artifacts import (
     RANDOM_ORDERING_LABEL,
     correlation_markdown,
     correlations,
+    epoch_label,
     plot_accuracy_vs_aopc,
     settings_title,
     write_evaluation,
@@ -83,6 +84,8 @@ class AOPCCallback(pl.Callback):
         Show a progress bar (with ETA, per forward chunk) when an evaluation runs longer than a
         few seconds; ``False`` keeps it quiet.
 
+    Notes
+    -----
     Metrics are logged at Lightning's logging step (the step of ``val/acc``), so they overlay
     ``val/acc`` on the Step axis of the MLflow UI; ``eval/epoch`` gives the epoch beside them.
     Names: :mod:`heatmapbench.metrics.names`.
@@ -331,7 +334,7 @@ class AOPCCallback(pl.Callback):
         logger.experiment.log_text(logger.run_id, f"{NOT_FINITE}\n{err}\n", f"aopc/epoch_{epoch:03d}/not_measured.txt")
 
     def _title(self, evaluation, epoch: int) -> str:
-        return settings_title(self.settings, self.perturbation, evaluation.num_images, f"epoch {epoch} · ")
+        return settings_title(self.settings, self.perturbation, evaluation.num_images, f"{epoch_label(epoch)} · ")
 
     def _draw(self, trainer: pl.Trainer, evaluation, epoch: int) -> None:
         """The figures of an evaluation logged without them (the last one, when training stopped early)."""

@@ -13,7 +13,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -221,44 +220,66 @@ def correlation_markdown(corr: pd.DataFrame) -> str:
     return "\n".join(lines + ([note] if note else [])) + "\n"
 
 
+def epoch_label(epoch: int) -> str:
+    """How an evaluation's epoch reads in titles and on axes: epoch 0 is the untrained network."""
+    return "before training" if int(epoch) == 0 else f"after epoch {int(epoch)}"
+
+
 def plot_accuracy_vs_aopc(history: pd.DataFrame, path: Path, accuracy: str = "accuracy",
                           corr: pd.DataFrame | None = None, title: str = "") -> None:
     """Paper Fig. 7: accuracy and each explainer's AOPC against the epoch, one panel per measure.
 
-    Panels in the order of :data:`~heatmapbench.metrics.names.CORRELATED_MEASURES` (relative to
-    the random ordering first); the raw and normalised panels also draw the random ordering.
-    Legends give each line's Pearson r with accuracy when ``corr`` is given.
+    Panels are stacked, in the order of :data:`~heatmapbench.metrics.names.CORRELATED_MEASURES`
+    (relative to the random ordering first), so the figure reads in a narrow artifact pane; the
+    raw and normalised panels also draw the random ordering. Legends sit below the data and give
+    each line's Pearson r with accuracy and its 95% CI when ``corr`` is given; each panel says over
+    how many evaluations r was taken. Epoch 0 is labelled "before training".
     """
     names = mn.explainers_in(history.columns, measures=(mn.AOPC,))
     measures = [m for m in mn.CORRELATED_MEASURES if any(mn.explainer_metric(m, n) in history for n in names)]
-    r_of = {} if corr is None else {(r.explainer, r.measure): r.pearson for _, r in corr.iterrows()}
-    label = lambda who, m: who + ("" if pd.isna(r_of.get((who, m), np.nan)) else f" (r={r_of[who, m]:+.2f})")  # noqa: E731
+    rows = {} if corr is None else {(r.explainer, r.measure): r for _, r in corr.iterrows()}
+
+    def label(who: str, measure: str) -> str:
+        r = rows.get((who, measure))
+        if r is None or pd.isna(r.pearson):
+            return who
+        ci = "" if pd.isna(r.pearson_lo) else f" [{r.pearson_lo:+.2f}, {r.pearson_hi:+.2f}]"
+        return f"{who}: r = {r.pearson:+.2f}{ci}"
+
+    epochs = [int(e) for e in history.epoch]
+    ticks = ["before\ntraining" if e == 0 else str(e) for e in epochs]
+    evaluations = int(history[accuracy].notna().sum())
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(measures), figsize=(6.0 * len(measures), 4.8), squeeze=False)
-        for ax, measure in zip(axes[0], measures):
-            ax.plot(history.epoch, history[accuracy], color="black", marker="o", lw=2, label="accuracy")
+        fig, axes = plt.subplots(len(measures), 1, figsize=(9.0, 4.4 * len(measures)), squeeze=False,
+                                 layout="constrained")
+        for ax, measure in zip(axes[:, 0], measures):
+            ax.plot(epochs, history[accuracy], color="black", marker="o", lw=2, label="accuracy")
+            ax.set_xticks(epochs, ticks)
             ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("accuracy")
             ax2 = ax.twinx()
             for k, name in enumerate(names):
                 column = mn.explainer_metric(measure, name)
                 if column in history:
-                    ax2.plot(history.epoch, history[column], marker=".", color=f"C{k}", label=label(name, measure))
+                    ax2.plot(epochs, history[column], marker=".", color=f"C{k}", label=label(name, measure))
             if measure != mn.AOPC_REL and mn.random_ordering_metric(measure) in history:
-                ax2.plot(history.epoch, history[mn.random_ordering_metric(measure)], color="0.35", ls="--", lw=2,
+                ax2.plot(epochs, history[mn.random_ordering_metric(measure)], color="0.35", ls="--", lw=2,
                          label=label(RANDOM_ORDERING_LABEL, measure))
             if measure == mn.AOPC_REL:
-                ax2.axhline(0.0, color="0.35", ls="--", lw=1.2)
+                ax2.axhline(0.0, color="0.35", ls="--", lw=1.2, label="random ordering (0)")
             ax2.set_ylabel(mn.MEASURE_LABELS[measure])
-            ax.set_title(mn.MEASURE_LABELS[measure])
+            heading = mn.MEASURE_LABELS[measure]
+            if corr is not None:
+                heading += f" · r with accuracy over n = {evaluations} evaluations [95% CI]"
+            ax.set_title(heading, loc="left", fontsize=10)
             handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
             labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-            ax.legend(handles, labels, loc="best", fontsize=8)
+            # below the panel, clear of the data (the constrained layout makes room for it)
+            ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8,
+                      frameon=False)
         note = "" if corr is None else random_ordering_note(corr)
-        note = textwrap.fill(note, width=int(55 * len(measures)))
+        note = textwrap.fill(note.replace(" = ", "\u00a0=\u00a0"), width=95)  # never "r" / "= +0.94"
         fig.suptitle((title or "Accuracy and AOPC during training") + (f"\n{note}" if note else ""), fontsize=11)
-        fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
 
