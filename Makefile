@@ -7,13 +7,14 @@ PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data demo test test-fast bench ui clean
+.PHONY: help setup data demo test test-fast bench ui docs docs-serve clean
 
 help:
 	@echo "make demo   set up .venv, get Fashion-MNIST, train the small CNN with AOPC tracking"
 	@echo "make test   set up .venv, get Fashion-MNIST, run the test suite"
 	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT) (prints the Model-training view's links)"
 	@echo "make bench  run the benchmarks in benches/ (installs the peers first)"
+	@echo "make docs   build the documentation site into site/ (strict: a broken link fails); docs-serve serves it"
 
 setup: $(VENV)/.installed
 
@@ -51,6 +52,20 @@ bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	for f in benches/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
+# The docs extra (MkDocs, Material, mkdocstrings) into .venv, once per change of pyproject.toml.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@
+
+# Strict: a broken link, a missing anchor or an unresolved reference fails the build. The site
+# works offline (no web fonts, no external scripts; checked after the build).
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	$(BIN)/python scripts/docs_offline_check.py site
+
+docs-serve: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
+
 ui: setup
 	@mkdir -p mlruns/artifacts
 	@$(BIN)/python -m heatmapbench.app.ui --tracking-uri $(STORE) --port $(PORT)
@@ -58,4 +73,4 @@ ui: setup
 	  --host 127.0.0.1 --port $(PORT)
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache site

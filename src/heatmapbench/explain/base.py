@@ -110,6 +110,8 @@ class Explainer:
     pooling
         How a ``(B, C, H, W)`` attribution is reduced over colour channels (see :data:`POOLINGS`).
 
+    Notes
+    -----
     Subclasses implement :meth:`attribute`, which runs with the model in eval mode, autograd
     on and ``x`` a fresh leaf tensor, and returns ``(B, C, H, W)`` or ``(B, H, W)``.
     """
