@@ -1,7 +1,11 @@
 """Where to look in the MLflow UI: links to the "Model training" view of the project's experiments.
 
 MLflow 3 opens an experiment in its GenAI view unless the URL asks for the model-training one
-(``?workflowType=machine_learning``); ``make ui`` prints these links before serving the store.
+(``?workflowType=machine_learning``) or the user has clicked *Model training* at the top of the
+left sidebar once, which the UI remembers in the browser. A page reached by clicking around
+(a run opened from the runs table) carries no such parameter, so until that click it falls back to
+the GenAI view. ``make ui`` prints, before serving the store, a link to each experiment, to its
+newest run and to that run's key figure, all in the model-training view, and says how to keep it.
 
     python -m heatmapbench.app.ui --tracking-uri sqlite:///$PWD/mlruns/mlflow.db --port 5000
 """
@@ -23,6 +27,26 @@ def experiment_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
 
 
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """One run's page, in the model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def artifact_url(base: str, experiment_id: str, run_id: str, path: str) -> str:
+    """One artifact of a run (e.g. a figure) opened in the run's Artifacts tab, in the model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{quote(path)}?{TRAINING_VIEW}"
+
+
+#: The figure a user looks at first, by the kind of run: training, evaluation, report.
+KEY_FIGURES = ("aopc/accuracy_vs_aopc.png", "evaluation/aopc_curves.png", "report/aopc_vs_region_size.png",
+               "report/rank_per_setting.png")
+
+#: Printed with the links: how to make the UI keep the model-training view.
+KEEP_VIEW = ("These links open MLflow's Model training view. To keep it, click 'Model training' at the top of "
+             "the left sidebar once: the UI remembers it in this browser. Until then a page opened by clicking "
+             "around (a run from the runs table) falls back to the GenAI view.")
+
+
 def compare_url(base: str, experiment_ids: list[str]) -> str:
     """The runs of several experiments side by side, in the model-training view."""
     ids = quote(json.dumps([str(i) for i in experiment_ids], separators=(",", ":")))
@@ -31,18 +55,58 @@ def compare_url(base: str, experiment_ids: list[str]) -> str:
 
 def training_view_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     """``(label, url)`` for every experiment in the store with runs (newest first), plus one to compare them all."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+    if not _store_exists(tracking_uri):
         return []
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiments = [e for e in client.search_experiments() if e.name != "Default" or client.search_runs(
-        [e.experiment_id], max_results=1)]
-    experiments.sort(key=lambda e: e.last_update_time or 0, reverse=True)
+    experiments = _experiments(client)
     links = [(e.name, experiment_url(base, e.experiment_id)) for e in experiments]
     if len(experiments) > 1:
         links.append(("all of them", compare_url(base, [e.experiment_id for e in experiments])))
     return links
+
+
+def _store_exists(tracking_uri: str) -> bool:
+    """False for a sqlite store not created yet (opening it would create an empty one)."""
+    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).is_file()
+
+
+def _experiments(client) -> list:
+    experiments = [e for e in client.search_experiments() if e.name != "Default" or client.search_runs(
+        [e.experiment_id], max_results=1)]
+    return sorted(experiments, key=lambda e: e.last_update_time or 0, reverse=True)
+
+
+def newest_run_urls(tracking_uri: str, base: str) -> list[tuple[str, str, str | None]]:
+    """``(experiment, run url, key figure url or None)`` of each experiment's newest run, in the
+    model-training view; the key figure is the first of :data:`KEY_FIGURES` the run holds."""
+    if not _store_exists(tracking_uri):
+        return []
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = []
+    for experiment in _experiments(client):
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            continue
+        run = runs[0].info
+        figure = None
+        try:
+            folders: dict[str, set[str]] = {}
+            for path in KEY_FIGURES:
+                folder = path.rsplit("/", 1)[0]
+                if folder not in folders:
+                    folders[folder] = {f.path for f in client.list_artifacts(run.run_id, folder)}
+                if path in folders[folder]:
+                    figure = artifact_url(base, experiment.experiment_id, run.run_id, path)
+                    break
+        except (OSError, MlflowException):  # artifacts not listable from here: the run link still helps
+            figure = None
+        out.append((experiment.name, run_url(base, experiment.experiment_id, run.run_id), figure))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(label) for label, _ in links)
     for label, url in links:
         print(f"  {label:<{width}}  {url}")
+    newest = newest_run_urls(args.tracking_uri, base)
+    if newest:
+        print("Newest run of each experiment, and its key figure:")
+        for name, run, figure in newest:
+            print(f"  {name:<{width}}  {run}")
+            if figure:
+                print(f"  {'':<{width}}  {figure}")
+    print(KEEP_VIEW)
     sys.stdout.flush()
     return 0
 

@@ -70,3 +70,27 @@ def test_the_model_tag_names_the_network_of_a_generic_builder(tmp_path, data_dir
     assert run_tags(hub, "evaluate")["model"] == "hf_model:acme/vit-tiny"
     assert run_tags(zoo, "evaluate")["model"] == "resnet50"
     assert run_identity(timm, "evaluate")[0].startswith("evaluate timm_model:convnext_atto/")
+
+
+def test_ui_links_to_the_newest_run_and_its_key_figure_keep_the_view(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from heatmapbench.app.ui import KEEP_VIEW, main, newest_run_urls
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("train", artifact_location=str(tmp_path / "art"))
+    old = client.create_run(eid, start_time=1_000).info.run_id
+    new = client.create_run(eid, start_time=2_000).info.run_id
+    figure = tmp_path / "accuracy_vs_aopc.png"
+    figure.write_bytes(b"png")
+    client.log_artifact(new, str(figure), "aopc")
+    (name, run, key), = newest_run_urls(uri, "http://h:1")
+    assert name == "train" and old not in run
+    assert run == f"http://h:1/#/experiments/{eid}/runs/{new}?workflowType=machine_learning"
+    assert key == f"http://h:1/#/experiments/{eid}/runs/{new}/artifacts/aopc/accuracy_vs_aopc.png?workflowType=machine_learning"
+    client.create_run(eid, start_time=3_000)  # a newer run without figures: its link, no figure
+    assert newest_run_urls(uri, "http://h:1")[0][2] is None
+    assert main(["--tracking-uri", uri, "--port", "1"]) == 0
+    out = capsys.readouterr().out
+    assert KEEP_VIEW in out and "Model training" in KEEP_VIEW and out.count("workflowType=machine_learning") >= 2
