@@ -4,7 +4,7 @@ Every option of every config group is composed by Hydra as the commands compose 
 listed with its default and its meaning. The meaning is read, in this order, from the comment
 above the key in the option's YAML file (or in a shared base it extends), from the numpy-style
 ``Parameters`` section of the class its ``_target_`` names, and from the schema dataclass
-(``heatmapbench.config``: its docstring or the comment above the field). Nothing is written twice:
+(``heatmapbench.app.schema``: its docstring or the comment above the field). Nothing is written twice:
 a wrong or missing meaning is fixed where it lives, and this page follows.
 
     python scripts/config_reference.py > config.md     # the page on its own
@@ -18,7 +18,7 @@ import importlib
 import inspect
 import re
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "src" / "heatmapbench" / "conf"
 #: Which command composes a group (the first root config whose defaults list names it).
 ROOTS = ("train", "evaluate", "report")
 #: Groups described in prose, not composed key by key.
@@ -187,8 +187,8 @@ def first_sentence(text: str) -> str:
 
 @cache
 def schema_meanings() -> dict[str, dict[str, str]]:
-    """``{schema name: {field: meaning}}`` for every schema registered by ``heatmapbench.config``."""
-    from heatmapbench.config.schema import SCHEMAS
+    """``{schema name: {field: meaning}}`` for every schema registered by ``heatmapbench.app.schema``."""
+    from heatmapbench.app.schema import SCHEMAS
 
     out: dict[str, dict[str, str]] = {}
     for schemas in SCHEMAS.values():
@@ -326,7 +326,7 @@ def option_section(group: str, option: str) -> list[str]:
         bases = ", ".join(f"`{p.relative_to(CONF)}`" for p in files[1:])
         lines += [f"Extends {bases}.", ""]
     if schemas:
-        lines += [f"Typed by the schema `{'`, `'.join(schemas)}` (`heatmapbench.config`): a mistyped key "
+        lines += [f"Typed by the schema `{'`, `'.join(schemas)}` (`heatmapbench.app.schema`): a mistyped key "
                   "or a value out of range fails before any work starts.", ""]
     inherited: dict[str, Any] = {}
     for path in files[1:]:
@@ -405,18 +405,22 @@ GROUP_INTRO = {
     "paths": "Where data, outputs and the MLflow store go.",
     "experiment": "Whole recipes (`experiment=<name>`): each file pins a set-up and overrides only what differs.",
     "debug": "Shrink a run to check that it works end to end.",
+    "sanity": "Sanity checks beside an evaluation: `sanity=mprt` runs the model-parameter randomisation test "
+              "(Adebayo et al., NeurIPS 2018) on every evaluated explainer.",
 }
 
 
 def page() -> str:
     from hydra import initialize_config_dir
 
-    import heatmapbench.config  # noqa: F401  (registers the schemas)
+    from heatmapbench.app.schema import register_configs
+
+    register_configs()
 
     lines = ["# Configuration", "",
              "Every option of every config group, with its default and its meaning. This page is generated "
-             "by `scripts/config_reference.py` from the files in `conf/` and the typed schemas in "
-             "`heatmapbench.config`, composed by Hydra as the commands compose them; an interpolation such as "
+             "by `scripts/config_reference.py` from the files in `src/heatmapbench/conf/` and the typed schemas "
+             "in `heatmapbench.app.schema`, composed by Hydra as the commands compose them; an interpolation such as "
              "`${seed}` is shown as written. Override any key on the command line (`evaluation.steps=50`), "
              "pick an option of a group with `group=option` (`perturbation=blur`), and print the composed "
              "config of a command with `--cfg job`.", "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ def train(root: Path, reuse: bool = False) -> Path:
     """Run the tiny training under ``root`` (unless ``reuse``); return the downloaded ``aopc/`` folder."""
     if not reuse:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run([sys.executable, "-m", "heatmapbench.train", *TRAIN, f"paths.root_dir={root}"], check=True,
+        subprocess.run([sys.executable, "-m", "heatmapbench.app.train", *TRAIN, f"paths.root_dir={root}"], check=True,
                        env=env)
     import mlflow
     from mlflow import MlflowClient
@@ -99,31 +98,26 @@ def explanatory(ckpt: Path, data_dir: Path) -> None:
         return ((xk * space.std.view(1, -1, 1, 1) + space.mean.view(1, -1, 1, 1) - space.lo)
                 / (space.hi - space.lo)).clamp(0, 1)[0, 0]
 
-    clean = perturbed("uniform", 0)
-    with plt.rc_context({**STYLE, "savefig.dpi": 110}):
-        fig, axes = plt.subplots(1, 5, figsize=(11, 2.8))
-        h = heatmap[0] / heatmap[0].abs().max()
-        panels = [(clean, "image x⁽⁰⁾", "gray"), (h, "ε-LRP heatmap", "seismic")]
-        panels += [(perturbed("uniform", k), f"x⁽{k}⁾: {k} regions removed", "gray") for k in (4, 8, 16)]
+    def row(panels: list[tuple], name: str, width: float) -> None:  # images side by side, titled
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 2.7))
         for ax, (img, title, cmap) in zip(axes, panels):
-            ax.imshow(img.detach(), cmap=cmap, **({"vmin": -1, "vmax": 1} if cmap == "seismic" else {"vmin": 0, "vmax": 1}))
+            limits = (-1, 1) if cmap == "seismic" else (0, 1)
+            ax.imshow(img.detach(), cmap=cmap, vmin=limits[0], vmax=limits[1])
             ax.set_title(title, fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
-        fig.savefig(OUT / "morf_steps.png")
+        fig.savefig(OUT / name)
         plt.close(fig)
 
+    clean = perturbed("uniform", 0)
+    with plt.rc_context({**STYLE, "savefig.dpi": 110}):
+        h = heatmap[0] / heatmap[0].abs().max()
+        row([(clean, "image x⁽⁰⁾", "gray"), (h, "ε-LRP heatmap", "seismic")]
+            + [(perturbed("uniform", k), f"x⁽{k}⁾: {k} regions removed", "gray") for k in (4, 8, 16)],
+            "morf_steps.png", 11)
         names = ["uniform", "mean", "constant", "blur", "road"]
-        fig, axes = plt.subplots(1, len(names) + 1, figsize=(12, 2.6))
-        for ax, (img, title) in zip(axes, [(clean, "clean")] + [(perturbed(n, 8), n) for n in names]):
-            ax.imshow(img.detach(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=10)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.tight_layout()
-        fig.savefig(OUT / "perturbations.png")
-        plt.close(fig)
+        row([(clean, "clean", "gray")] + [(perturbed(n, 8), n, "gray") for n in names], "perturbations.png", 12)
     for name in ("morf_steps.png", "perturbations.png"):
         shrink(OUT / name, OUT / name)
 

@@ -7,7 +7,6 @@ The tutorial runs as written, in a fresh folder, with smaller settings appended 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -42,7 +41,13 @@ def as_script(blocks: list[tuple[str, str]], root: Path) -> str:
     """The page's bash and Python blocks as one bash script: commands through this interpreter and
     package, each with the smaller settings and its outputs under ``root``."""
     lines = ["set -euo pipefail"]
-    for language, code in blocks:
+    merged: list[tuple[str, str]] = []
+    for language, code in blocks:  # consecutive Python blocks run in one session, as a reader runs them
+        if merged and language == "python" and merged[-1][0] == "python":
+            merged[-1] = ("python", merged[-1][1] + "\n" + code)
+        else:
+            merged.append((language, code))
+    for language, code in merged:
         if language == "python":
             lines += [f'"{sys.executable}" - <<\'PYEOF\'', code.rstrip(), "PYEOF"]
             continue
@@ -51,7 +56,7 @@ def as_script(blocks: list[tuple[str, str]], root: Path) -> str:
             match = re.match(r"\s*\.venv/bin/heatmapbench-(train|evaluate|report)\b(.*)$", command)
             if match:
                 task, rest = match.groups()
-                command = (f'"{sys.executable}" -m heatmapbench.{task}{rest} {SMALL[task]} '
+                command = (f'"{sys.executable}" -m heatmapbench.app.{task}{rest} {SMALL[task]} '
                            f"paths.root_dir={root}")
             lines.append(command)
     return "\n".join(lines) + "\n"
@@ -139,10 +144,10 @@ def test_config_reference_lists_every_option_with_defaults():
     import config_reference
     from dataclasses import fields
 
-    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.app.schema import EvaluationSettings
 
     page = config_reference.page()
-    for group in (p for p in (REPO / "conf").iterdir() if p.is_dir() and p.name != "hydra"):
+    for group in (p for p in config_reference.CONF.iterdir() if p.is_dir() and p.name not in config_reference.SKIP_GROUPS):
         for option in config_reference.options(group.name):
             assert f"### `{group.name}={option}`" in page, (group.name, option)
     for f in fields(EvaluationSettings):  # every setting with its schema default and meaning
