@@ -144,7 +144,7 @@ def test_config_reference_lists_every_option_with_defaults():
     import config_reference
     from dataclasses import fields
 
-    from heatmapbench.app.schema import EvaluationSettings
+    from heatmapbench.evaluation import EvaluationSettings
 
     page = config_reference.page()
     for group in (p for p in config_reference.CONF.iterdir() if p.is_dir() and p.name not in config_reference.SKIP_GROUPS):
