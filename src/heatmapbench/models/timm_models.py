@@ -36,7 +36,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -101,7 +101,8 @@ def cached_weights_file(cfg: Any) -> Path | None:
     return None
 
 
-def timm_preprocessing(net: nn.Module, image_size: int | None = None, channels: int | None = None) -> Preprocessing:
+def timm_preprocessing(net: nn.Module, image_size: int | Sequence[int] | None = None,
+                       channels: int | None = None) -> Preprocessing:
     """The eval preprocessing of a timm model, from ``timm.data.resolve_data_config(model=net)``.
 
     ``resize = floor(size / crop_pct)`` then a centre crop of ``size``, as timm's eval transform.
@@ -113,8 +114,8 @@ def timm_preprocessing(net: nn.Module, image_size: int | None = None, channels: 
 
     data = resolve_data_config({}, model=net)
     c, height, width = data["input_size"]
-    if image_size is not None:
-        height = width = int(image_size)
+    if image_size is not None:  # timm takes an int or (height, width)
+        height, width = (int(image_size), int(image_size)) if isinstance(image_size, int) else map(int, image_size)
     if height != width:
         raise ModelConfigError(f"timm model {type(net).__name__} takes {height}×{width} inputs; heatmapbench's data "
                           "modules crop squares: pass a square size (model.net.kwargs.img_size=...)")

@@ -200,6 +200,9 @@ def test_timm_random_init_is_untrained_and_bad_names_fail_in_one_line(tmp_path):
     assert getattr(net, "weights_source", None) is None  # evaluate warns and tags weights=untrained
     assert preprocessing_of(net) == Preprocessing((0.5,) * 3, (0.5,) * 3, (0.0, 1.0), 32, 33, 3)
     assert net(_x(1, 32)).shape == (1, 1000)
+    assert preprocessing_of(timm_model("test_vit", pretrained=False, kwargs={"img_size": [48, 48]})).image_size == 48
+    with pytest.raises(ValueError, match="takes 32×48 inputs"):
+        timm_model("test_vit", pretrained=False, kwargs={"img_size": [32, 48]})
     with pytest.raises(ModelConfigError, match=r"'vit_tiny_patch16_2244' is not a timm model; did you mean "
                                           r"vit_tiny_patch16_224"):
         timm_model("vit_tiny_patch16_2244")
