@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.evaluate import run_evaluate
 from heatmapbench.models import zoo
-from tests.conftest import cli_env, compose_config, store_uri
+from tests.helpers import cli_env, compose_config, store_uri
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
 from heatmapbench.evaluation.shards import ShardError, merge_shards, plan_batches, save_shard, shard_files
-from tests.conftest import cli_env, compose_config, store_uri
+from tests.helpers import cli_env, compose_config, store_uri
 
 #: 10 random 16×16 RGB images of 2 classes, an untrained small CNN, two explainers, batches of 4.
 EVAL = ["data=imagefolder", "data.image_size=16", "data.resize=16", "data.batch_size=4", "model=small_cnn",

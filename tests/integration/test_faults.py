@@ -13,53 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
-from PIL import Image
 
 from heatmapbench.metrics import names as mn
-from tests.conftest import cli_env
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import EVAL, TRAIN, cli_env, make_images, needs_fmnist, no_runs, runs, store
 
 ENV = cli_env(HYDRA_FULL_ERROR="0")
-#: A tiny evaluation on a 32×32 RGB image folder with an untrained small CNN, long enough to be
-#: interrupted (many random orderings), quick to start.
-EVAL = ["data=imagefolder", "data.image_size=32", "data.resize=32", "data.batch_size=8", "model=small_cnn",
-        "model.num_classes=3", "model.net.in_channels=3", "+model.net.image_size=32", "evaluation=small_images",
-        "evaluation.explainers=[sensitivity_l2]", "device=cpu", "progress=false", "evaluation.n_boot=50", "gallery_size=0"]
-#: A debug training: few batches, one cheap AOPC explainer on 4 images, no artifacts.
-TRAIN = ["trainer=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "callbacks.progress_bar=null", "data.eval_subset_size=4", "data.batch_size=32",
-         "evaluation.explainers=[sensitivity_l2]", "evaluation.steps=4", "evaluation.random_repeats=1",
-         "callbacks.aopc.artifacts=false", "callbacks.aopc.log_complexity=false"]
-
-
-def make_images(root: Path, classes: int = 3, per_class: int = 4, size: int = 32) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return make_images(tmp_path_factory.mktemp("images"))
-
-
-def store(tmp: Path) -> str:
-    return f"sqlite:///{tmp}/mlruns/mlflow.db"
-
-
-def runs(tmp: Path) -> list:
-    client = MlflowClient(store(tmp))
-    return sorted(client.search_runs([e.experiment_id for e in client.search_experiments()]),
-                  key=lambda r: r.info.start_time)
 
 
 def start(tmp: Path, module: str, *overrides: str) -> subprocess.Popen:
@@ -196,26 +158,6 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, train_cfg):
     # the same object does run code when unpickled without the allow-list: the test is sound
     torch.load(crafted, weights_only=False)
     assert marker.exists()
-
-
-# -- everything that can be checked is checked before the run exists ---------------------------
-@pytest.fixture
-def eval_cfg(tmp_path, data_dir, images):
-    from tests.conftest import compose_config
-
-    def make(*overrides: str):
-        return compose_config("evaluate", EVAL + [f"data.path={images}", "evaluation.random_repeats=1",
-                                                  "evaluation.steps=4", *overrides], tmp_path, data_dir)
-
-    return make
-
-
-def no_runs(cfg) -> bool:
-    db = Path(cfg.paths.mlruns_dir) / "mlflow.db"
-    if not db.is_file():
-        return True
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        return con.execute("select count(*) from runs").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("overrides, message", [

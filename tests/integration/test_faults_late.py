@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.data.test_data import needs_fmnist
-from tests.integration.test_faults import EVAL, TRAIN, eval_cfg, images, runs  # noqa: F401  (fixtures)
+from tests.helpers import TRAIN, needs_fmnist, runs
 
 
 # -- results first, then logging ---------------------------------------------------------------
@@ -62,7 +61,7 @@ def test_http_retries_are_bounded_to_about_a_minute(monkeypatch):
 # -- inputs checked for what they are -----------------------------------------------------------
 @pytest.fixture
 def odd_images(tmp_path) -> Path:
-    from tests.integration.test_faults import make_images
+    from tests.helpers import make_images
 
     return make_images(tmp_path / "odd")
 
@@ -81,7 +80,7 @@ def _truncated_jpeg(path: Path) -> None:
 def test_a_truncated_jpeg_is_named_at_the_scan_or_skipped(eval_cfg, odd_images):
     from heatmapbench.data import DataNotFoundError
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.integration.test_faults import no_runs
+    from tests.helpers import no_runs
 
     _truncated_jpeg(odd_images / "class2" / "cut.jpg")
     cfg = eval_cfg(f"data.path={odd_images}")
@@ -151,7 +150,7 @@ def test_single_class_training_is_one_line(train_cfg, odd_images):
 def test_evaluation_settings_are_checked_with_cli_phrased_errors(eval_cfg, overrides, message):
     from heatmapbench.app.schema import ConfigError
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.integration.test_faults import no_runs
+    from tests.helpers import no_runs
 
     cfg = eval_cfg(*overrides)
     with pytest.raises(ConfigError, match=message):
@@ -183,7 +182,7 @@ def test_functional_pad_is_routed_like_the_module_under_lrp():
     import torch
 
     from heatmapbench.explain import LRP
-    from tests.unit.explain.test_canonize import gradient_x_input
+    from tests.helpers import gradient_x_input
 
     torch.manual_seed(0)
     module = _Padded(functional=False).double().eval()
@@ -305,7 +304,7 @@ def test_evaluate_builds_models_through_one_line_errors(tmp_path, data_dir, imag
     torch.save({"state_dict": {f"net.{k}": v for k, v in SmallCNN().state_dict().items()}}, tmp_path / "small.ckpt")
     overrides = {"no weights": ["model=vgg16"], "wrong weights": ["model=vgg16", f"model.net.weights_path={tmp_path}/wrong.pth"],
                  "checkpoint of another model": ["model=vgg16", "model.net.weights=null", f"ckpt_path={tmp_path}/small.ckpt"]}
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cfg = compose_config("evaluate", [*overrides[case], "data=imagefolder", f"data.path={images}", "device=cpu"],
                          tmp_path, data_dir)
@@ -340,7 +339,7 @@ def test_output_folders_are_unique_per_run(tmp_path):
 def test_an_unwritable_output_folder_is_one_line(tmp_path, data_dir, capsys, key):
     from hydra.utils import instantiate
 
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     (tmp_path / "a_file").write_text("")
     cfg = compose_config("evaluate", [f"{key}={tmp_path}/a_file/out"], tmp_path, data_dir)

@@ -21,8 +21,7 @@ from heatmapbench.app.schema import ConfigError
 from heatmapbench.data import DataNotFoundError, ImageFolderDataModule
 from heatmapbench.models import ClassifierModule, SmallCNN, preprocessing_of, zoo
 from heatmapbench.app.train import build_model_and_data, run_train
-from tests.conftest import store_uri
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import needs_fmnist, store_uri
 
 NO_VAL_WARNING = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
 
@@ -342,7 +341,7 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
      r"^model.optimizer._target_='torch.optim.Adamm' is invalid: no such class or function"),
 ])
 def test_a_bad_optimizer_fails_in_one_line_before_any_run(train_cfg, override, message):
-    from tests.integration.test_faults import no_runs
+    from tests.helpers import no_runs
 
     cfg = train_cfg(override)
     with pytest.raises(ConfigError, match=message) as err:

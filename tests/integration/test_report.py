@@ -18,7 +18,7 @@ from PIL import Image
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.app.report import build_report, filter_string, run_report
-from tests.conftest import cli_env, compose_config
+from tests.helpers import cli_env, compose_config
 
 EXPLAINERS = ("sensitivity_l2", "lrp_epsilon_0.01")
 REGIONS = (4, 9)

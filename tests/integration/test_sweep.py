@@ -16,8 +16,7 @@ from mlflow import MlflowClient
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation import Perturbation
-from tests.conftest import cli_env
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import cli_env, needs_fmnist
 
 pytestmark = [pytest.mark.slow, needs_fmnist]
 
@@ -72,7 +71,7 @@ def test_parallel_joblib_sweep_records_every_run(tmp_path, data_dir):
         assert set(run.data.metrics) >= {mn.random_ordering_metric(mn.AOPC), mn.IMAGES, mn.SECONDS}
     # the comparison report over this sweep: one row per job, with each run's own numbers
     from heatmapbench.app.report import run_report
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     sweep_id = runs[0].data.tags["sweep_id"]
     cfg = compose_config("report", [f"sweep_id={sweep_id}", f"tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"],

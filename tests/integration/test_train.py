@@ -14,8 +14,7 @@ from mlflow import MlflowClient
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
-from tests.conftest import cli_env, store_uri
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import cli_env, needs_fmnist, store_uri
 
 pytestmark = [needs_fmnist, pytest.mark.slow]  # trainings and CLI runs
 
@@ -100,7 +99,7 @@ def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, override, messag
 
 def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cfg = train_cfg("logger.experiment_name=t-ckpt", "callbacks.aopc=null")
     result = run_train(cfg)

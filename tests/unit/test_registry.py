@@ -16,7 +16,7 @@ from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import build_explainers, evaluate_batch
 from heatmapbench.explain import Explainer, Sensitivity, get_explainer
 from heatmapbench.perturbation import Constant, Perturbation, Road, Uniform, get_perturbation, region_perturbation
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 class CenterExplainer(Explainer):

@@ -14,7 +14,7 @@ from heatmapbench.data import ImageDataModule
 from heatmapbench.registry import available
 from heatmapbench.app.sanity import sanity_settings
 from heatmapbench.app.tracking import resolved_config
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 DATA = available("data")
 MODELS = available("model")

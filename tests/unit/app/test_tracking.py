@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from heatmapbench.app.tracking import readable_params, run_identity, run_tags
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def test_train_params_are_readable(tmp_path, data_dir):

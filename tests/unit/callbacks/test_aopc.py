@@ -16,8 +16,7 @@ from scipy import stats
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
-from tests.conftest import store_uri
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import needs_fmnist, store_uri
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 

@@ -8,10 +8,7 @@ from PIL import Image
 
 from heatmapbench.data import (DataNotFoundError, FashionMNISTDataModule, ImageFolderDataModule,
                                MNISTDataModule)
-from heatmapbench.data.torchvision_sets import DEBIAN_FASHION_MNIST
-
-needs_fmnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
-                                  reason="Debian's dataset-fashion-mnist is not installed (make data)")
+from tests.helpers import needs_fmnist
 
 
 @needs_fmnist

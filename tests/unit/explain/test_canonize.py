@@ -21,7 +21,7 @@ from heatmapbench.explain.base import explaining
 from heatmapbench.explain.canonize import canonize
 from heatmapbench.testing import randomize_batch_norm
 
-from .test_explainers import assert_same_snapshot, snapshot
+from tests.helpers import assert_same_snapshot, gradient_x_input, snapshot
 
 torch.set_num_threads(2)
 
@@ -169,13 +169,6 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor]:
     x = torch.randn(2 if name in HAND_WRITTEN else 1, 3, side, side, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
     return model, x
-
-
-def gradient_x_input(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (grad,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), x)
-    return (grad * x).sum(1)  # (B, H, W)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

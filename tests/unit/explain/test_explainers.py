@@ -14,6 +14,7 @@ from heatmapbench.explain import LRP, available_explainers, get_explainer
 from heatmapbench.explain.canonizers import ExactMergeBatchNorm, default_canonizers
 from heatmapbench.models import SmallCNN, VGGSmall
 from heatmapbench.testing import randomize_batch_norm
+from tests.helpers import assert_same_snapshot, snapshot
 
 torch.set_num_threads(2)
 
@@ -73,27 +74,6 @@ def arch_model(arch: str) -> tuple[nn.Module, tuple[int, ...]]:
         _CACHE.clear()  # keep one large model in memory at a time
         _CACHE[arch] = build(arch)
     return _CACHE[arch]
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything an explainer could leave behind on a model."""
-    hook_dicts = [k for k in vars(nn.Module()) if "hook" in k]
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "params": [(n, id(p), p.requires_grad, p.grad) for n, p in model.named_parameters()],
-        "modules": [
-            (name, m.training, sorted(vars(m)), list(m._modules), {k: dict(getattr(m, k) or {}) for k in hook_dicts})
-            for name, m in model.named_modules()
-        ],
-    }
-
-
-def assert_same_snapshot(before: dict, after: dict) -> None:
-    assert before["params"] == after["params"]
-    assert before["modules"] == after["modules"]
-    assert before["state"].keys() == after["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(value, after["state"][key]), key
 
 
 def test_registry_lists_every_method():

@@ -25,7 +25,7 @@ from heatmapbench.metrics import (
 )
 from heatmapbench.metrics.summary import bootstrap_indices, format_p, holm
 from heatmapbench.perturbation import region_perturbation
-from tests.unit.perturbation.test_engine import linear_setup
+from tests.helpers import linear_setup
 
 
 def _normal(n, seed, loc=0.0):

@@ -25,7 +25,7 @@ from heatmapbench.models.timm_models import timm_model
 from heatmapbench.models.zoo import MissingExtraError, Preprocessing, WeightsNotFoundError
 from heatmapbench.perturbation import region_perturbation
 from heatmapbench.app.train import build_model_and_data
-from tests.unit.data.test_data import needs_fmnist
+from tests.helpers import needs_fmnist
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

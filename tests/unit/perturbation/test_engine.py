@@ -18,16 +18,11 @@ from heatmapbench.perturbation import (
     Uniform,
     region_perturbation,
 )
+from tests.helpers import linear_setup, ref_impute, tiny_net
 
 ORDERS = ["morf", "lerf", "random"]
 PERTS = ["uniform", "mean", "constant", "blur", "road"]
 REGIONS = ["grid", "sliding"]
-
-
-def tiny_net(c: int = 3, h: int = 10, w: int = 10, k: int = 5, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * h * w, k)).double()
 
 
 # --------------------------------------------------------------------------- the slow reference
@@ -59,34 +54,6 @@ def ref_order(hm, p, mode, order, steps, keys):
         if len(taken) == steps:
             break
     return [cands[i] for i in taken], taken
-
-
-def ref_impute(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """Direct sparse solve of ROAD's linear imputation (weights of Rong et al. / grad-cam)."""
-    c, h, w = img.shape
-    nbrs = [(dy, dx, 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    ids = -np.ones((h, w), dtype=int)
-    pts = list(zip(*np.nonzero(removed)))
-    for n, (y, x) in enumerate(pts):
-        ids[y, x] = n
-    a = scipy.sparse.lil_matrix((len(pts), len(pts)))
-    rhs = np.zeros((len(pts), c))
-    for n, (y, x) in enumerate(pts):
-        for dy, dx, wt in nbrs:
-            yy, xx = y + dy, x + dx
-            if 0 <= yy < h and 0 <= xx < w:
-                a[n, n] += wt
-                if removed[yy, xx]:
-                    a[n, ids[yy, xx]] -= wt
-                else:
-                    rhs[n] += wt * img[:, yy, xx]
-    out = img.copy()
-    if pts:
-        sol = scipy.sparse.linalg.spsolve(a.tocsc(), rhs).reshape(len(pts), c)
-        for n, (y, x) in enumerate(pts):
-            out[:, y, x] = sol[n]
-    return out
 
 
 def reference(model, x, hm, *, p, steps, order, pert, mode, repeats, seed, mean=None, std=None,
@@ -168,20 +135,6 @@ def test_sliding_order_is_window_index_and_disjoint():
         # MoRF's first window is the best-scoring window
         sums = torch.nn.functional.avg_pool2d(hm[i][None, None].double(), 3, stride=1).flatten()
         assert res.order[0, i, 0] == sums.argmax()
-
-
-# ------------------------------------------------------------------------ oracle and seeds
-def linear_setup(b=16, h=16, w=16, c=1, k=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(c * h * w, k)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(k, c * h * w, generator=g))
-        lin.bias.zero_()
-    model = nn.Sequential(nn.Flatten(), lin)
-    x = torch.rand(b, c, h, w, generator=g)
-    tgt = model(x).argmax(1)
-    wt = lin.weight.detach()[tgt].view(b, c, h, w)
-    return model, x, (wt * x).sum(1), tgt  # heatmap exactly w ⊙ x (summed over channels)
 
 
 @pytest.mark.parametrize("pert", ["constant", "uniform"])

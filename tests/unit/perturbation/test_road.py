@@ -10,7 +10,7 @@ import scipy.ndimage
 import torch
 
 from heatmapbench.perturbation import Blur, PixelSpace, Road, RoadWalk, region_perturbation, road_impute, select_regions
-from tests.unit.perturbation.test_engine import ref_impute, tiny_net
+from tests.helpers import ref_impute, tiny_net
 
 
 def random_mask(n, h, w, frac, seed):

@@ -149,7 +149,7 @@ def test_evaluate_with_sanity_logs_metrics_and_artifacts(tmp_path, data_dir):
 
     from heatmapbench.metrics import names as mn
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.conftest import compose_config, store_uri
+    from tests.helpers import compose_config, store_uri
 
     explainers = ["sensitivity_l2", "guided_backprop"]
     cfg = compose_config("evaluate", [
@@ -177,7 +177,7 @@ def test_evaluate_with_sanity_logs_metrics_and_artifacts(tmp_path, data_dir):
 def test_bad_sanity_config_fails_before_any_run(tmp_path, data_dir):
     from heatmapbench.app.schema import ConfigError
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cfg = compose_config("evaluate", ["data=fashion_mnist", "model=small_cnn", "evaluation=small_images", "sanity=mprt",
                                       "sanity.modes=[bottom_up]", "num_images=2"], tmp_path, data_dir)
