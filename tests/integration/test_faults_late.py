@@ -202,7 +202,7 @@ def test_functional_pad_is_routed_like_the_module_under_lrp():
 def test_nan_scores_of_the_model_are_named_as_the_models():
     import torch
 
-    from heatmapbench.config import EvaluationSettings
+    from heatmapbench.app.schema import EvaluationSettings
     from heatmapbench.evaluation import ModelScoresNotFinite, evaluate_batch
 
     model = _Padded(functional=False).eval()
@@ -229,9 +229,9 @@ class Diverge(__import__("pytorch_lightning").Callback):
 def test_a_diverged_training_keeps_training_and_records_aopc_as_not_measured(train_cfg):
     from mlflow import MlflowClient
 
-    from heatmapbench import metric_names as mn
+    from heatmapbench.metrics import names as mn
     from heatmapbench.callbacks.aopc import NOT_FINITE
-    from heatmapbench.train import run_train
+    from heatmapbench.app.train import run_train
 
     cfg = train_cfg(*TRAIN, "test=false", "+callbacks.diverge._target_=tests.integration.test_faults_late.Diverge")
     result = run_train(cfg)
@@ -254,8 +254,8 @@ def test_trainer_flags_turn_their_callbacks_off(train_cfg, flag):
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from heatmapbench.cli import instantiate_callbacks
-    from heatmapbench.train import callbacks_the_trainer_allows
+    from heatmapbench.app.plumbing import instantiate_callbacks
+    from heatmapbench.app.train import callbacks_the_trainer_allows
 
     base = [o for o in TRAIN if not o.startswith(("callbacks.progress_bar", "trainer.enable_progress_bar"))]
     cfg = train_cfg(*base, flag)
@@ -270,8 +270,8 @@ def test_a_server_that_is_not_mlflow_is_one_line():
     import http.server
     import threading
 
-    from heatmapbench.config import ConfigError
-    from heatmapbench.preflight import check_tracking_store
+    from heatmapbench.app.schema import ConfigError
+    from heatmapbench.app.preflight import check_tracking_store
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -294,10 +294,10 @@ def test_a_server_that_is_not_mlflow_is_one_line():
 def test_evaluate_builds_models_through_one_line_errors(tmp_path, data_dir, images, monkeypatch, case, message):
     import torch
 
-    from heatmapbench.evaluate import build_inputs
+    from heatmapbench.app.evaluate import build_inputs
     from heatmapbench.models import SmallCNN
     from heatmapbench.models.zoo import WeightsNotFoundError
-    from heatmapbench.config import ConfigError
+    from heatmapbench.app.schema import ConfigError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub"))  # no cached weights
     torch.save({"a": torch.zeros(2)}, tmp_path / "wrong.pth")
@@ -317,7 +317,7 @@ def test_output_folders_are_unique_per_run(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from heatmapbench.config.schema import unique_suffix
+    from heatmapbench.app.schema import unique_suffix
     from heatmapbench.registry import conf_dir
 
     def folders() -> tuple[str, str]:

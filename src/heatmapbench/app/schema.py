@@ -35,7 +35,7 @@ def config_error(key: str, err: Exception) -> ConfigError:
     text = " ".join(str(err).split())
     if text.startswith((f"{key}.", f"{key}:")):
         return ConfigError(text)
-    return ConfigError(f"{key}.{text}" if re.match(r"[a-z_][a-z0-9_]*(=|: | is )", text) else f"{key}: {text}")
+    return ConfigError(f"{key}.{text}" if re.match(r"[a-z_][a-z0-9_]*(=| is )", text) else f"{key}: {text}")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:

@@ -102,11 +102,12 @@ class EvaluationSettings:
         check_precision(self.precision)
         check_layout(self.layout)
         if not self.explainers:
-            raise ValueError("explainers is empty: name at least one explainer")
+            raise ValueError("explainers=[] is invalid: name at least one explainer")
         known = available("explainer")
         unknown = [n for n in self.explainers if n not in known]
         if unknown:
-            raise ValueError(f"explainers: unknown explainer(s) {unknown}; known: {', '.join(known)}")
+            raise ValueError(f"explainers={self.explainers} is invalid: unknown explainer(s) {unknown}; known: "
+                             f"{', '.join(known)}")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``region_perturbation`` that these settings fix."""

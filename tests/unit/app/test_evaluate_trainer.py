@@ -6,7 +6,7 @@ import pytest
 
 from heatmapbench.app.evaluate import launched_rank, trainer_kwargs
 from heatmapbench.app.schema import ConfigError
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 @pytest.fixture
