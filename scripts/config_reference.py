@@ -424,6 +424,11 @@ def page() -> str:
              "`${seed}` is shown as written. Override any key on the command line (`evaluation.steps=50`), "
              "pick an option of a group with `group=option` (`perturbation=blur`), and print the composed "
              "config of a command with `--cfg job`.", "",
+             "Each default has one source: a typed schema (its dataclass default; a mistyped key or a value out "
+             "of range fails before any data is read or any run is created) or the YAML file, never both; the "
+             "YAML files set only what differs. Files named `_*.yaml` are shared bases that options extend, not "
+             "options of their own. A config folder of your own joins the search path with "
+             "`hydra.searchpath=[file:///path/to/myconf]`.", "",
              "## Commands", ""]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for root in ROOTS:
