@@ -32,7 +32,7 @@ from torch import nn
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 from zennit.types import ConvolutionTranspose
 
-__all__ = ["AlphaBeta", "Epsilon", "Flat", "Norm", "Pass", "ZPlus"]
+__all__ = ["AlphaBeta", "Epsilon", "Flat", "Norm", "Pass", "Uniform", "ZPlus"]
 
 
 def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,18 +59,19 @@ class _TimesInput(torch.autograd.Function):
 
 
 class _DivideByStabilized(torch.autograd.Function):
-    """Identity forward; backward divides by ``stab(z)``."""
+    """Identity forward; backward divides by ``stab(z)`` (and multiplies by ``share``, if not 1)."""
 
     @staticmethod
-    def forward(ctx, z, eps):
+    def forward(ctx, z, eps, share=1.0):
         ctx.save_for_backward(z)
-        ctx.eps = eps
+        ctx.eps, ctx.share = eps, share
         return z.clone()  # a fresh tensor: in-place activations after the layer must not touch z
 
     @staticmethod
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
-        return grad / _stabilize(z, ctx.eps), None
+        signal = grad / _stabilize(z, ctx.eps)
+        return (signal if ctx.share == 1.0 else signal.mul_(ctx.share)), None, None
 
 
 class _PassRelevance(torch.autograd.Function):
@@ -231,6 +232,22 @@ class Norm(Epsilon):
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         super().__init__(epsilon=stabilizer)
+
+
+class Uniform(Epsilon):
+    """The uniform rule on a product of two activations ``z = f(a, b)``, bilinear (AttnLRP eq. 7):
+    ``R_a = 1/2 a * (dz/da)^T (R / stab z)`` and the same for ``b``; as ``a dz/da = b dz/db = z``
+    summed, ``R_a + R_b = R``."""
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        super().__init__(epsilon=stabilizer)
+
+    def pre_forward(self, module, inputs):
+        a, b, *rest = inputs
+        return (_TimesInput.apply(a), _TimesInput.apply(b), *rest)
+
+    def post_forward(self, module, inputs, output):
+        return _DivideByStabilized.apply(output, self.epsilon, 0.5)  # half of R / stab(z) to each factor
 
 
 def _weight_parts(module: nn.Module, parts: list[torch.Tensor]) -> tuple[torch.Tensor, int]:

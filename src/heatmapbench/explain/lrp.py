@@ -24,7 +24,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear, Ma
 
 from . import fast_lrp
 from .base import Explainer, backprop
-from .canonize import GATES, BatchNormAffine, canonize
+from .canonize import GATES, BatchNormAffine, ConstantFactorProduct, NormStdConstant, UniformProduct, canonize
 
 try:
     from efficientnet_lite_pytorch.utils import Identity as _EfficientNetIdentity
@@ -43,6 +43,7 @@ PASS_THROUGH = (
     nn.modules.dropout._DropoutNd,
     nn.modules.padding._ConstantPadNd,
     MaxPool,
+    nn.Upsample,  # nearest (the canonized graph replaces the (bi)linear ones by a proportional Reduce)
 )
 
 
@@ -53,8 +54,18 @@ ENGINES: dict[str, ModuleType] = {"fast": fast_lrp, "zennit": zennit_rules}
 
 def _base_map(r: ModuleType, stabilizer: float) -> LayerMap:
     """Rules shared by every table: relevance passes through nonlinearities (paper Sec. 2) and
-    (folded, identity) BatchNorm; sums and average pools redistribute in proportion to inputs."""
+    (folded, identity) BatchNorm; sums and average pools redistribute in proportion to inputs.
+
+    The modules of transformers and gated nets get the rules of LXT's efficient AttnLRP / CP-LRP
+    (Achtibat et al. 2024) in both engines (Zennit has no rules for two-input modules): the z-rule
+    (``Norm``, eps = stabilizer) on a norm at constant std, on a product whose other factor is held
+    constant, and on a softmax (AttnLRP's softmax rule); the uniform rule on a product of two
+    activations."""
     return [
+        (NormStdConstant, fast_lrp.Norm(stabilizer=stabilizer)),
+        (ConstantFactorProduct, fast_lrp.Norm(stabilizer=stabilizer)),
+        (UniformProduct, fast_lrp.Uniform(stabilizer=stabilizer)),
+        (nn.Softmax, fast_lrp.Norm(stabilizer=stabilizer)),
         (Activation, r.Pass()),
         (BatchNorm, r.Pass()),
         (Sum, r.Norm(stabilizer=stabilizer)),
@@ -159,8 +170,10 @@ class LRP(Explainer):
         wrong relevance on BatchNorm, residual and functional-style networks.
     gates
         ``"refuse"`` (default): a product of two activations (squeeze-excitation, gating, attention)
-        is refused. ``"constant"``: its sigmoid-type factor is held constant and relevance passes to
-        the other factor (the choice of AttnLRP / LXT).
+        is refused. ``"constant"``: its sigmoid-type factor (a gate, attention weights) is held
+        constant and relevance passes to the other factor (CP-LRP, Ali et al. 2022; LXT's CP-LRP
+        for vision transformers). ``"uniform"``: each product of two activations gives half the
+        relevance to each factor and a softmax gets AttnLRP's rule (AttnLRP, Achtibat et al. 2024).
     engine
         ``"fast"`` runs every table in one forward + one backward pass (:mod:`.fast_lrp`, proven
         equal to Zennit in the tests); ``"zennit"`` uses Zennit's hooks.
@@ -211,15 +224,17 @@ class LRP(Explainer):
         layer_map, first_map = RULE_TABLES[self.composite](rules, params)
         return RuleComposite(layer_map + _base_map(rules, self.stabilizer), first_map)
 
-    def network(self, model: nn.Module) -> nn.Module:
-        """What the rules are applied to: the canonized graph (cached per model), or ``model`` itself."""
+    def network(self, model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
+        """What the rules are applied to: the canonized graph (cached per model), or ``model`` itself.
+
+        ``x`` (the batch to explain) lets models with control flow on shapes be traced for its shape."""
         if not self.canonize:
             return model
-        graph = canonize(model, purpose="lrp", gates=self.gates)
+        graph = canonize(model, purpose="lrp", gates=self.gates, example=x)
         graph.check_lrp()
         return graph
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        net = self.network(model)
+        net = self.network(model, x)
         with self.make_composite().context(net):
             return backprop(net, x, target, seed_with_score=True)  # (B, C, H, W) relevance

@@ -582,9 +582,9 @@ def test_errors_leave_the_model_untouched():
 
 
 def test_layer_without_rule_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LayerNorm(4 * 6 * 6), nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"module '2' \(LayerNorm\) has no LRP rule"):
+    with pytest.raises(ValueError, match=r"module '1' \(GroupNorm\) has no LRP rule"):
         get_explainer("lrp_epsilon_0.01")(model, torch.randn(1, 3, 8, 8), torch.tensor([0]))
     assert_same_snapshot(before, snapshot(model))
     silu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))

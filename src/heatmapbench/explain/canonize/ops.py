@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from heatmapbench.explain.canonize.transformers import Softmax, attention_scale
+
 
 def _ops(*names: str) -> set:
     """Functions (torch., F., operator.) and method names for the given op names."""
@@ -36,13 +38,17 @@ ROUTING = _ops(
     "flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "expand", "expand_as", "view_as", "reshape_as", "getitem", "cat", "concat", "concatenate",
     "stack", "chunk", "split", "narrow", "select", "index_select", "repeat", "tile", "movedim",
-    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "unflatten", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "clone", "to",
     "float", "double", "half", "type", "type_as", "unbind", "pixel_shuffle", "channel_shuffle",
     "pad", "constant_pad_nd",  # F.pad: what nn.ZeroPad2d / nn.ConstantPad2d do as modules
+    "roll", "flip",
 )
 DROPOUT = _ops("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
-NON_TENSOR = _ops("size", "dim", "numel", "ndimension") | {getattr, len}
+NON_TENSOR = _ops("size", "dim", "numel", "ndimension") | {getattr, len, attention_scale}
+MATMUL = _ops("matmul", "bmm", "imatmul", "__matmul__")
+NORMS = _ops("layer_norm", "rms_norm")
+INTERPOLATE = _ops("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")
 #: functional activations -> module factory (kwargs of the call are passed on)
 ACTIVATIONS: dict[Any, Callable[..., nn.Module]] = {}
 for _names, _factory in [
@@ -57,6 +63,7 @@ for _names, _factory in [
     (("tanh", "tanh_"), lambda: nn.Tanh()),
     (("elu", "elu_"), lambda alpha=1.0, inplace=False: nn.ELU(alpha)),
     (("hardtanh", "hardtanh_"), lambda min_val=-1.0, max_val=1.0, inplace=False: nn.Hardtanh(min_val, max_val)),
+    (("softmax",), lambda dim=None, _stacklevel=3, dtype=None: Softmax(dim, dtype)),
 ]:
     for _op in _ops(*_names):
         ACTIVATIONS[_op] = _factory

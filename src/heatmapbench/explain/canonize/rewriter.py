@@ -10,21 +10,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from zennit.layer import Sum
 from zennit.types import BatchNorm, Linear
 
 from heatmapbench.explain.canonize.layers import BatchNormAffine, FoldedLinear, Reduce, fold, pass_relevance, stack_terms
 from heatmapbench.explain.canonize.ops import (
-    ACTIVATIONS, ADD, DIV, DROPOUT, GATE_MODULES, INPLACE, MUL, NEG, NON_TENSOR, RECTIFIERS, REDUCE, ROUTING,
-    ROUTING_MODULES, SUB, _is_stochastic_depth_eval, _op_key, _op_name, _ops,
+    ACTIVATIONS, ADD, DIV, DROPOUT, GATE_MODULES, INPLACE, INTERPOLATE, MATMUL, MUL, NEG, NON_TENSOR, NORMS,
+    RECTIFIERS, REDUCE, ROUTING, ROUTING_MODULES, SUB, _is_stochastic_depth_eval, _op_key, _op_name, _ops,
 )
 from heatmapbench.explain.canonize.tracing import source_line, trace
 from heatmapbench.accel.fusion import module_fingerprint, plain_conv_twin
+from heatmapbench.explain.canonize.transformers import (
+    ConstantFactorProduct, NormStdConstant, UniformProduct, expand_attention,
+)
 
 __all__ = ["GATES", "PURPOSES", "CanonicalGraph", "Refusal", "canonize"]
 
-GATES = ("refuse", "constant")
+GATES = ("refuse", "constant", "uniform")
 PURPOSES = ("lrp", "gradient")
 
 
@@ -46,6 +50,8 @@ class CanonicalGraph(fx.GraphModule):
 
     refusals: list[Refusal]
     rules_used: list[str]
+    #: ``(shape, dtype)`` of the inputs a shape-specialised trace is valid for; ``None``: any input
+    specialised_to: tuple | None = None
 
     def check_lrp(self) -> None:
         """Raise ``ValueError`` naming every operation that has no LRP rule."""
@@ -83,6 +89,28 @@ class _Rewriter:
     def refuse(self, node: fx.Node, why: str) -> None:
         self.refusals.append(Refusal(_op_name(node), node.name, "", why))
 
+    def refuse_early(self, node: fx.Node, why: str) -> None:
+        """Refuse ``node`` before the main pass, which then leaves it alone."""
+        self.refuse(node, why)
+        self.erased.add(node)
+
+    def prune_refusals(self) -> None:
+        """Drop refusals of operations that no relevance reaches (e.g. the scores behind attention
+        weights held constant): their rule would never be used."""
+        carrying: set[fx.Node] = set()
+        stack = [n for n in self.graph.nodes if n.op == "output"]
+        while stack:
+            node = stack.pop()
+            if node in carrying:
+                continue
+            carrying.add(node)
+            args = _flat_nodes(list(node.args) + list(node.kwargs.values()))
+            if node.target is pass_relevance or isinstance(self.module_of(node), ConstantFactorProduct):
+                args = args[:1]  # the factor held constant carries no relevance
+            stack.extend(args)
+        names = {n.name for n in carrying}
+        self.refusals = [r for r in self.refusals if r.node in names]
+
     def add_module(self, base: str, module: nn.Module) -> str:
         self.counter += 1
         name = f"canonical_{base.replace('.', '_')}_{self.counter}"
@@ -115,8 +143,16 @@ class _Rewriter:
 
     # passes ---------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.purpose == "lrp":
+            expand_attention(self.gm, self.modules, self.add_module, self.refuse_early)
+            self.graph.lint()
+            self.calls = {}
+            for n in self.graph.nodes:
+                if n.op == "call_module":
+                    self.calls[n.target] = self.calls.get(n.target, 0) + 1
         for node in list(self.graph.nodes):
             if node in self.erased:
+                self.kind.setdefault(node, "tensor")
                 continue
             if node.op == "placeholder":
                 self.kind[node] = "tensor"
@@ -171,6 +207,17 @@ class _Rewriter:
                 self.erased.update((node, bn_node))
                 self.rules_used.add("BatchNorm folded into the conv/linear that feeds it")
             return
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            self.swap_module(node, NormStdConstant.from_module(module))
+            self.rules_used.add(NORM_RULE)
+            return
+        if isinstance(module, nn.Upsample):
+            self.visit_interpolate(node, F.interpolate, (), {"size": module.size, "scale_factor": module.scale_factor,
+                                                           "mode": module.mode,
+                                                           "align_corners": module.align_corners})
+            return
+        if isinstance(module, nn.Softmax):
+            return  # a gate (gates="constant") or the softmax rule (gates="uniform")
         if isinstance(module, BatchNorm):
             if not module.track_running_stats or module.running_var is None:
                 self.refuse(node, "BatchNorm without running statistics normalises by batch statistics; "
@@ -221,6 +268,8 @@ class _Rewriter:
             with self.graph.inserting_after(node):
                 new = self.graph.call_module(self.add_module(node.name, module), (args[0],))
             self.replace(node, new)
+            if isinstance(module, nn.Softmax):
+                return
             if not isinstance(module, RECTIFIERS):
                 self.rules_used.add(f"{type(module).__name__}: relevance passes unchanged (identity rule)")
             return
@@ -246,8 +295,14 @@ class _Rewriter:
         if key in NEG and self.dep(args[0]):
             self.wrap_pass(node, args[0])
             return
-        if key in MUL or key in DIV:
-            self.visit_product(node, tensor_args, divide=key in DIV)
+        if key in MUL or key in DIV or key in MATMUL:
+            self.visit_product(node, tensor_args, divide=key in DIV, matmul=key in MATMUL)
+            return
+        if key in NORMS and self.dep(args[0]):
+            self.visit_norm(node, rms=key in _ops("rms_norm"))
+            return
+        if key in INTERPOLATE and self.dep(args[0]):
+            self.visit_interpolate(node, _callable(node), tuple(args[1:]), dict(node.kwargs))
             return
         if key in REDUCE and self.dep(args[0]):
             if key in _ops("mean", "sum") and len(args) == 1 and not node.kwargs:
@@ -285,12 +340,48 @@ class _Rewriter:
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         self.kind[new] = "tensor"
 
-    def visit_product(self, node: fx.Node, tensor_args: list, divide: bool) -> None:
+    def visit_norm(self, node: fx.Node, rms: bool) -> None:
+        names = ("input", "normalized_shape", "weight", "eps") if rms else (
+            "input", "normalized_shape", "weight", "bias", "eps")
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        tensors = []
+        for name in ("weight", "bias"):
+            value = bound.get(name)
+            if isinstance(value, fx.Node) and value.op != "get_attr":
+                self.refuse(node, f"a normalisation whose {name} is computed in the forward has no rule here")
+                return
+            tensors.append(_get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
+        eps = bound.get("eps", None if rms else 1e-5)
+        shape = bound["normalized_shape"]
+        module = NormStdConstant((shape,) if isinstance(shape, int) else tuple(shape), eps, *tensors, rms=rms,
+                                 label=_op_name(node))
+        self.replace_call(node, module, (bound["input"],))
+        self.rules_used.add(NORM_RULE)
+
+    def visit_interpolate(self, node: fx.Node, fn: Callable, args: tuple, kwargs: dict) -> None:
+        bound = dict(zip(("size", "scale_factor", "mode", "align_corners"), args))
+        bound.update(kwargs)
+        mode = bound.get("mode", "nearest")
+        if mode in ("nearest", "nearest-exact"):
+            self.rules_used.add("nearest upsampling: routing (each value copied, relevance summed back)")
+            return
+        if mode not in ("linear", "bilinear", "trilinear"):
+            self.refuse(node, f"interpolation mode {mode!r} has negative weights; only nearest and (bi/tri)linear "
+                              "upsampling have rules here")
+            return
+        self.replace_call(node, Reduce(fn, args, kwargs, label=f"{mode} upsampling"), (node.args[0],))
+        self.rules_used.add(f"{mode} upsampling: proportional rule (a linear map with non-negative weights)")
+
+    def visit_product(self, node: fx.Node, tensor_args: list, divide: bool, matmul: bool = False) -> None:
         args = list(node.args)
         if len(args) != 2 or node.kwargs:
             self.refuse(node, "multiplication with extra arguments has no rule here")
             return
         if node.target in INPLACE and not self.check_inplace(node, args[0]):
+            return
+        if matmul and len(tensor_args) == 1:
+            self.refuse(node, "a matrix product with a constant has no rule here; use an nn.Linear")
             return
         if len(tensor_args) == 1:
             if divide and not self.dep(args[0]):
@@ -306,7 +397,13 @@ class _Rewriter:
         if self.gates == "refuse":
             self.refuse(node, "a product of two activations (a gate, squeeze-excitation or attention) has no "
                               "sound LRP rule; pass gates='constant' to hold the sigmoid-type factor constant "
-                              "(the AttnLRP/LXT choice) if that is what you want")
+                              "(CP-LRP, the LXT choice for ViTs: explainer cp_lrp) or gates='uniform' (explainer "
+                              "attnlrp) if that is what you want")
+            return
+        fn = _matmul if matmul else operator.mul
+        if self.gates == "uniform":
+            self.replace_call(node, UniformProduct(fn, label=_op_name(node)), tuple(args))
+            self.rules_used.add("product of two activations: uniform rule (half the relevance to each factor)")
             return
         gate_flags = [self.is_gate(a) for a in args]
         if sum(gate_flags) != 1:
@@ -314,21 +411,41 @@ class _Rewriter:
                               f"or softmax; found {sum(gate_flags)}")
             return
         signal = args[gate_flags.index(False)]
+        if matmul:
+            module = ConstantFactorProduct(fn, factor_first=gate_flags[0], label=_op_name(node))
+            self.replace_call(node, module, (signal, args[gate_flags.index(True)]))
+            self.rules_used.add("attention weights (softmax factor of a matrix product) held constant")
+            return
         self.wrap_pass(node, signal)
         self.rules_used.add("gate (sigmoid-type factor of a product) held constant")
+
+    def replace_call(self, node: fx.Node, module: nn.Module, args: tuple) -> None:
+        with self.graph.inserting_after(node):
+            new = self.graph.call_module(self.add_module(node.name, module), args)
+        self.replace(node, new)
 
     def is_gate(self, node: Any) -> bool:
         seen = 0
         while isinstance(node, fx.Node) and seen < 32:
             seen += 1
             module = self.module_of(node)
+            if isinstance(module, ROUTING_MODULES) and node.args:  # e.g. attention dropout (eval)
+                node = node.args[0]
+                continue
             if module is not None:
                 return isinstance(module, GATE_MODULES)
-            if node.target in ROUTING and node.args:
+            if (node.target in ROUTING or node.target in DROPOUT) and node.args:
                 node = node.args[0]
                 continue
             return False
         return False
+
+
+NORM_RULE = "LayerNorm / RMSNorm: standard deviation held constant (identity rule on the normalisation)"
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, b)
 
 
 def _callable(node: fx.Node) -> Callable:
@@ -340,7 +457,8 @@ def _callable(node: fx.Node) -> Callable:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -> CanonicalGraph:
+def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
+             example: torch.Tensor | None = None) -> CanonicalGraph:
     """The model's traced and rewritten graph (cached per model; see the module docstring).
 
     Parameters
@@ -352,7 +470,11 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
         ``refusals`` (:meth:`CanonicalGraph.check_lrp` raises on them). ``"gradient"``: only
         activations become modules (deconvnet / guided backprop need nothing else).
     gates
-        ``"refuse"`` or ``"constant"`` (hold the sigmoid-type factor of a product constant).
+        ``"refuse"``, ``"constant"`` (hold the sigmoid-type factor of a product, e.g. attention
+        weights, constant: CP-LRP) or ``"uniform"`` (half the relevance to each factor: AttnLRP).
+    example
+        An input batch: where Python control flow on shapes stops the plain trace, the graph is
+        traced for inputs of this shape and dtype (and rebuilt for another).
 
     Returns
     -------
@@ -370,6 +492,9 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
     fingerprint = module_fingerprint(model)
     entries = _CACHE.setdefault(model, {})
     cached = entries.get(key)
+    if cached is not None and cached[0] == fingerprint and cached[1].specialised_to not in (
+            None, (tuple(example.shape), example.dtype) if example is not None else None):
+        cached = None  # traced for inputs of another shape (control flow on shapes): trace again
     if cached is not None and cached[0] == fingerprint:
         for module in cached[1].modules():  # refold on first use: a weight changed through .data
             if isinstance(module, FoldedLinear):  # (no version counter records that) stays correct
@@ -377,9 +502,10 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
         return cached[1]
     if model.training:
         raise ValueError("canonize traces the eval-mode graph: call model.eval() first (explainers do).")
-    traced = trace(model)
+    traced = trace(model, example=example)
     rewriter = _Rewriter(traced, purpose, gates)
     rewriter.run()
+    rewriter.prune_refusals()
     rewriter.graph.eliminate_dead_code()
     rewriter.graph.lint()
     root: dict[str, Any] = {}
@@ -388,11 +514,12 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse") -
             root[node.target] = rewriter.modules[node.target] if node.op == "call_module" else _get_attr(traced, node.target)
     result = CanonicalGraph(root, rewriter.graph, f"Canonical{type(model).__name__}")
     if rewriter.refusals:  # trace again, recording stack traces (slow), to name the source lines
-        named = {n.name: n for n in trace(model, record_stack_traces=True).graph.nodes}
+        named = {n.name: n for n in trace(model, record_stack_traces=True, example=example).graph.nodes}
         for refusal in rewriter.refusals:
             refusal.where = source_line(named[refusal.node]) if refusal.node in named else "source line unknown"
     result.refusals = rewriter.refusals
     result.rules_used = sorted(rewriter.rules_used)
+    result.specialised_to = traced.specialised_to
     result.training = False  # not .eval(): the user's modules keep their modes
     entries[key] = (fingerprint, result)
     return result

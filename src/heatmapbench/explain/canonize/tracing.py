@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
+import warnings
 
+import torch
 from torch import fx, nn
+from torch.fx.experimental.meta_tracer import MetaTracer
 from zennit.types import BatchNorm, Linear
 
 from heatmapbench.accel.fusion import FusedConv
@@ -33,24 +37,77 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def trace(model: nn.Module, record_stack_traces: bool = False) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` (eval); a clear error naming the untraceable code otherwise."""
+class _ShapeTracer(MetaTracer, _Tracer):
+    """The same leaves, with proxies that know the shape, dtype and device of an example input.
+
+    Python control flow on shapes (``if x.shape[-1] < k``) then takes the example's branch; control
+    flow on tensor *values* still raises (a proxy's ``bool`` is never answered from the example).
+    The example's values are only used to propagate shapes through leaf modules.
+    """
+
+
+def trace(model: nn.Module, record_stack_traces: bool = False, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` (eval); a clear error naming the untraceable code otherwise.
+
+    Where the plain trace fails and ``example`` (an input batch) is given, the model is traced again
+    with shape-aware proxies (:class:`_ShapeTracer`): the graph is then valid for inputs of the
+    example's shape and dtype only, recorded as ``specialised_to`` (``None`` for a general graph).
+    """
     if "forward" in vars(model):
         raise ValueError(
             f"{type(model).__name__}'s forward was replaced on the instance; torch.fx traces the class's "
             "forward, so LRP would explain different code. Define the forward in a (sub)class instead."
         )
     tracer = _Tracer(record_stack_traces)
+    first, defaults = _signature(model)
+    own = set(vars(model))
     try:
-        graph = tracer.trace(model)
+        return _traced(model, tracer, first, defaults, example, record_stack_traces)
+    finally:
+        for key in set(vars(model)) - own:  # tensor constants the tracer stores on its root: the graph
+            delattr(model, key)            # module has its copies; the user's model stays untouched
+
+
+def _traced(model: nn.Module, tracer: _Tracer, first: str, defaults: dict, example: torch.Tensor | None,
+            record_stack_traces: bool) -> fx.GraphModule:
+    specialised = None
+    try:
+        graph = tracer.trace(model, concrete_args=defaults)
     except Exception as err:  # noqa: BLE001 - any failure of tracing user code is reported the same way
-        raise ValueError(
-            f"LRP needs the data flow of {type(model).__name__}, but torch.fx cannot trace it at "
-            f"{_user_frame(err)} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "Write the forward without Python control flow on tensor values (or move that code into "
-            "a torch.nn module with a supported type)."
-        ) from err
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        failure = err
+        if example is not None:
+            tracer = _ShapeTracer()
+            tracer.record_stack_traces = record_stack_traces
+            try:
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.filterwarnings("ignore", message="Could not compute metadata")
+                    graph = tracer.trace(model, meta_args={first: example.detach()}, concrete_args=defaults)
+                specialised = (tuple(example.shape), example.dtype)
+                failure = None
+            except Exception as shape_err:  # noqa: BLE001 - reported like the plain trace's failure
+                failure = shape_err
+        if failure is not None:
+            raise ValueError(
+                f"LRP needs the data flow of {type(model).__name__}, but torch.fx cannot trace it at "
+                f"{_user_frame(failure)} ({type(failure).__name__}: "
+                f"{str(failure).splitlines()[0] if str(failure) else ''}). "
+                "Write the forward without Python control flow on tensor values (or move that code into "
+                "a torch.nn module with a supported type)."
+            ) from failure
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.specialised_to = specialised
+    return gm
+
+
+def _signature(model: nn.Module) -> tuple[str, dict]:
+    """The name of the forward's input and its other parameters' defaults: explainers call
+    ``model(x)``, so options such as ``attn_mask=None`` are traced as the constants they are."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        raise ValueError(f"{type(model).__name__}.forward takes no positional input to explain")
+    defaults = {p.name: p.default for p in params[1:]
+                if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    return params[0].name, defaults
 
 
 def source_line(node: fx.Node) -> str:
