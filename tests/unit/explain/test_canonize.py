@@ -289,7 +289,7 @@ def test_products_and_unknown_functions_are_refused_with_node_and_source_line():
     model = SqueezeExcite().eval()
     x, target = torch.randn(1, 3, 8, 8), torch.tensor([0])
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"_operator.mul at graph node 'mul' \(.*test_lrp_graph.py:\d+: "
+    with pytest.raises(ValueError, match=r"_operator.mul at graph node 'mul' \(.*test_canonize.py:\d+: "
                                          r"x = x \* gate\[:, :, None, None\]\): a product of two activations"):
         get_explainer("lrp_epsilon_0.01")(model, x, target)
     assert_same_snapshot(before, snapshot(model))
@@ -307,7 +307,7 @@ def test_products_and_unknown_functions_are_refused_with_node_and_source_line():
                 return x.flatten(1)[:, :3]
             return -x.flatten(1)[:, :3]
 
-    with pytest.raises(ValueError, match=r"cannot trace it at .*test_lrp_graph.py:\d+: if x.sum\(\) > 0:"):
+    with pytest.raises(ValueError, match=r"cannot trace it at .*test_canonize.py:\d+: if x.sum\(\) > 0:"):
         get_explainer("lrp_epsilon_0.01")(Branchy(), x, target)
 
 
