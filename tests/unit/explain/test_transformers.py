@@ -21,7 +21,7 @@ from heatmapbench.explain.base import explaining
 from heatmapbench import testing
 from heatmapbench.explain.canonize import canonize
 
-from .test_explainers import assert_same_snapshot, snapshot
+from tests.helpers import assert_same_snapshot, snapshot
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
