@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import REPO, cli_env
+from tests.helpers import REPO, cli_env
 
 DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO / "scripts"))
