@@ -7,12 +7,13 @@ PORT ?= 5000
 STORE := sqlite:///$(CURDIR)/mlruns/mlflow.db
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: help setup data demo test test-fast bench ui docs docs-serve clean
+.PHONY: help setup data demo test test-fast lint bench ui docs docs-serve clean
 
 help:
 	@echo "make demo   set up .venv, get Fashion-MNIST, train the small CNN with AOPC tracking"
 	@echo "make test   set up .venv, get Fashion-MNIST, run the test suite"
 	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT) (prints the Model-training view's links)"
+	@echo "make lint   check the code with ruff (the rules are listed and explained in pyproject.toml)"
 	@echo "make bench  run the benchmarks in benches/ (installs the peers first)"
 	@echo "make docs   build the documentation site into site/ (strict: a broken link fails); docs-serve serves it"
 
@@ -47,6 +48,14 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# ruff with the rule set of pyproject.toml ([tool.ruff.lint], each rule explained there)
+$(VENV)/.lint-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	touch $@
+
+lint: $(VENV)/.lint-installed
+	$(BIN)/ruff check src tests benches scripts .ci
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'

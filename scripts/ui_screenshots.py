@@ -59,7 +59,7 @@ def serve(store: str, artifacts: Path, port: int) -> subprocess.Popen:
             return server
         except OSError:
             if server.poll() is not None:
-                raise SystemExit(f"error: mlflow ui exited with {server.returncode}")
+                raise SystemExit(f"error: mlflow ui exited with {server.returncode}") from None
             time.sleep(2)
     server.terminate()
     raise SystemExit("error: mlflow ui did not answer within 5 minutes")
