@@ -19,12 +19,13 @@ help:
 
 setup: $(VENV)/.installed
 
-# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml; pip takes them from disk.
-$(VENV)/.installed: pyproject.toml
+# Exact versions from constraints.txt (torch==2.14.1 / torchvision==0.29.1: pip takes them from disk);
+# pyproject.toml declares the ranges the wheel accepts.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3.x"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,zoo]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,zoo,launchers]'
 	touch $@
 
 # Offline source of the default data: Debian's dataset-fashion-mnist (needs root + apt-get).
@@ -51,19 +52,19 @@ test-fast: setup data
 
 # ruff with the rule set of pyproject.toml ([tool.ruff.lint], each rule explained there)
 $(VENV)/.lint-installed: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[lint]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[lint]'
 	touch $@
 
 lint: $(VENV)/.lint-installed
 	$(BIN)/ruff check src tests benches scripts .ci
 
 bench: setup
-	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	for f in benches/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 # The docs extra (MkDocs, Material, mkdocstrings) into .venv, once per change of pyproject.toml.
 $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[docs]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[docs]'
 	touch $@
 
 # Strict: a broken link, a missing anchor or an unresolved reference fails the build. The site

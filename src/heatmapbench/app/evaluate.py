@@ -24,7 +24,8 @@ from torch.utils.data import Subset
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
 from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_callbacks, instantiate_data,
-                                      instantiate_model, instantiate_node, selected_explainer, user_errors_exit)
+                                      instantiate_model, instantiate_node, launchers_checked, selected_explainer,
+                                      user_errors_exit)
 from heatmapbench.app.schema import ConfigError, config_error, validate
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
@@ -272,6 +273,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     return {"run_id": logger.run_id, **metrics}
 
 
+@launchers_checked
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="evaluate")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import signal
 import sys
 from typing import Any, Callable
@@ -47,6 +48,39 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             code = err.exit_code if isinstance(err, RunInterrupted) else 128 + signal.SIGINT
             print(f"interrupted: {err or 'SIGINT received'}; exiting with status {code}", file=sys.stderr, flush=True)
             raise SystemExit(code) from err
+
+    return wrapper
+
+
+#: Hydra launchers that come from an extra: the plugin module and the extra that installs it.
+LAUNCHERS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """Exit 2 with one line naming the extra when ``hydra/launcher=<name>`` names a launcher whose plugin
+    is not installed (Hydra itself would list the launchers it has and say nothing of the extra)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") != "hydra/launcher" or value not in LAUNCHERS:
+            continue
+        module, package = LAUNCHERS[value]
+        if importlib.util.find_spec(module) is None:
+            print(f"error: hydra/launcher={value} needs {package}, which is not installed; install it with: "
+                  "pip install 'heatmapbench[launchers]'", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def launchers_checked(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Run :func:`check_launcher` on the command line before Hydra composes the config (a command's ``main``)."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_launcher(sys.argv[1:])
+        return main(*args, **kwargs)
 
     return wrapper
 

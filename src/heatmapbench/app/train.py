@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import adapt_num_classes, apply_model_preprocessing, describe_preprocessing
 from heatmapbench.callbacks import AOPCCallback
-from heatmapbench.app.plumbing import instantiate_callbacks, instantiate_data, instantiate_model, user_errors_exit
+from heatmapbench.app.plumbing import (instantiate_callbacks, instantiate_data, instantiate_model, launchers_checked,
+                                       user_errors_exit)
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
@@ -212,6 +213,7 @@ def _print_aopc(callback: AOPCCallback) -> None:
         print("(no validation images: accuracy not measured; set data.val_size or data.val_fraction)", flush=True)
 
 
+@launchers_checked
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:

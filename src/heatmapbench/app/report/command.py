@@ -30,7 +30,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from heatmapbench.app.plumbing import user_errors_exit
+from heatmapbench.app.plumbing import launchers_checked, user_errors_exit
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.metrics.summary import N_BOOT
 from heatmapbench.registry import conf_dir
@@ -162,6 +162,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     return {"run_id": run_id, "files": files, "report": report, "runs": runs_df, "agreement": agreements}
 
 
+@launchers_checked
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="report")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
