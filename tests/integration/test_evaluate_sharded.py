@@ -1,10 +1,9 @@
-"""An evaluation written batch by batch: shards merge into exactly the in-memory evaluation, every
-image once, and the logged metrics are those of the batches joined in one process, bit for bit."""
+"""heatmapbench-evaluate written batch by batch, over processes, killed and resumed: every image once,
+and the logged metrics those of the batches joined in memory by one process, bit for bit."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.evaluation import EvaluationSettings
-from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation, evaluate_batch
-from heatmapbench.evaluation.shards import ShardError, merge_shards, plan_batches, save_shard, shard_files
+from heatmapbench.evaluation import Evaluation, evaluate_batch
+from heatmapbench.evaluation.shards import shard_files
 from tests.helpers import cli_env, compose_config, store_uri
 
 #: 10 random 16×16 RGB images of 2 classes, an untrained small CNN, two explainers, batches of 4.
@@ -41,61 +39,6 @@ def images(tmp_path_factory) -> Path:
         for i in range(5):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
-
-
-def _parts(x: torch.Tensor, bounds: list[tuple[int, int]], gallery: int) -> list[Evaluation]:
-    torch.manual_seed(0)
-    from heatmapbench.models import SmallCNN
-
-    net = SmallCNN().eval()
-    settings = EvaluationSettings(explainers=["sensitivity_l2", "lrp_epsilon_0.01"], region_size=7, steps=4,
-                                  random_repeats=2, orders=["morf", "lerf"])
-    explainers, pert = build_explainers(settings.explainers), build_perturbation("uniform")
-    return [evaluate_batch(net, x[a:b], explainers, settings, pert, label=torch.arange(a, b) % 10,
-                           gallery_size=max(0, min(gallery - a, b - a)), seed_offset=a) for a, b in bounds]
-
-
-def _assert_same(a: Evaluation, b: Evaluation) -> None:
-    assert a.steps == b.steps and a.explainers == b.explainers
-    for name in a.explainers:
-        assert list(a.curves[name]) == list(b.curves[name])
-        for order in a.curves[name]:
-            assert torch.equal(a.curves[name][order], b.curves[name][order])
-        for kind in a.complexity[name]:
-            assert torch.equal(a.complexity[name][kind], b.complexity[name][kind])
-        assert torch.equal(a.gallery_heatmaps[name], b.gallery_heatmaps[name])
-    for key in ("random_curves", "target", "label", "clean_scores", "gallery_x"):
-        assert torch.equal(getattr(a, key), getattr(b, key)), key
-
-
-def test_shards_merge_into_the_concatenated_evaluation(tmp_path):
-    x = torch.randn(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    bounds = [(0, 3), (3, 6), (6, 7)]
-    parts = _parts(x, bounds, gallery=4)
-    for (a, b), part in reversed(list(zip(bounds, parts))):  # written in any order, by any rank
-        save_shard(tmp_path, torch.arange(a, b), part, rank=a % 2)
-    merged = merge_shards(tmp_path, 7, gallery_size=4)
-    reference = Evaluation.concat(parts, gallery_size=4)
-    _assert_same(merged, reference)
-    assert merged.gallery_x.shape[0] == 4  # three from the first batch, one from the second
-    pd.testing.assert_frame_equal(merged.statistics(n_boot=100).summary, reference.statistics(n_boot=100).summary)
-    assert not list(tmp_path.glob("*.tmp"))
-
-    # an image lost or scored twice is refused, never averaged over
-    extra = tmp_path / "doubled"
-    shutil.copytree(tmp_path, extra)
-    save_shard(extra, torch.arange(3, 6), parts[1], rank=9)
-    with pytest.raises(ShardError, match=r"images \[3, 4, 5\] \(of 3\) more than once"):
-        merge_shards(extra, 7)
-    shard_files(tmp_path)[-1].unlink()  # the batch of image 6
-    with pytest.raises(ShardError, match=r"lacks images \[6\] \(of 1\)"):
-        merge_shards(tmp_path, 7)
-
-
-def test_plan_is_a_fixed_grid_less_what_is_done():
-    assert plan_batches(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert plan_batches(10, 4, done=[4, 5, 6, 7, 0]) == [[1, 2, 3], [8, 9]]
-    assert plan_batches(3, 4, done=[0, 1, 2]) == []
 
 
 def _reference(cfg) -> tuple[Evaluation, dict[str, float]]:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from heatmapbench.evaluation.core import Evaluation, engine_forwards, evaluate_batch
+from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.evaluation.shards import save_shard
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class EvaluationModule(pl.LightningModule):
     """
 
     def __init__(self, net: nn.Module, dataset: Dataset, batches: Sequence[Sequence[int]],
-                 explainers: Mapping[str, Explainer], settings: Any, perturbation: Perturbation,
+                 explainers: Mapping[str, Explainer], settings: EvaluationSettings, perturbation: Perturbation,
                  normalization: Mapping[str, Any], *, gallery_size: int = 0, num_workers: int = 0,
                  progress: bool = False) -> None:
         super().__init__()
