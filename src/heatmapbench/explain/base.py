@@ -19,9 +19,9 @@ from heatmapbench.accel.fusion import fused
 #: Channel pooling of a (B, C, H, W) attribution into a (B, H, W) heatmap.
 #: Sensitivity and deconvolution use a norm over the colour channels (paper eq. 3, q in {2, inf});
 #: LRP and other conservative methods sum over the channels (paper Sec. 2).
-#: The l2 norm is written out: ``torch.linalg.vector_norm(a, dim=1)`` over the three colour
-#: channels takes ~68 ms on a (8, 3, 224, 224) batch on two CPU cores (a slow strided reduction),
-#: 70x the ~1 ms of ``a.square().sum(1).sqrt()`` and a sixth of a whole Lite0 gradient.
+#: The l2 norm is written out as ``a.square().sum(1).sqrt()``: ``torch.linalg.vector_norm(a, dim=1)``
+#: over three channels is a slow strided reduction on CPUs, a sizeable part of a whole gradient
+#: (``benches/bench_explainers.py`` measures the methods).
 POOLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sum": lambda a: a.sum(dim=1),
     "l2": lambda a: a.square().sum(dim=1).sqrt(),

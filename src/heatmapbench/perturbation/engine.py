@@ -30,12 +30,11 @@ SCORES = ("logit", "probability")
 
 #: What the automatic batch size aims at on a CPU: the bytes of the largest tensor of one forward
 #: pass (the input or a module's output). A forward whose activations stay near the cache scores
-#: far more images per second: on two cores EfficientNet-Lite0 at 224² (largest tensor 4.8 MB per
-#: image) ran the engine at 74-79 images/s in chunks of 4-8 and 39 in chunks of 64; VGGSmall and
-#: the small CNN lose ~1.5× at 512 (``benches/bench_runtime.py`` (e)).
+#: far more images per second than one that spills them (``benches/bench_runtime.py`` part (e)
+#: measures it; the docs' Results list the figures).
 AUTO_BATCH_BYTES = 24 << 20
 #: The automatic batch size elsewhere (GPUs want large batches; 512 is what
-#: ``benches/bench_gpu_protocol.py`` measured, 2048 was ×1.4 faster on AlexNet and ×0.9 on Lite0).
+#: ``benches/bench_gpu_protocol.py`` measured best across its networks).
 AUTO_BATCH_DEVICE = 512
 
 

@@ -117,7 +117,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         of a smaller system); the others start from one Jacobi step. The solution does not
         depend on it beyond ``tol``.
     compile : run each iteration as one ``torch.compile``-d function (fused passes; needs a C++
-        compiler; the first call compiles for 15-50 s, a new shape class for a few more). The
+        compiler; the first call compiles, and each new shape class again, so it pays on long runs). The
         solution does not depend on it beyond ``tol``.
 
     Returns
@@ -458,10 +458,9 @@ class Road(Perturbation):
 
     name = "road"
     WALK_TABLE_LIMIT = 1 << 27  # bool entries per region table (two tables: 256 MiB)
-    #: Image-steps built per engine chunk, whatever the forward batch: a model whose automatic
-    #: forward batch is 5 (Lite0) made the walk solve 5 image-steps at a time, and MoRF curves
-    #: (224², L = 100, 8 images, interleaved runs) went at 308 image-steps/s against 640 with
-    #: chunks of 256 (×1.04 at a forward batch of 64).
+    #: Image-steps built per engine chunk, whatever the forward batch: with a small automatic
+    #: forward batch (5 on Lite0) the walk would otherwise solve a handful of image-steps per
+    #: call, and the solver's batched work is what makes it fast.
     fill_chunk = 256
 
     def __init__(self, noise: float = 0.01, tol: float = 1e-6, max_iter: int | None = None,
