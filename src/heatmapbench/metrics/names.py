@@ -37,6 +37,10 @@ Spearman correlation of |heatmap| with the trained model's after the whole netwo
 each similarity measure and ``sanity/mprt_independent_<measure>/<explainer>`` its mean over the layers
 randomised one at a time (bounds ``_lo``/``_hi`` as above).
 
+**ROAR/KAR** (Hooker et al. 2019) on ``heatmapbench-roar``'s parent run (:func:`roar_metric`):
+``roar/<explainer>`` and ``kar/<explainer>``, the mean test accuracy after retraining over the removal
+fractions and seeds (ROAR: lower is better; KAR: higher), ``unmodified/accuracy`` without removal.
+
 **Bookkeeping** under ``eval/`` (never an explainer): :data:`SECONDS`, :data:`IMAGES`, :data:`IMAGES_REUSED`,
 :data:`ACCURACY`, :data:`SUBSET_ACCURACY`, :data:`EPOCH`, and the random *ordering* baseline
 under ``eval/random_ordering/``: ``eval/random_ordering/aopc`` (:func:`random_ordering_metric`)
@@ -58,7 +62,7 @@ __all__ = [
     "TEST_ACC", "ExplainerMetric", "explainer_metric", "parse_explainer_metric", "correlation_metric",
     "parse_correlation_metric", "random_ordering_metric", "random_ordering_correlation", "explainers_in",
     "MEASURE_LABELS", "BEATS_RANDOM", "P_BEST", "RANKING_ORDERS", "RELIABILITY", "ranking_metric",
-    "reliability_metric", "explainer_reliability_metric", "SANITY", "sanity_metric",
+    "reliability_metric", "explainer_reliability_metric", "SANITY", "sanity_metric", "roar_metric",
 ]
 
 # -- explainer measures ------------------------------------------------------------------------
@@ -253,3 +257,10 @@ def sanity_metric(test: str, explainer: str, bound: Optional[str] = None) -> str
     if not test or "/" in test:
         raise ValueError(f"sanity test name {test!r} is invalid: non-empty, without '/'")
     return f"{SANITY}/{_with_bound(test, bound)}/{_check_explainer(explainer)}"
+
+
+def roar_metric(method: str, explainer: str) -> str:
+    """``<method>/<explainer>`` of a ROAR parent run, e.g. ``roar_metric("roar", "sensitivity_l2")``."""
+    if method not in ("roar", "kar", "unmodified"):
+        raise ValueError(f"method={method!r} is invalid: roar, kar or unmodified")
+    return f"{method}/{_check_explainer(explainer)}"

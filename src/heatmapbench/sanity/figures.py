@@ -18,6 +18,17 @@ from heatmapbench.sanity.mprt import TRAINED, MPRTResult  # noqa: E402
 MEASURE_LABELS = {"spearman_abs": "Spearman ρ of |h|", "ssim": "SSIM", "topk": "top-k intersection"}
 
 
+def save_panels(fig, axes, ylabel: str, title: str, path: Path) -> None:
+    """Label the first panel, put the legend in the last, title, save and close a row of panels."""
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, -1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_similarity(summary: pd.DataFrame, path: Path, title: str = "") -> None:
     """One panel per measure: mean similarity (95% CI band) against the layers randomised, one line per explainer.
 
@@ -40,13 +51,7 @@ def plot_similarity(summary: pd.DataFrame, path: Path, title: str = "") -> None:
             ax.axhline(0.0, color="grey", lw=0.8, ls="--")
             ax.set_title(MEASURE_LABELS.get(measure, measure))
             ax.set_xlabel("layer randomised (output first)")
-        axes[0, 0].set_ylabel("similarity to the trained model's heatmap")
-        axes[0, -1].legend(fontsize=7)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        save_panels(fig, axes, "similarity to the trained model's heatmap", title, path)
 
 
 def plot_heatmap_grid(result: MPRTResult, path: Path, image: int = 0) -> None:

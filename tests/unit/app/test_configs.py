@@ -101,6 +101,13 @@ def test_experiments_compose(train_cfg, tmp_path, data_dir, name):
             cfg.evaluation.region_size = size
             grid = (-(-side // size)) ** 2  # tiles, the last row/column cropped at the border
             assert cfg.evaluation.steps == min(100 if side == 224 else 24, grid)
+    elif name.startswith("roar"):  # heatmapbench-roar
+        from heatmapbench.app.roar import RoarSettings
+
+        cfg = compose_config("roar", [f"experiment={name}"], tmp_path, data_dir)
+        validate(cfg, groups=("paths", "data", "trainer", "logger"))
+        settings = RoarSettings(**resolved_config(cfg)["roar"])
+        assert settings.methods == ["roar", "kar"] and len(settings.seeds) >= 2 and settings.baseline == "random"
     elif name.startswith("sanity"):  # heatmapbench-evaluate with the randomisation test
         extra = ["model.net.ckpt_path=/models/last.ckpt"] if name.endswith("demo") else []
         cfg = compose_config("evaluate", [f"experiment={name}", *extra], tmp_path, data_dir)

@@ -27,7 +27,7 @@ from heatmapbench.metrics.summary import N_BOOT
 
 #: Where an evaluate run with ``sanity=mprt`` keeps its per-image similarities.
 MPRT_TABLE = "sanity/mprt_per_image.csv"
-#: The per-seed accuracies a ROAR parent run logs (see :mod:`heatmapbench.app.roar`).
+#: The per-seed accuracies a ROAR parent run logs (:mod:`heatmapbench.app.roar`: TABLE under roar/).
 ROAR_TABLE = "roar/roar_accuracy.csv"
 
 
@@ -52,7 +52,7 @@ def _mprt_measure(table: pd.DataFrame) -> Measure | None:
 
 
 def _roar_measure(table: pd.DataFrame) -> Measure | None:
-    part = table[(table.method == "roar") & (table.explainer != "random_ranking")]
+    part = table[table.method == "roar"]
     if not len(part):
         return None
     scores = -part.groupby(["seed", "explainer"]).accuracy.mean().unstack("explainer")

@@ -1,0 +1,278 @@
+"""``heatmapbench-roar``: ROAR and KAR (Hooker et al., NeurIPS 2019) through the Lightning trainer.
+
+    heatmapbench-roar experiment=roar_fashion_mnist
+    heatmapbench-roar -m experiment=roar_fashion_mnist roar.seeds=[0],[1]   # one job per seed, one parent run
+
+The explained model is the checkpoint ``ckpt_path`` or, when none is given, the recipe (``model``,
+``trainer``, ``data``) trained on the unmodified images with ``roar.explained_seed``. Its heatmaps of every
+training, validation and test image for their true labels are computed in batches with the
+configured explainers (and the ``random`` ranking baseline), cached on disk, and for every method
+(``roar``: replace the top-t locations; ``kar``: the bottom-t), fraction t and seed, a fresh model of
+the same recipe is trained on the modified images and tested on the modified test images.
+
+MLflow: one parent run per ``roar_id`` (a hash of the recipe: model, data, trainer, fill, explained
+weights; not of the explainers, fractions or seeds, so the jobs of a sweep share it), one child run per
+retraining tagged ``roar_job``. A retraining whose child run is FINISHED is not redone: rerunning the
+command (or another job of the sweep) resumes. At the end of every job the parent gets the table of all
+finished retrainings (``roar/roar_accuracy.csv``), the accuracy-against-t figure (Hooker's Fig. 4) and
+the metrics ``roar/<method>/<explainer>``: the mean test accuracy over the fractions and seeds (lower is
+better for ROAR, higher for KAR).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from heatmapbench.app.plumbing import instantiate_data, instantiate_model, user_errors_exit
+from heatmapbench.app.preflight import check_logger
+from heatmapbench.app.schema import ConfigError, validate
+from heatmapbench.app.tracking import make_logger, retry_locked, run_tags, status_of, store_lock, tracked_run
+from heatmapbench.evaluation.core import build_explainers, build_perturbation
+from heatmapbench.metrics import names as mn
+from heatmapbench.perturbation.perturbations import PixelSpace
+from heatmapbench.registry import available, conf_dir
+from heatmapbench.roar import METHODS, Job, dataset_heatmaps, jobs, remove, retrain
+from heatmapbench.roar.retrain import UNMODIFIED
+
+#: The parent run's table and figure (read by the report's metric agreement).
+TABLE = "roar_accuracy.csv"
+FIGURE = "roar_accuracy.png"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RoarSettings:
+    """The ``roar`` node, checked before any work (see ``conf/roar.yaml``)."""
+
+    explainers: list[str]
+    baseline: str | None = "random"
+    methods: list[str] = field(default_factory=lambda: ["roar", "kar"])
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    fill: str = "train_mean"
+    heatmap_batch_size: int = 256
+    explained_seed: int = 0
+    roar_id: str | None = None
+    cache_dir: str = "outputs/roar"
+
+    def __post_init__(self) -> None:
+        known = available("explainer")
+        names = list(self.explainers) + ([self.baseline] if self.baseline else [])
+        unknown = [n for n in names if n not in known]
+        if unknown or not self.explainers:
+            raise ConfigError(f"roar.explainers={list(self.explainers)} is invalid: name known explainers "
+                              f"({', '.join(known)}); unknown: {unknown}")
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise ConfigError(f"roar.methods={list(self.methods)} is invalid: choose from {list(METHODS)}")
+        if not self.fractions or any(not 0 < t <= 1 for t in self.fractions):
+            raise ConfigError(f"roar.fractions={list(self.fractions)} is invalid: fractions in (0, 1]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"roar.seeds={list(self.seeds)} is invalid: one or more distinct seeds")
+        if self.fill != "train_mean" and self.fill not in available("perturbation"):
+            raise ConfigError(f"roar.fill={self.fill!r} is invalid: train_mean (Hooker et al.) or a perturbation: "
+                              f"{', '.join(available('perturbation'))}")
+        if self.heatmap_batch_size < 1:
+            raise ConfigError(f"roar.heatmap_batch_size={self.heatmap_batch_size} is invalid: must be >= 1")
+
+    @property
+    def all_explainers(self) -> list[str]:
+        return list(dict.fromkeys(list(self.explainers) + ([self.baseline] if self.baseline else [])))
+
+
+def roar_id(cfg: DictConfig, settings: RoarSettings) -> str:
+    """A hash of what makes retrainings comparable: model, data, trainer, fill and explained weights."""
+    if settings.roar_id:
+        return settings.roar_id
+    recipe = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "trainer")}
+    recipe["data"].pop("data_dir", None)  # where the files are, and the run's own folder, change nothing
+    recipe["trainer"].pop("default_root_dir", None)
+    recipe.update(fill=settings.fill, ckpt_path=str(cfg.get("ckpt_path")), explained_seed=settings.explained_seed)
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) images and (N,) labels of a dataset, read in batches."""
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=1024, shuffle=False):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+class Retrainer:
+    """The recipe, the data and the explained model of one ``roar_id``; heatmaps cached in ``folder``."""
+
+    def __init__(self, cfg: DictConfig, settings: RoarSettings, folder: Path) -> None:
+        self.cfg, self.settings, self.folder = cfg, settings, folder
+        datamodule = instantiate_data(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        self.data = {"train": _tensors(datamodule.train_set), "test": _tensors(datamodule.test_set)}
+        self.data["val"] = _tensors(datamodule.val_set) if len(datamodule.val_set) else None
+        self.batch_size = int(datamodule.batch_size)
+        x = self.data["train"][0]
+        self.space = PixelSpace.build(x.shape[1], datamodule.mean, datamodule.std, datamodule.value_range,
+                                      x.device, x.dtype)
+        self.fill = x.mean(dim=(0, 2, 3)) if settings.fill == "train_mean" else build_perturbation(settings.fill)
+        self.explainers = build_explainers(settings.all_explainers)
+        self._heatmaps: dict[tuple[str, str], torch.Tensor] = {}
+        self.model = None
+
+    def module(self):
+        return instantiate_model(self.cfg.model)
+
+    def trainer(self):
+        return instantiate(self.cfg.trainer, logger=False, enable_checkpointing=False, callbacks=None,
+                           enable_progress_bar=False, enable_model_summary=False)
+
+    def run(self, job: Job) -> dict[str, float]:
+        """Retrain for ``job``; return its metrics (``test/acc``, ...)."""
+        if job.method == UNMODIFIED:
+            sets = {s: self.data[s] for s in SPLITS}
+        else:
+            g = torch.Generator().manual_seed(job.seed)
+            sets = {s: None if self.data[s] is None else
+                    (remove(self.data[s][0], self.heatmaps(job.explainer, s), job.fraction, job.method,
+                            fill=self.fill, space=self.space, generator=g), self.data[s][1]) for s in SPLITS}
+        module, metrics = retrain(self.module, self.trainer, sets["train"], sets["val"], sets["test"], seed=job.seed,
+                                  batch_size=self.batch_size)
+        if job.method == UNMODIFIED and job.seed == self.settings.explained_seed and not self.cfg.get("ckpt_path"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(module.net.state_dict(), self.folder / "explained_model.pt")
+        return metrics
+
+    def explained_model(self):
+        """The checkpoint's weights, else the recipe trained on unmodified images with ``explained_seed`` (cached)."""
+        if self.model is None:
+            module = self.module()
+            if self.cfg.get("ckpt_path"):
+                from heatmapbench.models.zoo import from_checkpoint
+
+                from_checkpoint(self.cfg.ckpt_path, module.net)
+            else:
+                path = self.folder / "explained_model.pt"
+                if not path.is_file():
+                    self.run(Job(UNMODIFIED, "-", 0.0, self.settings.explained_seed))
+                module.net.load_state_dict(torch.load(path, weights_only=True))
+            self.model = module.net.eval()
+        return self.model
+
+    def heatmaps(self, explainer: str, split: str) -> torch.Tensor:
+        """(N, H, W) heatmaps of the explained model for the true labels of ``split`` (cached on disk)."""
+        key = (explainer, split)
+        if key not in self._heatmaps:
+            path = self.folder / "heatmaps" / f"{explainer}_{split}.pt"
+            if path.is_file():
+                self._heatmaps[key] = torch.load(path, weights_only=True)
+            else:
+                x, y = self.data[split]
+                h = dataset_heatmaps(self.explainers[explainer], self.explained_model(), x, y,
+                                     self.settings.heatmap_batch_size)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(h, path)
+                self._heatmaps[key] = h
+        return self._heatmaps[key]
+
+
+def results_table(client, experiment_id: str, parent: str) -> pd.DataFrame:
+    """Every FINISHED retraining under ``parent``: method, explainer, fraction, seed, accuracy, run id."""
+    runs = retry_locked(client.search_runs)([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                            "attributes.status = 'FINISHED'", max_results=50000)
+    rows = [{"method": r.data.tags["roar_method"], "explainer": r.data.tags["roar_explainer"],
+             "fraction": float(r.data.tags["roar_fraction"]), "seed": int(r.data.tags["roar_seed"]),
+             "accuracy": r.data.metrics.get(mn.TEST_ACC, float("nan")), "job": r.data.tags["roar_job"],
+             "run_id": r.info.run_id} for r in runs if "roar_job" in r.data.tags]
+    columns = ["method", "explainer", "fraction", "seed", "accuracy", "job", "run_id"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["method", "explainer", "fraction", "seed"],
+                                                           ignore_index=True)
+
+
+def roar_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """``roar/<method>/<explainer>``: mean test accuracy over the fractions and seeds (the area under Fig. 4's curve)."""
+    out = {}
+    part = table[table.method != UNMODIFIED]
+    for (method, explainer), rows in part.groupby(["method", "explainer"]):
+        out[mn.roar_metric(method, explainer)] = float(rows.accuracy.mean())
+    base = table[table.method == UNMODIFIED]
+    if len(base):
+        out[mn.roar_metric("unmodified", "accuracy")] = float(base.accuracy.mean())
+    return out
+
+
+def run_roar(cfg: DictConfig) -> dict[str, Any]:
+    """Check everything, find or open the parent run, run the missing retrainings, log the table and figure."""
+    from heatmapbench.roar.figures import plot_accuracy
+
+    validate(cfg, groups=("paths", "data", "trainer", "logger"))
+    settings = RoarSettings(**OmegaConf.to_container(cfg.roar, resolve=True))
+    check_logger(cfg.logger)
+    rid = roar_id(cfg, settings)
+    folder = Path(settings.cache_dir) / rid
+    retrainer = Retrainer(cfg, settings, folder)  # data and explainers: errors before any run exists
+    uri = str(cfg.logger.tracking_uri)
+    from mlflow import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.logger.experiment_name)
+        found = [] if exp is None else retry_locked(client.search_runs)(
+            [exp.experiment_id], f"tags.roar_id = '{rid}' and tags.roar_role = 'parent'")
+    logger = make_logger(cfg.logger, **({"run_id": found[0].info.run_id} if found else {"run_name": f"roar {rid}"}))
+    tags = {**run_tags(cfg, "roar", settings.all_explainers), "roar_id": rid, "roar_role": "parent"}
+    todo = jobs(settings.methods, settings.all_explainers, settings.fractions, settings.seeds)
+    with tracked_run(logger, cfg, extra_tags=tags):
+        client, parent, exp_id = logger.experiment, logger.run_id, logger.experiment_id
+        done = set(results_table(client, exp_id, parent).job)
+        print(f"ROAR {rid}: {len(todo)} retrainings, {len(done & {j.key for j in todo})} already finished "
+              f"(parent run {parent})", flush=True)
+        for job in todo:
+            if job.key in done:
+                continue
+            child = retry_locked(client.create_run)(exp_id, run_name=job.key, tags={
+                "mlflow.parentRunId": parent, "roar_id": rid, "roar_job": job.key, "task": "roar_retraining",
+                "roar_method": job.method, "roar_explainer": job.explainer, "roar_fraction": f"{job.fraction:g}",
+                "roar_seed": str(job.seed), "model": tags.get("model", ""), "data": tags.get("data", "")}).info.run_id
+            try:
+                metrics = retrainer.run(job)
+                for key, value in metrics.items():
+                    retry_locked(client.log_metric)(child, key, value)
+                retry_locked(client.set_terminated)(child, "FINISHED")
+            except BaseException as err:
+                retry_locked(client.set_terminated)(child, status_of(err))
+                raise
+            print(f"  {job.key}: test/acc {metrics.get(mn.TEST_ACC, float('nan')):.4f}", flush=True)
+        table = results_table(client, exp_id, parent)
+        metrics = roar_metrics(table)
+        out = Path(cfg.paths.output_dir) / "roar"
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / TABLE, index=False)
+        plot_accuracy(table, out / FIGURE, title=f"{tags.get('model', '')} on {tags.get('data', '')}")
+        retry_locked(logger.log_metrics)(metrics)
+        for name in (TABLE, FIGURE):
+            retry_locked(client.log_artifact)(parent, str(out / name), "roar")
+    summary = table.groupby(["method", "explainer", "fraction"]).accuracy.agg(["mean", "min", "max", "count"])
+    print("\n== test accuracy after retraining (mean, min, max over seeds) ==\n" + summary.to_string(), flush=True)
+    print(f"parent MLflow run {parent} (experiment {cfg.logger.experiment_name!r}, {uri}); files in {out}", flush=True)
+    return {"run_id": parent, "roar_id": rid, "table": table, **metrics}
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="roar")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run_roar(cfg)
+
+
+if __name__ == "__main__":
+    main()
