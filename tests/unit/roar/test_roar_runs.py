@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from heatmapbench.app import roar as roar_app
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.metrics import names as mn
-from tests.conftest import compose_config, store_uri
+from tests.helpers import compose_config, store_uri
 
 CALLS: list[str] = []
 
