@@ -11,6 +11,7 @@ metrics, the curves, plots, gallery and the paper-style tables, which are also p
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -170,9 +171,15 @@ def evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation
                               gallery_size=gallery_size, num_workers=getattr(datamodule, "num_workers", 0),
                               progress=progress)
     writer = ShardWriter(folder)
-    runner = pl.Trainer(**(trainer or {"accelerator": "cpu", "devices": 1, "logger": False,
-                                       "inference_mode": False, "enable_progress_bar": False}),
-                        callbacks=[writer, *callbacks])
+    lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = lightning.level
+    lightning.setLevel(logging.WARNING)  # its "GPU available" and cloud-service tips: the run prints its device
+    try:
+        runner = pl.Trainer(**(trainer or {"accelerator": "cpu", "devices": 1, "logger": False,
+                                           "inference_mode": False, "enable_progress_bar": False}),
+                            callbacks=[writer, *callbacks])
+    finally:
+        lightning.setLevel(level)
     runner.predict(module, return_predictions=False)
     if not runner.is_global_zero:
         return None
