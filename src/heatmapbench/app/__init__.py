@@ -1,11 +1,12 @@
-"""The application: the three commands and what only they need.
+"""The application: the commands (train, evaluate, report, roar) and what only they need.
 
 Everything here builds on the library (``heatmapbench.explain``, ``.perturbation``, ``.metrics``,
 ``.evaluation``, ``.models``, ``.data``, ``.accel``, ``.callbacks``) and the library never imports
 it back:
 
-* :mod:`.train`, :mod:`.evaluate`, :mod:`.report`: the commands ``heatmapbench-train``,
-  ``heatmapbench-evaluate`` and ``heatmapbench-report`` (thin: compose, check, instantiate, run);
+* :mod:`.train`, :mod:`.evaluate`, :mod:`.report`, :mod:`.roar`: the commands ``heatmapbench-train``,
+  ``heatmapbench-evaluate``, ``heatmapbench-report`` and ``heatmapbench-roar`` (thin: compose, check,
+  instantiate, run); :mod:`.resume` and :mod:`.sanity`: parts of ``heatmapbench-evaluate``;
 * :mod:`.plumbing`: what the commands share (objects from the config, user errors as one-line exits);
 * :mod:`.schema`: the typed Hydra config schema and its validation;
 * :mod:`.adapt_model`: the configured model fitted to the data (class count, preprocessing);
