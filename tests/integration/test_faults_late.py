@@ -37,6 +37,7 @@ def test_results_are_kept_when_logging_them_fails(eval_cfg, monkeypatch):
     assert metrics["eval/images"] == 12.0
     (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
     assert run.info.status == "FAILED" and "Connection refused" in run.data.tags["end_reason"]
+    assert "heartbeat" in run.data.tags  # an open run says it is alive (heatmapbench-runs reads it)
 
 
 def test_http_retries_are_bounded_to_about_a_minute(monkeypatch):
@@ -349,3 +350,62 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, data_dir, capsys, key
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {key}='{tmp_path}/a_file/out' is invalid: cannot write to") and err.count("\n") == 1
+
+
+# -- every run closed -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweeps_parent_reaches_its_workers(tmp_path, images):
+    import signal
+
+    import psutil
+
+    from tests.integration.test_faults import finish, start, wait_for_running
+
+    proc = start(tmp_path, "evaluate", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *EVAL,
+                 f"data.path={images}", "evaluation.random_repeats=400", "evaluation.seed=0,1,2")
+    wait_for_running(proc, tmp_path)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)  # to the parent alone, as docker stop and Kubernetes do
+    code, out = finish(proc, timeout=180)
+    assert code == 143, out[-3000:]
+    assert "passing it to the sweep's" in out and "jobs not started did not run" in out
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]  # no orphans
+    found = runs(tmp_path)
+    assert found and {r.info.status for r in found} == {"KILLED"}, [(r.info.status, r.data.tags) for r in found]
+
+
+def test_stale_running_runs_are_listed_closed_and_counted_by_the_report(tmp_path, capsys):
+    import time
+
+    from mlflow import MlflowClient
+
+    from heatmapbench.app.report.store import load_runs
+    from heatmapbench.app.runs import main as runs_main
+    from heatmapbench.app.tracking import HEARTBEAT_TAG, heartbeat
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(uri)
+    exp = client.create_experiment("heatmapbench-evaluate", artifact_location=str(tmp_path / "artifacts"))
+    done = client.create_run(exp, run_name="done")
+    client.log_metric(done.info.run_id, "aopc_rel/x", 0.1)
+    client.set_terminated(done.info.run_id, "FINISHED")
+    # what SIGKILL or the OOM killer leaves: a RUNNING run whose last heartbeat is 15 minutes old
+    dead = client.create_run(exp, run_name="killed")
+    client.set_tag(dead.info.run_id, HEARTBEAT_TAG, str(int(time.time() - 15 * 60)))
+    alive = client.create_run(exp, run_name="working")
+    with heartbeat(client, alive.info.run_id, every_s=0.05):  # what tracked_run keeps up while a run works
+        time.sleep(0.2)
+    assert abs(float(client.get_run(alive.info.run_id).data.tags[HEARTBEAT_TAG]) - time.time()) < 30
+    load_runs(uri, ["heatmapbench-evaluate"])
+    note = capsys.readouterr().out
+    assert "left out 2 of 3 selected runs that did not finish (2 RUNNING (1 stale: no heartbeat for over 10 min))" in note
+    assert "heatmapbench-runs --close" in note
+    assert runs_main(["--tracking-uri", uri]) == 0
+    listing = capsys.readouterr().out
+    assert f"STALE  {dead.info.run_id}" in listing and f"alive  {alive.info.run_id}" in listing
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"  # listing changes nothing
+    assert runs_main(["--tracking-uri", uri, "--close"]) == 0
+    closed = client.get_run(dead.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["end_reason"].startswith("stale: its process stopped")
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # a beating run is never touched

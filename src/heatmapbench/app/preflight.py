@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
 from torch import nn
 
 from heatmapbench.app.schema import ConfigError
@@ -51,13 +52,7 @@ def check_output_folder(config: Any, key: str) -> None:
         raise SystemExit(2) from err
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-class OutputFolderCheck(_HydraCallback):
+class OutputFolderCheck(Callback):
     """Hydra callback (``conf/hydra/default.yaml``): :func:`check_output_folder` before a run or a sweep."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102

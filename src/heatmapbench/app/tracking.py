@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import heatmapbench
@@ -428,6 +429,57 @@ def interrupts_raise() -> Iterator[None]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+class SweepSignals(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): a SIGINT/SIGTERM to a sweep's parent reaches its workers.
+
+    A parallel launcher (joblib) runs the jobs in worker processes; the signal that ``docker stop``,
+    Kubernetes or a shell sends to the parent alone would end it and leave the workers computing.
+    While a sweep runs, the parent passes the signal on to every process below it, waits (up to
+    ``grace_s``) for them to close their runs KILLED, kills what is left, says how many jobs had
+    started, and exits ``128 + signal``. Jobs run in the parent itself (the basic launcher) handle
+    the signal in :func:`tracked_run`; this handler then stops the sweep between jobs.
+    """
+
+    def __init__(self, grace_s: float = 60.0) -> None:
+        self.grace_s = float(grace_s)
+        self._previous: dict[int, Any] = {}
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
+        if threading.current_thread() is not threading.main_thread():
+            return
+        sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, functools.partial(self._forward, sweep_dir=sweep_dir))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _forward(self, signum: int, frame: Any, sweep_dir: str) -> None:
+        import psutil
+
+        for s in (signal.SIGINT, signal.SIGTERM):  # closing the workers is not to be cut short
+            signal.signal(s, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        workers = psutil.Process().children(recursive=True)
+        print(f"interrupted: {name} received; passing it to the sweep's {len(workers)} worker processes and "
+              f"waiting up to {self.grace_s:.0f} s for them to close their runs", file=sys.stderr, flush=True)
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signum)
+        _, alive = psutil.wait_procs(workers, timeout=self.grace_s)
+        for worker in alive:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+        started = sum(1 for p in Path(sweep_dir).iterdir() if p.is_dir()) if Path(sweep_dir).is_dir() else 0
+        print(f"interrupted: the sweep stopped after {started} started jobs (folders in {sweep_dir}); jobs not "
+              f"started did not run{f'; {len(alive)} workers did not stop in time and were killed' if alive else ''}",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # the launcher's pool is gone: its own shutdown would wait on dead workers
+
+
 def end_reason(err: BaseException) -> str:
     """One line saying why a run ended early: ``SIGTERM received`` or ``ValueError: ...``."""
     if isinstance(err, RunInterrupted):
@@ -453,6 +505,34 @@ def status_of(err: BaseException) -> str:
     return "KILLED" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "FAILED"
 
 
+#: The tag an open run refreshes (unix seconds) so that a run whose process died (SIGKILL, the OOM
+#: killer, a lost node) can be told from one still working: ``heatmapbench-runs`` closes stale ones.
+HEARTBEAT_TAG = "heartbeat"
+HEARTBEAT_S = 60.0
+
+
+@contextlib.contextmanager
+def heartbeat(client: Any, run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While open, set the run's :data:`HEARTBEAT_TAG` to the time now, at once and every ``every_s``
+    seconds, from a daemon thread (a store that fails a beat is tried again at the next)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # noqa: BLE001 - a missed beat only ages the tag
+                retry_locked(client.set_tag, attempts=3)(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=beat, name="heatmapbench-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 @contextlib.contextmanager
 def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Open the logger's MLflow run, log the config, and close it FINISHED, FAILED or KILLED.
@@ -461,7 +541,8 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
     :class:`RunInterrupted`; any exception (or signal) ends the run with an ``end_reason`` tag
     and propagates, so the entry point exits non-zero. A failure while closing is printed and
     does not hide the original error. When the logger was given the ``run_id`` of an earlier
-    run (a resumed training), that run is reopened (status RUNNING) and logged into.
+    run (a resumed training), that run is reopened (status RUNNING) and logged into. While the
+    run is open its :data:`HEARTBEAT_TAG` is refreshed every minute (:func:`heartbeat`).
     """
     with interrupts_raise():
         try:
@@ -471,7 +552,8 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             if resumed:
                 retry_locked(logger.experiment.update_run)(logger.run_id, status="RUNNING")
             log_config(logger, cfg, extra_tags, resumed=resumed)
-            yield logger
+            with heartbeat(logger.experiment, logger.run_id):
+                yield logger
             end_run(logger, "FINISHED")
         except BaseException as err:
             quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}

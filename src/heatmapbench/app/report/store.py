@@ -99,10 +99,38 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None, *, sweep_id:
     if not include_failed:
         kept = df[df.status == "FINISHED"]
         if not len(kept):
-            counts = ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items())
-            raise ConfigError(f"no FINISHED runs match in {where} ({counts}); include_failed=true reports them anyway")
+            raise ConfigError(f"no FINISHED runs match in {where} ({left_out_note(df)}); include_failed=true "
+                              "reports them anyway")
+        if len(kept) < len(df):
+            print(f"note: left out {len(df) - len(kept)} of {len(df)} selected runs that did not finish "
+                  f"({left_out_note(df[df.status != 'FINISHED'])}); include_failed=true reports them"
+                  + ("; heatmapbench-runs --close closes stale RUNNING ones" if "stale" in left_out_note(df) else ""),
+                  flush=True)
         df = kept
     return df.reset_index(drop=True)
+
+
+def left_out_note(df: pd.DataFrame, now: float | None = None) -> str:
+    """``"2 FAILED, 1 RUNNING (1 stale: no heartbeat for over 10 min)"``: the statuses of ``df``'s runs."""
+    import time
+
+    from heatmapbench.app.runs import STALE_AFTER_MIN
+    from heatmapbench.app.tracking import HEARTBEAT_TAG
+
+    now = time.time() if now is None else now
+    parts = []
+    for status, n in df.status.value_counts().items():
+        text = f"{n} {status}"
+        if status == "RUNNING":
+            beat = pd.to_numeric(df.get(f"tags.{HEARTBEAT_TAG}"), errors="coerce") if f"tags.{HEARTBEAT_TAG}" in df \
+                else pd.Series(float("nan"), index=df.index)
+            started = (pd.to_datetime(df.start_time, utc=True) - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+            seen = beat.fillna(started)[df.status == "RUNNING"]
+            stale = int(((now - seen) / 60 > STALE_AFTER_MIN).sum())
+            if stale:
+                text += f" ({stale} stale: no heartbeat for over {STALE_AFTER_MIN:g} min)"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _local_dir(artifact_uri: str) -> Path | None:
