@@ -213,7 +213,7 @@ def test_unwritable_artifact_folder_fails_before_the_run(eval_cfg, tmp_path):
 
 
 def test_failure_while_logging_the_config_fails_the_run(eval_cfg, monkeypatch):
-    from heatmapbench import tracking
+    from heatmapbench.app import tracking  # where tracked_run looks it up
     from heatmapbench.app.evaluate import run_evaluate
 
     def broken(*args, **kwargs):

@@ -409,3 +409,109 @@ def test_stale_running_runs_are_listed_closed_and_counted_by_the_report(tmp_path
     closed = client.get_run(dead.info.run_id)
     assert closed.info.status == "KILLED" and closed.data.tags["end_reason"].startswith("stale: its process stopped")
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # a beating run is never touched
+
+
+# -- stores and files that survive a full disk ----------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 16 MB tmpfs (root only): a disk that fills up for real."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` up to ``leave`` free bytes with one file; return it."""
+    import os
+
+    filler = folder / "filler"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(filler, "ab") as handle:
+        try:
+            handle.write(bytes(max(0, free - leave)))
+            handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_one(tiny_disk):
+    import torch
+    from pytorch_lightning.plugins import TorchCheckpointIO
+
+    from heatmapbench.models.checkpoints import AtomicCheckpointIO
+
+    small, big = {"w": torch.ones(1000)}, {"w": torch.ones(5_000_000)}  # 4 kB and 20 MB
+    path = tiny_disk / "ckpt" / "best.ckpt"
+    AtomicCheckpointIO().save_checkpoint(small, path)
+    with pytest.raises(OSError, match=f"could not write the checkpoint {path} .*; the previous one, if any, is kept"):
+        AtomicCheckpointIO().save_checkpoint(big, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], small["w"])
+    assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no partial file left
+    # Lightning's own writer: a temporary file elsewhere, copied over, truncated by the full disk
+    with pytest.raises(OSError):
+        TorchCheckpointIO().save_checkpoint(big, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+
+
+def _logger_cfg(folder: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"_target_": "pytorch_lightning.loggers.MLFlowLogger", "experiment_name": "e",
+                             "tracking_uri": f"sqlite:///{folder}/mlflow.db", "artifact_location": f"{folder}/a"})
+
+
+def test_a_store_whose_creation_a_full_disk_cut_short_is_never_left_half_made(tiny_disk):
+    from mlflow import MlflowClient
+
+    from heatmapbench.app.tracking import StoreError, make_logger
+
+    db = tiny_disk / "mlflow.db"
+    filler = fill(tiny_disk, leave=300_000)  # a fresh store needs about 1 MB
+    with pytest.raises(StoreError, match=f"could not create the MLflow store {db} .*nothing was left behind"):
+        make_logger(_logger_cfg(tiny_disk)).experiment
+    assert not db.exists()
+    with pytest.raises(Exception):  # what MLflow alone leaves: a half-made store ...
+        MlflowClient(f"sqlite:///{db}").search_experiments()
+    filler.unlink()
+    with pytest.raises(StoreError, match=f"left half-made .* delete {db} and rerun"):  # ... named, with the fix
+        make_logger(_logger_cfg(tiny_disk)).experiment
+    db.unlink()
+    logger = make_logger(_logger_cfg(tiny_disk))
+    assert logger.experiment.get_experiment_by_name("e") is not None
+
+
+def test_a_full_disk_mid_run_ends_the_run_failed_with_one_line(eval_cfg, tiny_disk, monkeypatch, capsys):
+    from heatmapbench.app import evaluate as app_evaluate
+    from heatmapbench.app.plumbing import user_errors_exit
+
+    real = app_evaluate.write_evaluation
+
+    def disk_fills_up(*args, **kwargs):
+        fill(tiny_disk)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_evaluate, "write_evaluation", disk_fills_up)
+    cfg = eval_cfg(f"paths.mlruns_dir={tiny_disk}/mlruns", f"paths.output_dir={tiny_disk}/out")
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.mlruns_dir, cfg.paths.output_dir = f"{tiny_disk}/mlruns", f"{tiny_disk}/out"
+    with pytest.raises(SystemExit) as exit_:
+        user_errors_exit(app_evaluate.run_evaluate)(cfg)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()  # also MLflow's log lines and the untrained-weights banner
+    assert [line for line in err if line.startswith("error")] == err[-1:] and "Traceback" not in "".join(err)
+    assert err[-1].startswith("error: the disk is full: ") and "free space and rerun" in err[-1]
+    (tiny_disk / "filler").unlink()
+    (run,) = runs(tiny_disk)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["end_reason"]

@@ -18,7 +18,7 @@ from heatmapbench.app.schema import ConfigError, config_error
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
-from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted
+from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted, StoreError, disk_full, end_reason
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
@@ -41,8 +41,14 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from err
-        except LoggingFailedError as err:  # the results are safe; the message says where
+        except (LoggingFailedError, StoreError) as err:  # the message says where the results are / what to do
             print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from err
+        except Exception as err:
+            if not disk_full(err):
+                raise
+            print(f"error: the disk is full: {end_reason(err)}; free space and rerun (an open MLflow run was marked "
+                  "FAILED where the store could still write)", file=sys.stderr, flush=True)
             raise SystemExit(1) from err
         except (RunInterrupted, KeyboardInterrupt) as err:
             code = err.exit_code if isinstance(err, RunInterrupted) else 128 + signal.SIGINT

@@ -373,8 +373,56 @@ def make_logger(logger_cfg: DictConfig, **kwargs: Any) -> Any:
     bound_http_retries()
     uri = str(logger_cfg.get("tracking_uri") or "")
     with store_lock(uri):
-        prepare_sqlite_store(uri)
-        return retry_locked(instantiate)(logger_cfg, **kwargs)
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        new = path is not None and not path.exists()
+        try:
+            prepare_sqlite_store(uri)
+            return retry_locked(instantiate)(logger_cfg, **kwargs)
+        except Exception as err:
+            if path is None:
+                raise
+            _forget_engine(uri)  # MLflow keeps one engine per store URI, with connections to the failed file
+            if new:  # its creation was cut short (a full disk): nothing of value in it, nothing left behind
+                for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+                    leftover.unlink(missing_ok=True)
+                raise StoreError(f"could not create the MLflow store {path} ({end_reason(err)[:300]}); nothing was "
+                                 "left behind: free space (or fix the folder) and rerun") from err
+            if half_made(path):
+                raise StoreError(f"the MLflow store {path} was left half-made when its creation was cut short (it "
+                                 f"holds no runs): delete {path} and rerun ({end_reason(err)[:200]})") from err
+            raise
+
+
+def _forget_engine(uri: str) -> None:
+    """Drop MLflow's cached SQLAlchemy engine of ``uri`` (if this MLflow has the cache) and close its connections."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError:  # pragma: no cover
+        return
+    engines = getattr(SqlAlchemyStore, "_engine_map", None)
+    engine = engines.pop(uri, None) if isinstance(engines, dict) else None
+    if engine is not None:
+        engine.dispose()
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be created or opened; the message names the file and what to do."""
+
+
+def half_made(path: Path) -> bool:
+    """Whether the sqlite file at ``path`` (which MLflow failed to open) is a store that holds nothing: some
+    tables, no runs, no experiment but MLflow's ``Default``. Its creation or migration was cut short;
+    deleting it loses nothing."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as con:
+            tables = {row[0] for row in con.execute("select name from sqlite_master where type = 'table'")}
+            runs = con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+            experiments = con.execute("select count(*) from experiments").fetchone()[0] if "experiments" in tables else 0
+    except sqlite3.Error:
+        return False
+    return bool(tables) and not runs and experiments <= 1
 
 
 def log_skipped(logger: Any, skipped: list[str]) -> None:
@@ -533,6 +581,49 @@ def heartbeat(client: Any, run_id: str, every_s: float = HEARTBEAT_S) -> Iterato
         thread.join(timeout=5)
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) says the disk is full (``ENOSPC``, sqlite's
+    ``database or disk is full``)."""
+    import errno
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        if "No space left on device" in text or "database or disk is full" in text or "Disk quota exceeded" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+#: Space set aside beside a sqlite store while a run is open, given back to let the store record
+#: FAILED when the disk fills up (a status and a tag need a few pages).
+RESERVE_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def space_reserve(tracking_uri: str) -> Iterator[Callable[[], None]]:
+    """While open, a :data:`RESERVE_BYTES` file beside a local sqlite store; yields a function that frees it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield lambda: None
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    reserve = db.with_name(f".{db.name}.reserve-{os.getpid()}")
+    try:
+        with open(reserve, "wb") as handle:
+            handle.write(bytes(RESERVE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:  # no space for it: the run goes on without
+        reserve.unlink(missing_ok=True)
+    try:
+        yield lambda: reserve.unlink(missing_ok=True)
+    finally:
+        reserve.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
     """Open the logger's MLflow run, log the config, and close it FINISHED, FAILED or KILLED.
@@ -544,7 +635,7 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
     run (a resumed training), that run is reopened (status RUNNING) and logged into. While the
     run is open its :data:`HEARTBEAT_TAG` is refreshed every minute (:func:`heartbeat`).
     """
-    with interrupts_raise():
+    with interrupts_raise(), space_reserve(str(getattr(logger, "_tracking_uri", "") or "")) as free_reserve:
         try:
             resumed = getattr(logger, "_run_id", None) is not None
             with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
@@ -557,6 +648,8 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             end_run(logger, "FINISHED")
         except BaseException as err:
             quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}
+            if disk_full(err):
+                free_reserve()  # room for the store to record FAILED
             try:
                 with _environ(quick):  # the server already failed: one short try to mark the run
                     end_run(logger, status_of(err), end_reason(err))

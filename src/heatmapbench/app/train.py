@@ -21,7 +21,7 @@ from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.evaluation.artifacts import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
 from heatmapbench.registry import conf_dir
-from heatmapbench.models.checkpoints import RunRecord, recorded_run, training_checkpoint
+from heatmapbench.models.checkpoints import AtomicCheckpointIO, RunRecord, recorded_run, training_checkpoint
 from heatmapbench.app.preflight import check_logger, check_model_fits_data, check_optimizer, check_regions_fit
 from heatmapbench.app.tracking import (log_skipped, make_logger, prepare_sqlite_store, resolved_config, retry_locked,
                                    run_identity, run_tags, store_lock, tracked_run)
@@ -54,7 +54,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             logger_kwargs["run_name"] = run_name
         callbacks.append(RunRecord(resolved_config(cfg)))  # the run's id and config go into every checkpoint
     logger = make_logger(cfg.logger, **logger_kwargs) if cfg.get("logger") else None
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]  # full disk: no half file
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=plugins)
 
     def fit_and_test() -> dict[str, Any]:
         if logger is not None and getattr(datamodule, "skip_unreadable", False):

@@ -88,3 +88,38 @@ class RunRecord(pl.Callback):
                        "experiment_name": getattr(logger, "_experiment_name", None)}
                 break
         checkpoint[KEY] = {"config": self.config, "mlflow": run}
+
+
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Checkpoints written next to their final name and renamed into place (``os.replace``).
+
+    Lightning's own writer goes through a temporary file in the system's temp folder and *copies*
+    it over when that is another file system: a full disk then leaves a truncated ``best.ckpt``.
+    Here the file is written as ``.<name>.tmp-<pid>`` in the checkpoint's folder, flushed to disk,
+    and renamed; a failure (a full disk) removes the partial file, keeps the previous checkpoint
+    and raises an ``OSError`` naming the file. Local paths only; others go to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        import io
+        import os
+
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        buffer = io.BytesIO()  # serialised first, as Lightning does: a write error is then a plain OSError
+        torch.save(checkpoint, buffer)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"could not write the checkpoint {path} ({err.strerror or err}); the "
+                                         "previous one, if any, is kept") from err
+            raise
