@@ -81,17 +81,27 @@ def test_report_agreement_on_runs_with_known_rankings(tmp_path):
                           "layer": "x", "similarity": s + (0.5 if d == 1 else 0.0)}
                          for i in range(8) for e, s in zip(EXPLAINERS, [0.1, 0.2, 0.3, 0.4]) for d in (1, 2)])
     mprt.to_csv(artifacts / "sanity" / "mprt_per_image.csv", index=False)  # a changes most: best under MPRT
-    runs = pd.DataFrame({"run_id": ["r1", "r2"], "artifact_uri": [str(artifacts), str(tmp_path / "r2")],
-                         "tags.task": "evaluate", "tags.model": "smallcnn", "tags.data": "fashion_mnist"})
+    roar = tmp_path / "r3"
+    (roar / "roar").mkdir(parents=True)  # a ROAR parent run: d's removal hurts most, a's least
+    pd.DataFrame([{"method": m, "explainer": e, "fraction": t, "seed": s, "accuracy": acc - 0.1 * t}
+                  for m in ("roar", "kar") for e, acc in zip(EXPLAINERS, [0.8, 0.7, 0.6, 0.5])
+                  for t in (0.1, 0.5) for s in (0, 1)]).to_csv(roar / "roar" / "roar_accuracy.csv", index=False)
+    runs = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "artifact_uri": [str(artifacts), str(tmp_path / "r2"), str(roar)],
+                         "tags.task": ["evaluate", "evaluate", "roar"], "tags.roar_role": [None, None, "parent"],
+                         "tags.model": ["from_checkpoint", "from_checkpoint", "SmallCNN"],
+                         "params.model.net.net._target_": ["heatmapbench.models.SmallCNN"] * 2 + [None],
+                         "tags.data": "fashion_mnist"})
     (agreement,) = agreement_reports(long, per_image, runs, n_boot=200, seed=0)
-    assert agreement.group == "smallcnn / fashion_mnist"
+    assert agreement.group == "SmallCNN / fashion_mnist"  # the checkpoint's network joins the ROAR run's
     assert [m.name for m in agreement.measures] == ["MoRF uniform", "LeRF uniform", "ABPC uniform", "MoRF road",
-                                                     "MPRT"]
+                                                     "MPRT", "ROAR"]
+    assert agreement.measures[-1].unit == "seed" and agreement.measures[-1].scores.shape == (2, 4)
     tau = agreement.tau.set_index(["measure_a", "measure_b"]).tau
     assert tau[("MoRF uniform", "LeRF uniform")] == 1.0
     assert tau[("MoRF uniform", "ABPC uniform")] == 1.0
     assert tau[("MoRF uniform", "MoRF road")] == -1.0
     assert tau[("MoRF uniform", "MPRT")] == 1.0  # the last (whole-net) step counts, not the first
+    assert tau[("MoRF road", "ROAR")] == 1.0  # ROAR: lower accuracy after retraining = better (d best)
     ranks = agreement.rankings.set_index(["measure", "explainer"])["rank"]
     assert ranks[("MoRF road", "d")] == 1 and ranks[("MPRT", "a")] == 1
     (tmp_path / "report").mkdir()

@@ -59,17 +59,31 @@ def _roar_measure(table: pd.DataFrame) -> Measure | None:
     return Measure("ROAR", scores, unit="seed", lower_is_better=True)
 
 
+def _group(run: dict) -> str:
+    """``<network> / <data>`` of a run; a heatmapbench-train checkpoint counts as the network inside it."""
+    model = run.get("tags.model")
+    inner = run.get("params.model.net.net._target_")
+    if model == "from_checkpoint" and isinstance(inner, str) and inner:
+        model = inner.rsplit(".", 1)[-1]
+    return f"{model} / {run.get('tags.data')}"
+
+
 def collect_measures(long: pd.DataFrame, per_image: pd.DataFrame | None, runs: pd.DataFrame) -> dict[str, list[Measure]]:
-    """Measures per ``model / data`` group from the report's long table, per-image tables and runs."""
+    """Measures per ``network / data`` group from the report's long table, per-image tables and runs."""
     groups: dict[str, list[Measure]] = {}
+    records = {r["run_id"]: r for r in runs.to_dict("records")}  # (itertuples would rename the dotted columns)
+
+    def add(group: str, measure: Measure | None) -> None:
+        if measure is not None and measure.name not in {m.name for m in groups.get(group, [])}:
+            groups.setdefault(group, []).append(measure)
+
     by_run = long.drop_duplicates("run_id").set_index("run_id")
     sizes = long.groupby(["model", "data", "perturbation"], dropna=False).region_size.nunique()
     if per_image is not None and len(per_image):
         for run_id, table in per_image.groupby("run_id", sort=False):
-            if run_id not in by_run.index:
+            if run_id not in by_run.index or run_id not in records:
                 continue
             row = by_run.loc[run_id]
-            group = f"{row.model} / {row.data}"
             several = sizes.get((row.model, row.data, row.perturbation), 1) > 1
             suffix = f" {row.perturbation}" + (f" r{int(row.region_size)}" if several else "")
             for order in ("morf", "lerf", "abpc"):
@@ -78,24 +92,18 @@ def collect_measures(long: pd.DataFrame, per_image: pd.DataFrame | None, runs: p
                 except ValueError:  # this run has no LeRF
                     continue
                 name = f"{'ABPC' if order == 'abpc' else order.replace('morf', 'MoRF').replace('lerf', 'LeRF')}{suffix}"
-                if len(scores) and scores.shape[1] >= 2 and name not in {m.name for m in groups.get(group, [])}:
-                    groups.setdefault(group, []).append(Measure(name, scores, lower_is_better=order == "lerf"))
-    for run in runs.to_dict("records"):  # (itertuples would rename the dotted columns)
+                if len(scores) and scores.shape[1] >= 2:
+                    add(_group(records[run_id]), Measure(name, scores, lower_is_better=order == "lerf"))
+    for run_id, run in records.items():
         uri, task = run.get("artifact_uri"), run.get("tags.task")
-        model, data = run.get("tags.model"), run.get("tags.data")
         if uri is None:
             continue
-        if task == "evaluate" and run.get("run_id") in by_run.index:
+        if task == "evaluate" and run_id in by_run.index:
             table = read_run_table(str(uri), [MPRT_TABLE])
-            measure = None if table is None else _mprt_measure(table)
-        elif task == "roar":
+            add(_group(run), None if table is None else _mprt_measure(table))
+        elif task == "roar" and run.get("tags.roar_role") == "parent":
             table = read_run_table(str(uri), [ROAR_TABLE])
-            measure = None if table is None else _roar_measure(table)
-        else:
-            continue
-        group = f"{model} / {data}"
-        if measure is not None and measure.name not in {m.name for m in groups.get(group, [])}:
-            groups.setdefault(group, []).append(measure)
+            add(_group(run), None if table is None else _roar_measure(table))
     return groups
 
 
