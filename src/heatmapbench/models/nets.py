@@ -1,11 +1,13 @@
 """Small classifiers built from modules only, so explanation methods can hook every layer.
 
-No functional activations or reshapes: every ReLU, pooling and flatten is an ``nn.Module``.
+The CNNs have no functional activations or reshapes: every ReLU, pooling and flatten is an
+``nn.Module``. :class:`SmallViT` is the transformer counterpart.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 
 class SmallCNN(nn.Sequential):
@@ -68,3 +70,22 @@ class VGGSmall(nn.Sequential):
             nn.Linear(hidden, num_classes),
         ]
         super().__init__(*layers)
+
+
+class SmallViT(VisionTransformer):
+    """A small Vision Transformer for 28×28 grey images (Fashion-MNIST), trained from scratch.
+
+    torchvision's ViT (class token, pre-norm encoder blocks with ``nn.MultiheadAttention``, GELU
+    MLPs, LayerNorm) at 4 layers × 4 heads × 64 dims on 4×4 patches (49 tokens), with a patch
+    embedding for ``in_channels``. Unlike the CNNs it is functional inside (attention, reshapes):
+    LRP explains it through the canonized graph (``cp_lrp``, ``attnlrp``).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, patch_size: int = 4,
+                 num_layers: int = 4, num_heads: int = 4, hidden_dim: int = 64, mlp_dim: int = 128,
+                 dropout: float = 0.0) -> None:
+        if image_size % patch_size:
+            raise ValueError(f"SmallViT needs image_size divisible by patch_size, got {image_size}, {patch_size}")
+        super().__init__(image_size=image_size, patch_size=patch_size, num_layers=num_layers, num_heads=num_heads,
+                         hidden_dim=hidden_dim, mlp_dim=mlp_dim, dropout=dropout, num_classes=num_classes)
+        self.conv_proj = nn.Conv2d(in_channels, hidden_dim, patch_size, stride=patch_size)
