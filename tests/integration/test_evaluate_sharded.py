@@ -173,6 +173,15 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_numbers(tmp_path, data_d
     per_image = pd.read_parquet(killed / "out" / "evaluation" / "per_image.parquet")
     pd.testing.assert_frame_equal(per_image, per_image_table(evaluation), check_exact=True)
 
+    # heatmapbench-report reads the resumed run like any other: its metrics and its per-image table
+    from heatmapbench.app.report.store import load_runs, per_image_tables
+
+    runs = load_runs(f"sqlite:///{killed}/mlruns/mlflow.db", [cfg.logger.experiment_name])
+    assert runs.run_id.tolist() == [run.info.run_id]
+    tables, missing = per_image_tables(runs)
+    assert missing == []
+    pd.testing.assert_frame_equal(tables.drop(columns="run_id"), per_image, check_exact=True)
+
 
 @pytest.mark.slow
 def test_sigterm_mid_evaluation_leaves_complete_batches_and_a_killed_run(tmp_path, images):
