@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "heatmapbench" / "conf"
 #: Which command composes a group (the first root config whose defaults list names it).
-ROOTS = ("train", "evaluate", "report")
+ROOTS = ("train", "evaluate", "report", "roar")
 #: Groups described in prose, not composed key by key.
 WHOLE_FILES = {"experiment", "debug"}
 SKIP_GROUPS = {"hydra"}
@@ -368,6 +368,10 @@ def root_section(root: str) -> list[str]:
              "| key | default | meaning |", "|---|---|---|"]
     for key, value in data.items():
         if key in ("defaults",) or isinstance(value, dict) and key in group_roots()[root]:
+            continue
+        if isinstance(value, dict) and value:  # a block of the command's own (e.g. roar:): key by key
+            for sub, inner in flatten(value, key):
+                lines.append(f"| `{sub}` | {show(inner)} | {cell(markdown(comments.get(sub, '')))} |")
             continue
         lines.append(f"| `{key}` | {show(value)} | {cell(comments.get(key, ''))} |")
     groups = [g for g in group_roots()[root] if g not in SKIP_GROUPS]
