@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["FusedConv", "fold_batch_norm", "fused", "fusion", "fusion_enabled", "module_fingerprint", "plain_conv_twin"]
+__all__ = ["FusedConv", "fold_batch_norm", "fused", "fusion", "fusion_enabled", "get_attr", "module_fingerprint",
+           "plain_conv_twin"]
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def _build(model: nn.Module) -> FusedGraph | None:
         if n.op == "call_module":
             refs[n.target] = new_modules[n.target] if n.target in new_modules else modules[n.target]
         elif n.op == "get_attr":
-            refs[n.target] = _get_attr(root, n.target)
+            refs[n.target] = get_attr(root, n.target)
     result = FusedGraph(refs, graph, f"Fused{type(model).__name__}")
     result.graph.eliminate_dead_code()  # the folded convolutions' weight lookups
     result.graph.lint()
@@ -341,7 +342,7 @@ def _conv_call(node: fx.Node, modules: dict[str, nn.Module], root: nn.Module) ->
         if v is None and key == "bias":
             params[key] = None
         elif isinstance(v, fx.Node) and v.op == "get_attr":
-            params[key] = _get_attr(root, v.target)
+            params[key] = get_attr(root, v.target)
         else:
             return None  # a computed weight (e.g. standardized): not a plain convolution
     for key in ("stride", "padding", "dilation", "groups"):
@@ -389,7 +390,8 @@ def _zero_pad(node: Any, modules: dict[str, nn.Module], dims: int) -> tuple[int,
     return tuple(a for a, _ in reversed(pairs))
 
 
-def _get_attr(module: nn.Module, target: str) -> Any:
+def get_attr(module: nn.Module, target: str) -> Any:
+    """``module``'s attribute at the dotted path ``target`` (an fx ``get_attr`` node's target)."""
     return operator.attrgetter(target)(module)
 
 

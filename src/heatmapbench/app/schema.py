@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.registry import project_root
 from heatmapbench.sanity.randomisation import MODES as RANDOMISATION_MODES
@@ -99,8 +100,8 @@ class PreprocessedDataConfig(DataConfig):
 
     image_size: int = 224
     resize: int = 256
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     batch_size: int = 32
 

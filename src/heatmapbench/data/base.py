@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 
 #: ImageNet statistics of torchvision's pretrained models (pixels in [0, 1]).
+#: The ImageNet channel statistics (torchvision's), the one copy: data modules and the model zoo read it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -34,10 +34,9 @@ import torchvision
 from torch import nn
 
 from heatmapbench.models.checkpoints import CheckpointError, load_checkpoint
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
 from heatmapbench.models.errors import WeightsNotFoundError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 __all__ = [
     "MissingExtraError", "Preprocessing", "WeightsNotFoundError", "alexnet", "convnext_tiny", "efficientnet_lite0",

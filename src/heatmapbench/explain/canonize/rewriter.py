@@ -21,7 +21,7 @@ from heatmapbench.explain.canonize.ops import (
     RECTIFIERS, REDUCE, ROUTING, ROUTING_MODULES, SUB, _is_stochastic_depth_eval, _op_key, _op_name, _ops,
 )
 from heatmapbench.explain.canonize.tracing import source_line, trace
-from heatmapbench.accel.fusion import module_fingerprint, plain_conv_twin
+from heatmapbench.accel.fusion import get_attr, module_fingerprint, plain_conv_twin
 from heatmapbench.explain.canonize.transformers import (
     ConstantFactorProduct, NormStdConstant, UniformProduct, expand_attention,
 )
@@ -351,7 +351,7 @@ class _Rewriter:
             if isinstance(value, fx.Node) and value.op != "get_attr":
                 self.refuse(node, f"a normalisation whose {name} is computed in the forward has no rule here")
                 return
-            tensors.append(_get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
+            tensors.append(get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
         eps = bound.get("eps", None if rms else 1e-5)
         shape = bound["normalized_shape"]
         module = NormStdConstant((shape,) if isinstance(shape, int) else tuple(shape), eps, *tensors, rms=rms,
@@ -511,7 +511,7 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
     root: dict[str, Any] = {}
     for node in rewriter.graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            root[node.target] = rewriter.modules[node.target] if node.op == "call_module" else _get_attr(traced, node.target)
+            root[node.target] = rewriter.modules[node.target] if node.op == "call_module" else get_attr(traced, node.target)
     result = CanonicalGraph(root, rewriter.graph, f"Canonical{type(model).__name__}")
     if rewriter.refusals:  # trace again, recording stack traces (slow), to name the source lines
         named = {n.name: n for n in trace(model, record_stack_traces=True, example=example).graph.nodes}
@@ -523,9 +523,3 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
     result.training = False  # not .eval(): the user's modules keep their modes
     entries[key] = (fingerprint, result)
     return result
-
-
-def _get_attr(module: nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
