@@ -251,6 +251,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         evaluation = evaluate_dataset(net, datamodule, subset, explainers, settings, perturbation, folder=batches,
                                       batches=plan, **score)
         seconds = time.perf_counter() - start
+        if evaluation.forwards:  # what evaluation.incremental chose (auto probes once per model)
+            print(f"curve forwards: {evaluation.forwards}", flush=True)
+            retry_locked(logger.experiment.set_tag)(logger.run_id, "incremental", evaluation.forwards[:4000])
         statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)  # logged = written
         metrics = evaluation_metrics(evaluation, statistics.summary)
         metrics[mn.SECONDS] = seconds

@@ -103,6 +103,9 @@ class Evaluation:
         The first images in pixel space and their heatmaps, for the gallery figure.
     clean_scores
         (N,) f(x⁽⁰⁾), the unperturbed score of the target class (logit or probability).
+    forwards
+        How the engine ran the curves' forwards: ``incremental (…)`` or ``full (why)``
+        (``evaluation.incremental``).
     """
 
     steps: int
@@ -115,6 +118,7 @@ class Evaluation:
     gallery_heatmaps: dict[str, Tensor] = field(default_factory=dict)
     seconds: float = 0.0
     clean_scores: Tensor | None = None
+    forwards: str = ""
 
     @property
     def explainers(self) -> list[str]:
@@ -179,6 +183,7 @@ class Evaluation:
                               [:gallery_size] for n in first.gallery_heatmaps},
             seconds=sum(p.seconds for p in parts),
             clean_scores=cat([p.clean_scores for p in parts]),
+            forwards="; ".join(dict.fromkeys(p.forwards for p in parts if p.forwards)),
         )
 
     # -- tables (heatmapbench.metrics.summary) ----------------------------------------
@@ -310,7 +315,8 @@ def evaluate_batch(model: nn.Module, x: Tensor, explainers: ExplainerSpec | None
     return Evaluation(steps=settings.steps, curves=curves, random_curves=random_curves.cpu(),
                       complexity=complexity, target=target.cpu(),
                       label=None if label is None else label.cpu(), gallery_x=gallery_x,
-                      gallery_heatmaps=gallery, seconds=time.perf_counter() - start, clean_scores=clean_scores)
+                      gallery_heatmaps=gallery, seconds=time.perf_counter() - start, clean_scores=clean_scores,
+                      forwards=random.settings["incremental"])
 
 
 def engine_forwards(settings: EvaluationSettings, images: int, explainers: int, device: str = "cpu") -> int:

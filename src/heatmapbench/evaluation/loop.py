@@ -72,6 +72,7 @@ class EvaluationModule(pl.LightningModule):
         self.normalization, self.gallery_size = dict(normalization), gallery_size
         self.num_workers, self.progress = num_workers, progress
         self._bar: tqdm | None = None
+        self._forwards = ""  # what the engine ran the last batch's curves with (evaluation.incremental)
         self._mine: list[list[int]] = []
 
     def predict_dataloader(self) -> DataLoader:
@@ -106,11 +107,13 @@ class EvaluationModule(pl.LightningModule):
         x, y, images = batch  # (B, C, H, W), (B,), (B,) global indices, ascending
         first = int(images[0])
         if self._bar is not None:
-            self._bar.set_postfix_str(f"images {first}-{int(images[-1]) + 1}", refresh=False)
+            self._bar.set_postfix_str(f"images {first}-{int(images[-1]) + 1}{self._forwards}", refresh=False)
         with torch.enable_grad():  # the Trainer's no_grad does not reach the explainers' backward passes
             part = evaluate_batch(self.net, x, self.explainers, self.settings, self.perturbation, label=y,
                                   gallery_size=int((images < self.gallery_size).sum()), seed_offset=first,
                                   progress=None if self._bar is None else self._bar.update, **self.normalization)
+        if part.forwards:
+            self._forwards = f", {part.forwards.split(' (')[0]} forwards"
         return images.cpu(), part
 
 

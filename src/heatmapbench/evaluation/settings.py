@@ -13,6 +13,7 @@ from typing import Any, Optional
 from heatmapbench.accel.layout import check_layout
 from heatmapbench.accel.precision import check_precision
 from heatmapbench.metrics.summary import N_BOOT
+from heatmapbench.perturbation.incremental import MODES as INCREMENTAL_MODES
 from heatmapbench.perturbation.regions import REGION_MODES
 from heatmapbench.registry import available
 
@@ -61,6 +62,14 @@ class EvaluationSettings:
         Run the engine's forwards and the gradient explainers on the model with BatchNorm and
         symmetric zero padding folded into its convolutions (:mod:`heatmapbench.accel.fusion`: the same
         numbers up to float reassociation, faster); LRP always runs on the model itself.
+    incremental
+        ``off`` (default), ``on`` or ``auto``: walk the perturbation curves with incremental
+        forwards (:mod:`heatmapbench.perturbation.incremental`: each step recomputes only what
+        its new region reaches; the same numbers up to float reassociation). ``on`` fails where
+        the model or perturbation does not allow them; ``auto`` uses them per model where a
+        one-time timing probe measures them faster, so its choice, and the last bits of the
+        numbers, may differ between runs and between processes (use ``on`` or ``off`` where runs
+        must agree bit for bit). The run's ``incremental`` tag and the progress line say what ran.
     """
 
     explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))
@@ -78,6 +87,7 @@ class EvaluationSettings:
     precision: str = "fp32"
     layout: str = "auto"
     fuse: bool = True
+    incremental: str = "off"
 
     def __post_init__(self) -> None:
         self.orders = list(self.orders)
@@ -101,6 +111,8 @@ class EvaluationSettings:
             raise ValueError(f"score={self.score!r} is invalid: choose logit or probability")
         check_precision(self.precision)
         check_layout(self.layout)
+        if self.incremental not in INCREMENTAL_MODES:
+            raise ValueError(f"incremental={self.incremental!r} is invalid: choose one of {list(INCREMENTAL_MODES)}")
         if not self.explainers:
             raise ValueError("explainers=[] is invalid: name at least one explainer")
         known = available("explainer")
@@ -113,4 +125,4 @@ class EvaluationSettings:
         """The keyword arguments of ``region_perturbation`` that these settings fix."""
         return {"region_size": self.region_size, "steps": self.steps, "regions": self.regions,
                 "score": self.score, "batch_size": self.batch_size, "precision": self.precision,
-                "layout": self.layout, "fuse": self.fuse}
+                "layout": self.layout, "fuse": self.fuse, "incremental": self.incremental}

@@ -15,7 +15,7 @@ key                            shape        what
 ``clean_scores``               (B,)         f(x⁽⁰⁾)
 ``gallery_image``              (G,) int64   the images of the batch that the gallery shows
 ``gallery_x``, ``gallery/<e>`` (G, …)       those images and their heatmaps
-``meta``                       ()  str      JSON: steps, explainers, orders, seconds
+``meta``                       ()  str      JSON: steps, explainers, orders, seconds, forwards
 =============================  ===========  ==============================================
 
 A shard is written to a temporary name and renamed, so a process killed at any moment leaves
@@ -79,7 +79,8 @@ def save_shard(folder: str | Path, images: Tensor, evaluation: Evaluation, rank:
         for name, heatmaps in evaluation.gallery_heatmaps.items():
             arrays[f"gallery/{name}"] = heatmaps.numpy()
     meta = {"steps": evaluation.steps, "explainers": {n: list(c) for n, c in evaluation.curves.items()},
-            "complexity": {n: list(c) for n, c in evaluation.complexity.items()}, "seconds": evaluation.seconds}
+            "complexity": {n: list(c) for n, c in evaluation.complexity.items()}, "seconds": evaluation.seconds,
+            "forwards": evaluation.forwards}
     arrays["meta"] = np.array(json.dumps(meta))
     path = shard_path(folder, images, rank)
     tmp = path.with_name(path.name + ".tmp")
@@ -104,7 +105,7 @@ def load_shard(path: str | Path) -> tuple[Tensor, Evaluation]:
             complexity={n: {k: get(f"complexity/{n}/{k}") for k in kinds} for n, kinds in meta["complexity"].items()},
             target=get("target"), label=get("label"), clean_scores=get("clean_scores"), gallery_x=gallery_x,
             gallery_heatmaps={} if gallery_x is None else {n: get(f"gallery/{n}") for n in meta["explainers"]},
-            seconds=float(meta["seconds"]))
+            seconds=float(meta["seconds"]), forwards=str(meta.get("forwards", "")))
         return get("image"), evaluation
 
 
@@ -170,6 +171,7 @@ def join_shards(shards: Sequence[tuple[Tensor, Evaluation]], gallery_size: int) 
         if gallery and gallery_size else {},
         seconds=sum(p.seconds for p in parts),
         clean_scores=_take((p.clean_scores for p in parts), order),
+        forwards="; ".join(dict.fromkeys(p.forwards for p in parts if p.forwards)),
     )
     return images.index_select(0, order), joined
 

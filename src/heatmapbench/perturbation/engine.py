@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from heatmapbench.accel.fusion import fused
 from heatmapbench.perturbation.curves import aopc
+from heatmapbench.perturbation import incremental as inc
 from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
 from heatmapbench.accel.layout import check_layout, fast_model, to_layout
@@ -227,6 +228,7 @@ def region_perturbation(
     precision: str = "fp32",
     layout: str = "auto",
     fuse: bool = True,
+    incremental: str = "off",
     progress: Callable[[int], Any] | None = None,
 ) -> PerturbationResult:
     """Perturb regions in heatmap order and record the score (Samek et al., Sec. 3, eq. 11).
@@ -274,6 +276,11 @@ def region_perturbation(
     fuse : run the forwards on :func:`heatmapbench.accel.fusion.fused` ``(model)``: BatchNorm and zero
         padding folded into the convolutions (the same function up to float reassociation; the
         model itself where nothing folds, or it has hooks or cannot be traced).
+    incremental : ``"off"`` (default), ``"on"`` or ``"auto"``: walk the curves with incremental
+        forwards (:mod:`heatmapbench.perturbation.incremental`: each step recomputes only the
+        windows its new region reaches; the same scores up to float reassociation). ``on`` raises
+        where the model or perturbation does not allow it; ``auto`` uses it where a one-time probe
+        per model measures it faster. ``settings["incremental"]`` says what ran and why.
     progress : called as ``progress(n)`` after every forward pass with its ``n`` inputs.
 
     Returns
@@ -292,6 +299,10 @@ def region_perturbation(
     check_precision(precision, x.device)
     check_layout(layout)
     pert = get_perturbation(perturbation)
+    if incremental not in inc.MODES:
+        raise ValueError(f"incremental={incremental!r} is not one of {inc.MODES}")
+    if incremental == "on" and inc.local_step_reason(pert) is not None:
+        raise ValueError(f"incremental=on: {inc.local_step_reason(pert)}; use incremental=auto or off")
     b, c, h, w = x.shape
     dev = x.device
     x = x.detach()
@@ -308,11 +319,19 @@ def region_perturbation(
     pixel_step_int = pixel_step
     pixel_step = pixel_step.to(wdt)
 
-    def forward(inp: Tensor) -> Tensor:  # (n, classes) scores: logits or probabilities
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:  # the forwards' math
         with torch.inference_mode(), autocast(precision, dev):
+            yield
+
+    def forward(inp: Tensor, count: bool = True) -> Tensor:  # (n, classes) scores: logits or probabilities
+        with context():
             out = net(to_layout(inp, nhwc))
-        if progress is not None:
+        if progress is not None and count:
             progress(int(inp.shape[0]))
+        return finish(out)
+
+    def finish(out: Tensor) -> Tensor:
         if out.ndim != 2:
             raise ValueError(f"model must return (N, classes) scores, got shape {tuple(out.shape)}")
         if precision != "fp32":
@@ -352,8 +371,17 @@ def region_perturbation(
             plan.append((buf[:pos], segs, tgt_col[s:e], s, e))
         cast = wdt != x.dtype
         xs = x.unsqueeze(0)  # (1, B, C, H, W)
+        walker, ran = None, "full (incremental=off)"
         for r in range(repeats):
             state = pert.prepare(x, space, g_pert).contiguous().unsqueeze(0)  # (1, B, C, H, W)
+            if r == 0 and incremental != "off":  # decided on the first repeat's draw, once per model
+                walker, ran = inc.setup(incremental, net, x, pert, state[0], pixel_step_int[0], steps=steps,
+                                        region_size=region_size, target=tgt, batch_size=bs, score_dtype=f0.dtype,
+                                        context=context, finish=finish, progress=progress,
+                                        forward_full=lambda inp: forward(inp, count=False))
+            if walker is not None:
+                walker.run(state[0], pixel_step_int[r], scores[r], tgt)
+                continue
             walk = pert.walk(x, state[0], pixel_step_int[r], steps)
             ps = pixel_step[r].unsqueeze(1).unsqueeze(0)  # (1, B, 1, H, W)
             col = scores[r].view(-1, 1)
@@ -373,6 +401,6 @@ def region_perturbation(
     settings = dict(region_size=region_size, steps=steps, order=order, perturbation=repr(pert),
                     regions=regions, score=score, repeats=repeats, seed=seed, batch_size=bs,
                     mean=mean, std=std, value_range=tuple(value_range), precision=precision,
-                    layout=layout, fuse=fuse)
+                    layout=layout, fuse=fuse, incremental=ran)
     return PerturbationResult(curves=curves, scores=scores, aopc=aopc(curves),
                               order=order_idx, target=tgt, settings=settings)
