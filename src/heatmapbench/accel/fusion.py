@@ -364,6 +364,18 @@ def _flat(v: Any) -> list:
 
 def _zero_pad(node: Any, modules: dict[str, nn.Module], dims: int) -> tuple[int, ...] | None:
     """Per spatial dimension (in the conv's order), the symmetric zero padding ``node`` applies."""
+    pads = zero_pad_amounts(node, modules)
+    if pads is None or len(pads) != 2 * dims:
+        return None
+    pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]  # last dim first
+    if any(a != b for a, b in pairs):
+        return None
+    return tuple(a for a, _ in reversed(pairs))
+
+
+def zero_pad_amounts(node: Any, modules: dict[str, nn.Module]) -> tuple[int, ...] | None:
+    """The amounts of a zero padding node in ``F.pad`` order (last dimension first, any asymmetry), or None
+    for anything else (another fill or mode, negative or computed amounts)."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_module" and isinstance(modules.get(node.target), _PAD_MODULES) and len(node.args) == 1:
@@ -382,12 +394,7 @@ def _zero_pad(node: Any, modules: dict[str, nn.Module], dims: int) -> tuple[int,
         pads = tuple(pads)
     else:
         return None
-    if len(pads) != 2 * dims or any(p < 0 for p in pads):
-        return None
-    pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]  # last dim first
-    if any(a != b for a, b in pairs):
-        return None
-    return tuple(a for a, _ in reversed(pairs))
+    return None if any(p < 0 for p in pads) else pads
 
 
 def get_attr(module: nn.Module, target: str) -> Any:

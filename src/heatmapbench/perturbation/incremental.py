@@ -180,25 +180,11 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def _pad_of(node: fx.Node, modules: dict) -> tuple[int, int] | None:
-    """(top, left) of a zero padding node (any amounts, also asymmetric), or None."""
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        if not isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d)) or float(m.value) != 0.0:
-            return None
-        pads = tuple(m.padding)
-    elif node.op == "call_function" and node.target is F.pad:
-        args = dict(zip(("input", "pad", "mode", "value"), node.args))
-        args.update(node.kwargs)
-        if args.get("mode", "constant") != "constant" or args.get("value") not in (None, 0, 0.0):
-            return None
-        pads = args.get("pad")
-        if not isinstance(pads, (tuple, list)) or not all(isinstance(v, int) for v in pads):
-            return None
-    else:
-        return None
-    if len(pads) != 4 or any(v < 0 for v in pads):
-        return None
-    return pads[2], pads[0]
+    """(top, left) of a 2-D zero padding node (any amounts, also asymmetric), or None."""
+    from heatmapbench.accel.fusion import zero_pad_amounts
+
+    pads = zero_pad_amounts(node, modules)
+    return None if pads is None or len(pads) != 4 else (pads[2], pads[0])
 
 
 def _stencil_of(node: fx.Node, modules: dict, root: nn.Module, shapes: dict) -> tuple[_Stencil, fx.Node] | str:
