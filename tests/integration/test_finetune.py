@@ -326,8 +326,8 @@ def test_callback_measures_held_out_accuracy_on_epochs_without_validation(train_
     run_id = result["run_id"]
     acc = {m.step: m.value for m in client.get_metric_history(run_id, mn.ACCURACY)}
     assert len(acc) == 3 and all(0 < v <= 1 for v in acc.values())
-    (val,) = client.get_metric_history(run_id, "val/acc")
-    assert acc[max(acc)] == pytest.approx(val.value)
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val/acc")}  # before training, then epoch 2
+    assert sorted(val) == [0, max(acc)] and acc[max(acc)] == pytest.approx(val[max(acc)]) and acc[0] == val[0]
     assert not any(math.isnan(v) for v in acc.values())
 
 

@@ -93,7 +93,7 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, data_dir):
     assert "exploding perturbation" in proc.stderr
     runs = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     status = {r.data.params["perturbation"]: r.info.status for r in runs}
-    assert status == {"Uniform": "FINISHED", "Exploding": "FAILED"}
+    assert status == {"uniform": "FINISHED", "exploding": "FAILED"}
 
 
 def _free_port() -> int:

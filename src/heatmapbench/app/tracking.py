@@ -151,8 +151,9 @@ def _short_override(override: str) -> str:
 def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[str, str]]:
     """A unique, meaningful run name and, inside a sweep (``-m``), the sweep's tags.
 
-    The name reads ``<task> <model>/<data> <overrides> [#<job>] <MMDD-HHMMSS>-<4 hex>``: what ran,
-    what was changed, and a time plus random suffix that keep reruns apart. Every job of one sweep
+    The name reads ``<task> <model>/<data> <overrides> [#<job>] <4 hex>``: what ran, what was changed
+    (at most 40 characters, so that the name fits the runs table and chart legends), and a random
+    suffix that keeps reruns apart (the start time is a column of its own). Every job of one sweep
     gets the same ``sweep_id`` (its sweep directory) plus its job number and overrides, so the
     runs can be filtered together in the UI and in ``report``.
     """
@@ -175,15 +176,15 @@ def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[st
     parts = [tags_["task"], "/".join(tags_[k] for k in ("model", "data") if k in tags_)]
     shown = " ".join(_short_override(o) for o in overrides)
     if shown:
-        parts.append(shown if len(shown) <= 60 else shown[:59] + "…")
+        parts.append(shown if len(shown) <= 40 else shown[:39] + "…")
     if sweep:
         parts.append(f"#{sweep['sweep_job']}")
-    parts.append(f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    parts.append(secrets.token_hex(2))  # the start time is a column of its own
     return " ".join(p for p in parts if p)[:250], sweep
 
 
 #: Config groups that are bookkeeping (where files go, how runs are stored), not the experiment.
-_NOT_PARAMS = ("hydra", "paths", "logger", "progress")
+_NOT_PARAMS = ("hydra", "paths", "logger", "progress", "task_name")  # task_name: the tag ``task`` says it
 #: How data are loaded, not which: they stay in config.yaml.
 _LOADING_KEYS = ("data.num_workers", "data.pin_memory", "data.download")
 #: Instantiation keys of Hydra: their class paths become ``<node>=<ClassName>``, the rest are dropped.
@@ -215,7 +216,8 @@ def readable_params(cfg: DictConfig) -> dict[str, str]:
     def walk(node: Any, key: str) -> None:
         if isinstance(node, DictConfig):
             if node.get("_target_") and key and key != "trainer":
-                out[key] = _class_name(node)
+                # the perturbation as its tag spells it (``uniform``): one name per concept in the UI
+                out[key] = _class_name(node).lower() if key == "perturbation" else _class_name(node)
             for child in node.keys():
                 name = f"{key}.{child}" if key else str(child)
                 if child in _HYDRA_KEYS or OmegaConf.is_interpolation(node, child):
@@ -230,6 +232,8 @@ def readable_params(cfg: DictConfig) -> dict[str, str]:
         if isinstance(node, ListConfig) or isinstance(value, (list, tuple)):
             value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else value
         if key.startswith("trainer.") and key[len("trainer."):] not in TRAINER_PARAMS or key in _LOADING_KEYS:
+            return
+        if value is None:  # not set: a param reading "None" says nothing
             return
         text = str(value)
         if isinstance(value, str) and os.path.isabs(value):

@@ -223,17 +223,17 @@ class AOPCCallback(pl.Callback):
         logger = self._mlflow(trainer)
         if logger is None:
             return
+        # one number per run: a few metrics (Pearson's r of AOPC relative to random per explainer, and of the
+        # random ordering's AOPC, the confound check); the rest (Spearman, CIs, other measures) in the table
+        # artifact aopc/aopc_accuracy_correlation.{csv,md}, not dozens of one-dot charts in the UI
         metrics = {}
         for _, row in corr.iterrows():
-            for method in mn.CORRELATION_METHODS:
-                for bound in (None, *mn.BOUNDS) if method == "pearson" else (None,):  # Spearman's CI: in the CSV
-                    value = row[method + (f"_{bound}" if bound else "")]
-                    if math.isnan(value):
-                        continue
-                    name = (mn.random_ordering_correlation(method, row.measure, bound)
-                            if row.explainer == RANDOM_ORDERING_LABEL
-                            else mn.correlation_metric(method, row.measure, row.explainer, bound))
-                    metrics[name] = float(value)
+            baseline = row.explainer == RANDOM_ORDERING_LABEL
+            if row.measure != (mn.AOPC if baseline else mn.AOPC_REL) or math.isnan(row.pearson):
+                continue
+            name = (mn.random_ordering_correlation("pearson", row.measure) if baseline
+                    else mn.correlation_metric("pearson", row.measure, row.explainer))
+            metrics[name] = float(row.pearson)
         if metrics:
             logger.log_metrics(metrics, step=int(history.step.max()))
         with tempfile.TemporaryDirectory() as tmp:
@@ -301,6 +301,8 @@ class AOPCCallback(pl.Callback):
                     evaluation.complexity[name]["png"].double().mean())
         if accuracy is not None and not math.isnan(accuracy):
             metrics[mn.ACCURACY] = accuracy
+            if epoch == 0:  # val/acc before training too, on the same chart as Lightning's later values
+                metrics[mn.VAL_ACC] = accuracy
         self.history.append(row)
         logger = self._mlflow(trainer)
         if logger is None:

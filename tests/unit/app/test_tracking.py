@@ -16,7 +16,8 @@ def test_train_params_are_readable(tmp_path, data_dir):
     assert not [v for v in params.values() if os.path.isabs(v)], params
     assert params["ckpt_path"] == "…/checkpoints/last.ckpt"
     assert params["model.net"] == "SmallCNN" and params["data"] == "FashionMNISTDataModule"
-    assert params["perturbation"] == "Uniform"
+    assert params["perturbation"] == "uniform" == run_tags(cfg, "train")["perturbation"]  # one name per concept
+    assert "None" not in params.values() and "task_name" not in params  # the tag task says it
     assert params["trainer.max_epochs"] == "2" and params["model.optimizer.lr"] == "0.01"
     assert params["evaluation.region_size"] == str(cfg.evaluation.region_size)
     assert params["seed"] == str(cfg.seed)
