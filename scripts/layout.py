@@ -68,6 +68,7 @@ if __name__ == "__main__":
     block = layout()
     if "--write" in sys.argv[1:]:
         readme = (REPO / "README.md").read_text()
-        (REPO / "README.md").write_text(readme.replace(readme_block(readme), block, 1))
+        start = readme.index(START) + len(START)  # spliced by position: an empty block is found anywhere
+        (REPO / "README.md").write_text(readme[:start] + block + readme[readme.index(END, start):])
     else:
         sys.stdout.write(block)

@@ -93,8 +93,9 @@ class TinyNet(nn.Module):
 
 
 def run_snippets(page: str, namespace: dict) -> dict:
-    """Run every Python block of ``docs/<page>`` in order, in one namespace."""
-    blocks = [code for lang, code in code_blocks(DOCS / page) if lang == "python"]
+    """Run every Python block of ``docs/<page>`` (or of the repository's README.md) in order, in one namespace."""
+    source = REPO / page if page == "README.md" else DOCS / page
+    blocks = [code for lang, code in code_blocks(source) if lang == "python"]
     assert blocks, page
     for code in blocks:
         exec(compile(code, f"{page} (python block)", "exec"), namespace)
@@ -108,8 +109,9 @@ def tiny():
     return {"model": TinyNet().eval(), "x": torch.rand(2, 3, 90, 90), "MyNet": TinyNet}
 
 
-def test_library_in_five_lines(tiny, capsys):
-    run_snippets("index.md", tiny)
+@pytest.mark.parametrize("page", ["index.md", "README.md"])
+def test_library_in_five_lines(page, tiny, capsys):
+    run_snippets(page, tiny)
     assert "aopc_rel" in capsys.readouterr().out
 
 
