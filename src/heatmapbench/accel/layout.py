@@ -49,7 +49,7 @@ def _nhwc(t: Tensor) -> Tensor:
 
     Size-1 dimensions make NCHW and NHWC the same memory (a first convolution on grey images,
     weight (O, 1, k, k); 1×1 kernels); PyTorch then reads the strides as NCHW, and oneDNN would
-    run that convolution and everything after it in NCHW (max pooling ~10× slower). Explicit
+    run that convolution and everything after it in NCHW (max pooling far slower). Explicit
     NHWC strides on the weight make the kernel choose NHWC whatever the input's strides.
     """
     t = t.contiguous(memory_format=_CL)

@@ -160,13 +160,13 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
     p, up, down, mid, a, a_l, a_r, a_c, ap, pap = buffers(pb)
 
     def apply_a() -> Tensor:  # A p = c1 p − (m/12) ([1,2,1] ⊗ [1,2,1]) p into ap, allocating nothing
-        # (fresh multi-MB temporaries each CG iteration cost 10-30 % more on two cores)
+        # (fresh multi-MB temporaries in every CG iteration cost time: benches/bench_perturbation.py)
         torch.add(up, down, out=a)
         a.add_(mid, alpha=2)
         torch.add(a_l, a_r, out=ap)
         return ap.add_(a_c, alpha=2).mul_(m12).addcmul_(c1, p)
 
-    def sq(a: Tensor) -> Tensor:  # ‖a‖², one pass without a temporary: ~2× faster than vecdot(a, a)
+    def sq(a: Tensor) -> Tensor:  # ‖a‖², one pass without a temporary (faster than vecdot(a, a))
         return torch.linalg.vector_norm(a, dim=-1, keepdim=True).square_()
 
     tiny = torch.finfo(dt).tiny
