@@ -515,3 +515,22 @@ def test_a_full_disk_mid_run_ends_the_run_failed_with_one_line(eval_cfg, tiny_di
     (tiny_disk / "filler").unlink()
     (run,) = runs(tiny_disk)
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["end_reason"]
+
+
+@needs_fmnist
+def test_training_writes_the_aopc_tables_to_its_folder_before_logging_them(train_cfg, monkeypatch):
+    from mlflow import MlflowClient
+
+    from heatmapbench.app.train import run_train
+
+    def server_gone(self, *args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", server_gone)
+    cfg = train_cfg(*TRAIN, "callbacks.aopc.artifacts=true", "test=false")
+    with pytest.raises(ConnectionError):
+        run_train(cfg)
+    folder = Path(cfg.paths.output_dir) / "aopc" / "epoch_000"  # the evaluation before training
+    assert (folder / "summary.csv").stat().st_size > 0 and (folder / "aopc_curves.csv").stat().st_size > 0
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "FAILED"

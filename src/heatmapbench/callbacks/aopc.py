@@ -11,11 +11,12 @@ measured on the held-out validation images (never trained on); without any, it i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -80,6 +81,10 @@ class AOPCCallback(pl.Callback):
         every evaluation.
     gallery_size
         Images in the gallery.
+    output_dir
+        Where the tables and figures are written before they are logged (``<run folder>/aopc`` in
+        ``heatmapbench-train``): per evaluation ``epoch_<nnn>/``, at the end the history and the
+        correlations. ``None``: a temporary folder (MLflow keeps the only copy).
     progress
         Show a progress bar (with ETA, per forward chunk) when an evaluation runs longer than a
         few seconds; ``False`` keeps it quiet.
@@ -95,7 +100,7 @@ class AOPCCallback(pl.Callback):
                  perturbation: Any = "uniform", every_n_epochs: int = 1, subset_size: int | None = None,
                  log_abpc: bool = False, log_complexity: bool = True, artifacts: bool = True,
                  gallery_size: int = 6, explainers: ExplainerSpec | None = None, progress: bool = True,
-                 figures: str = "ends") -> None:
+                 figures: str = "ends", output_dir: str | None = None) -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -117,12 +122,24 @@ class AOPCCallback(pl.Callback):
         self.gallery_size = gallery_size
         self.figures = figures
         self.progress = progress
+        self.output_dir = Path(output_dir) if output_dir else None
         self._undrawn: tuple | None = None  # (evaluation, epoch) whose figures are still to draw
         self.history: list[dict[str, float]] = []
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_start = 0.0
 
     # -- helpers -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _files(self, sub: str) -> Iterator[Path]:
+        """The folder the files of ``sub`` are written to: ``output_dir/sub`` (kept), else a temporary one."""
+        if self.output_dir is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                yield Path(tmp)
+            return
+        folder = self.output_dir / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+
     @staticmethod
     def _net(pl_module: pl.LightningModule) -> nn.Module:
         net = getattr(pl_module, "net", None)
@@ -221,7 +238,7 @@ class AOPCCallback(pl.Callback):
         history = self.history_frame()
         corr = self.correlations()
         logger = self._mlflow(trainer)
-        if logger is None:
+        if logger is None and self.output_dir is None:
             return
         # one number per run: a few metrics (Pearson's r of AOPC relative to random per explainer, and of the
         # random ordering's AOPC, the confound check); the rest (Spearman, CIs, other measures) in the table
@@ -234,17 +251,20 @@ class AOPCCallback(pl.Callback):
             name = (mn.random_ordering_correlation("pearson", row.measure) if baseline
                     else mn.correlation_metric("pearson", row.measure, row.explainer))
             metrics[name] = float(row.pearson)
-        if metrics:
-            logger.log_metrics(metrics, step=int(history.step.max()))
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            history.to_csv(folder / "aopc_history.csv", index=False)
-            corr.to_csv(folder / "aopc_accuracy_correlation.csv", index=False)
-            (folder / "aopc_accuracy_correlation.md").write_text(correlation_markdown(corr))
-            plot_accuracy_vs_aopc(history, folder / "accuracy_vs_aopc.png", corr=corr,
+        with self._files("") as folder:  # the files first, then the store
+            files = [folder / "aopc_history.csv", folder / "aopc_accuracy_correlation.csv",
+                     folder / "aopc_accuracy_correlation.md", folder / "accuracy_vs_aopc.png"]
+            history.to_csv(files[0], index=False)
+            corr.to_csv(files[1], index=False)
+            files[2].write_text(correlation_markdown(corr))
+            plot_accuracy_vs_aopc(history, files[3], corr=corr,
                                   title=settings_title(self.settings, self.perturbation, len(self._subset[0]),
                                                        "Accuracy and AOPC during training · "))
-            for file in folder.iterdir():
+            if logger is None:
+                return
+            if metrics:
+                logger.log_metrics(metrics, step=int(history.step.max()))
+            for file in files:
                 logger.experiment.log_artifact(logger.run_id, str(file), artifact_path="aopc")
 
     # -- the evaluation ------------------------------------------------------------------
@@ -305,18 +325,18 @@ class AOPCCallback(pl.Callback):
                 metrics[mn.VAL_ACC] = accuracy
         self.history.append(row)
         logger = self._mlflow(trainer)
-        if logger is None:
-            return
-        logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
-        if self.artifacts:
+        if self.artifacts and (logger is not None or self.output_dir is not None):  # the files first
             last = trainer.should_stop or (trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch)
             draw = self.figures == "every" or epoch == 0 or last
-            with tempfile.TemporaryDirectory() as tmp:
+            with self._files(f"epoch_{epoch:03d}") as folder:
                 statistics = evaluation.statistics(n_boot=self.settings.n_boot, seed=self.settings.seed)
-                write_evaluation(evaluation, Path(tmp), self._classes, title=self._title(evaluation, epoch),
+                write_evaluation(evaluation, folder, self._classes, title=self._title(evaluation, epoch),
                                  statistics=statistics, figures=draw)
-                logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path=f"aopc/epoch_{epoch:03d}")
+                if logger is not None:
+                    logger.experiment.log_artifacts(logger.run_id, str(folder), artifact_path=f"aopc/epoch_{epoch:03d}")
             self._undrawn = None if draw else (evaluation, epoch)
+        if logger is not None:
+            logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
 
     def _not_measured(self, trainer: pl.Trainer, epoch: int, accuracy: float | None, epoch_seconds: float,
                       step: int | None, err: ModelScoresNotFinite, seconds: float) -> None:
@@ -341,11 +361,12 @@ class AOPCCallback(pl.Callback):
     def _draw(self, trainer: pl.Trainer, evaluation, epoch: int) -> None:
         """The figures of an evaluation logged without them (the last one, when training stopped early)."""
         logger = self._mlflow(trainer)
-        if logger is None:
+        if logger is None and self.output_dir is None:
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            write_figures(evaluation, Path(tmp), self._classes, self._title(evaluation, epoch))
-            logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path=f"aopc/epoch_{epoch:03d}")
+        with self._files(f"epoch_{epoch:03d}") as folder:
+            files = write_figures(evaluation, folder, self._classes, self._title(evaluation, epoch))
+            for file in files.values() if logger is not None else ():
+                logger.experiment.log_artifact(logger.run_id, str(file), artifact_path=f"aopc/epoch_{epoch:03d}")
         self._undrawn = None
 
     def state_dict(self) -> dict[str, Any]:
