@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +179,36 @@ def no_runs(cfg) -> bool:
         return True
     with contextlib.closing(sqlite3.connect(db)) as con:
         return con.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+ENV = cli_env(HYDRA_FULL_ERROR="0")
+
+
+def start(tmp: Path, module: str, *overrides: str) -> subprocess.Popen:
+    tmp.mkdir(parents=True, exist_ok=True)
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
+    args = [sys.executable, "-m", f"heatmapbench.{module}", *flags, f"paths.mlruns_dir={tmp}/mlruns",
+            f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun",
+            *(o for o in overrides if not o.startswith("-"))]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=tmp)
+
+
+def wait_for_running(proc: subprocess.Popen, tmp: Path, timeout: float = 240.0) -> None:
+    """Block until the process has an MLflow run RUNNING in its store (read with plain sqlite)."""
+    db = tmp / "mlruns" / "mlflow.db"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before its run started:\n{proc.stdout.read()[-3000:]}")
+        if db.is_file():
+            with contextlib.suppress(sqlite3.OperationalError), contextlib.closing(sqlite3.connect(db, timeout=1)) as con:
+                if con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]:
+                    return
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("no RUNNING run appeared")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out

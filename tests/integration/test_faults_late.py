@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TRAIN, needs_fmnist, runs
+from tests.helpers import EVAL, TRAIN, needs_fmnist, runs
 
 
 # -- results first, then logging ---------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_sigterm_to_a_joblib_sweeps_parent_reaches_its_workers(tmp_path, images)
 
     import psutil
 
-    from tests.integration.test_faults import finish, start, wait_for_running
+    from tests.helpers import finish, start, wait_for_running
 
     proc = start(tmp_path, "evaluate", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *EVAL,
                  f"data.path={images}", "evaluation.random_repeats=400", "evaluation.seed=0,1,2")

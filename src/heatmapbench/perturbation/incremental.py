@@ -189,7 +189,7 @@ def _pad_of(node: fx.Node, modules: dict) -> tuple[int, int] | None:
 
 def _stencil_of(node: fx.Node, modules: dict, root: nn.Module, shapes: dict) -> tuple[_Stencil, fx.Node] | str:
     """The stencil of a local spatial operator and its input node; else a string saying why not."""
-    from heatmapbench.accel.fusion import FusedConv, _conv_call, plain_conv_twin
+    from heatmapbench.accel.fusion import FusedConv, _conv_call
 
     m = modules.get(node.target) if node.op == "call_module" else None
     if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d:
