@@ -352,3 +352,18 @@ def test_cp_lrp_and_attnlrp_are_registered_with_eps_0_01():
     heatmap = get_explainer("cp_lrp")(model, x.float().double(), target)
     assert heatmap.shape == (2, 32, 32) and heatmap.dtype == torch.float32 and bool(torch.isfinite(heatmap).all())
 
+
+
+def test_a_batch_norm_with_an_activation_inside_is_not_folded_as_affine():
+    """timm's BatchNormAct2d (norm, then SiLU, in one BatchNorm subclass) is traced through: its
+    F.batch_norm is an affine layer and the SiLU keeps its rule, so cp_lrp conserves on a bias-free
+    EfficientNet-B0 (folded as a BatchNorm, the SiLU inside made the sum 40% off)."""
+    torch.manual_seed(0)
+    model = testing.bias_free(testing.randomize_batch_norm(timm.create_model("efficientnet_b0", num_classes=5)))
+    model = model.double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([1])
+    with torch.no_grad():
+        score = model(x)[0, 1]
+    relevance = ours(model, x, target, "constant").sum()
+    torch.testing.assert_close(relevance, score, rtol=1e-9, atol=0.0)

@@ -23,7 +23,7 @@ from heatmapbench.explain.canonize.ops import (
 from heatmapbench.explain.canonize.tracing import source_line, trace
 from heatmapbench.accel.fusion import get_attr, module_fingerprint, plain_conv_twin
 from heatmapbench.explain.canonize.transformers import (
-    ConstantFactorProduct, NormStdConstant, UniformProduct, expand_attention,
+    BatchNormCall, ConstantFactorProduct, NormStdConstant, UniformProduct, expand_attention,
 )
 
 __all__ = ["GATES", "PURPOSES", "CanonicalGraph", "Refusal", "canonize"]
@@ -298,6 +298,9 @@ class _Rewriter:
         if key in MUL or key in DIV or key in MATMUL:
             self.visit_product(node, tensor_args, divide=key in DIV, matmul=key in MATMUL)
             return
+        if key in _ops("batch_norm") and self.dep(args[0]):
+            self.visit_batch_norm(node)
+            return
         if key in NORMS and self.dep(args[0]):
             self.visit_norm(node, rms=key in _ops("rms_norm"))
             return
@@ -358,6 +361,25 @@ class _Rewriter:
                                  label=_op_name(node))
         self.replace_call(node, module, (bound["input"],))
         self.rules_used.add(NORM_RULE)
+
+    def visit_batch_norm(self, node: fx.Node) -> None:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        tensors = []
+        for name in names[1:5]:
+            value = bound.get(name)
+            if isinstance(value, fx.Node) and value.op != "get_attr":
+                self.refuse(node, f"a batch norm whose {name} is computed in the forward has no rule here")
+                return
+            tensors.append(_get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
+        if bound.get("training", False) or tensors[0] is None:
+            self.refuse(node, "batch norm with batch statistics normalises by the batch; LRP needs a per-image "
+                              "affine map")
+            return
+        module = BatchNormAffine(BatchNormCall(*tensors, eps=bound.get("eps", 1e-5)))
+        self.replace_call(node, module, (bound["input"],))
+        self.rules_used.add("BatchNorm not fed by a conv/linear: its own affine layer (epsilon rule)")
 
     def visit_interpolate(self, node: fx.Node, fn: Callable, args: tuple, kwargs: dict) -> None:
         bound = dict(zip(("size", "scale_factor", "mode", "align_corners"), args))

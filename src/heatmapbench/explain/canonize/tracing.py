@@ -24,7 +24,11 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = record_stack_traces
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # FusedConv reads its folded weights at call time: never traced through
+        # FusedConv reads its folded weights at call time: never traced through. A BatchNorm subclass
+        # with its own forward (timm's BatchNormAct2d: norm, then an activation) is traced through,
+        # so that a SiLU inside it is not folded into the conv as if it were affine
+        if isinstance(m, BatchNorm) and type(m).forward is not nn.modules.batchnorm._BatchNorm.forward:
+            return False
         return isinstance(m, (Linear, BatchNorm, FusedConv)) or super().is_leaf_module(m, qualname)
 
 

@@ -107,6 +107,20 @@ class NormStdConstant(nn.Module):
         return self.label or f"{'rms' if self.rms else 'layer'} norm over {self.shape}"
 
 
+class BatchNormCall(nn.Module):
+    """``F.batch_norm`` in eval mode as called inside a module's forward (timm's BatchNormAct2d), with
+    the user's statistics and affine tensors held by reference; wrapped in a ``BatchNormAffine``."""
+
+    def __init__(self, running_mean, running_var, weight, bias, eps: float) -> None:
+        super().__init__()
+        self._tensors = (running_mean, running_var, weight, bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var, weight, bias = self._tensors
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+
+
 # --------------------------------------------------------------------------------------------
 # products of two activations
 
