@@ -458,6 +458,9 @@ class IncrementalPlan:
         self.incremental = [s for s in self.order if s.kind in ("stencil", "point")]
         self.rest = [s for s in self.order if s.kind in ("full", "const") and s.node.op != "output"]
         self.cached = [s for s in self.order if s.cached]
+        # the longest run of offsets a step indexes with: map sides, windows with their halos
+        self.input_side = max([h, w] + [max(s.geo.h, s.geo.w) for s in self.incremental]
+                              + [max(s.stencil.span(s.geo.n)) for s in self.incremental if s.kind == "stencil"])
         if not any(s.kind == "stencil" for s in self.incremental):
             first = next((s for s in self.order if s.kind == "full" and len(self.shapes.get(s.node, ((),))[0]) == 4
                           and s.node.op != "output"), None)
@@ -538,7 +541,7 @@ class IncrementalPlan:
         ``idx`` of the kept input) as (G, C, n, n); it is pasted into the kept input here.
         """
         dev = top.device
-        ar = self._arange(dev)
+        ar = self._arange(dev, max(g, self.input_side))
         wins: dict[fx.Node, Tensor] = {}
         starts: dict[_Geo, tuple[Tensor, Tensor]] = {}
         bases: dict[tuple[int, int], Tensor] = {}
@@ -617,11 +620,12 @@ class IncrementalPlan:
 
     _ARANGE: dict = {}
 
-    def _arange(self, dev: torch.device) -> Tensor:
+    def _arange(self, dev: torch.device, n: int) -> Tensor:
+        """0, 1, …, at least ``n`` − 1 on ``dev`` (window offsets and image rows), made once per device."""
         key = str(dev)
         t = self._ARANGE.get(key)
-        if t is None or t.numel() < 4096:
-            t = torch.arange(4096, device=dev)
+        if t is None or t.numel() < n:
+            t = torch.arange(max(n, 4096), device=dev)
             self._ARANGE[key] = t
         return t
 
