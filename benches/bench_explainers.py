@@ -9,10 +9,13 @@ thing, that library called directly as its users would, with our time divided by
 * sensitivity, deconvnet, guided backprop: Captum's ``Saliency``, ``Deconvolution``,
   ``GuidedBackprop`` (they hook ``nn.ReLU`` only, so on ReLU6 nets they time a plain gradient);
 * LRP eps / alpha-beta / eps+flat: Zennit's own composite with its ``SequentialMergeBatchNorm``
-  canonizer, and our LRP with ``engine="zennit"`` (the same rules through Zennit's hooks).
+  canonizer, and our LRP with ``engine="zennit"`` (the same rules through Zennit's hooks);
+* cp_lrp on torchvision's ViT-B/16 (random weights): LXT 2.1's efficient CP-LRP
+  (``monkey_patch`` of ``vision_transformer``, input x gradient, LRP-0 on linear layers); LXT has no
+  AttnLRP map for this model, so attnlrp is timed against the plain gradient only.
 
 Targets (issue 15): sensitivity, deconvnet and guided backprop at least as fast as Captum's;
-alpha-beta and eps+flat at most 3x a plain gradient. Each figure is the best of ``reps``
+alpha-beta and eps+flat at most 3x a plain gradient (issue 25: cp_lrp and attnlrp at most 2x on a ViT). Each figure is the best of ``reps``
 interleaved calls, so that load drift on a shared machine hits every method alike; the load
 average is printed before and after.
 """
@@ -97,6 +100,23 @@ def captum_direct(name: str) -> Callable | None:
     return table.get(name)
 
 
+def lxt_direct(name: str, model: nn.Module) -> Callable | None:
+    """LXT 2.1's efficient CP-LRP on a torchvision ViT, called as an LXT user would (patch, then
+    input x gradient); the patch is undone after each call."""
+    from torchvision.models import VisionTransformer
+
+    if name != "cp_lrp" or not isinstance(model, VisionTransformer):
+        return None
+    from lxt.efficient.models.vit_torch import cp_LRP
+
+    from heatmapbench.testing import lxt_patched
+
+    def run(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with lxt_patched(cp_LRP):
+            return x * plain_gradient(model, x, target)
+    return run
+
+
 def interleaved(fns: dict[str, Callable], reps: int) -> dict[str, float]:
     """Best-of-``reps`` seconds of each callable, run round-robin so load drift hits all alike."""
     for fn in fns.values():
@@ -130,11 +150,13 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int, methods: lis
         explainer = get_explainer(name)
         fns = {"grad": grad, "ours": lambda: explainer(model, x, target)}
         library = ""
-        if (fn := zennit_direct(name)) is not None:
+        if (fn := lxt_direct(name, model)) is not None:
+            fns["direct"], library = (lambda: fn(model, x.clone(), target)), "LXT"
+        elif (fn := zennit_direct(name)) is not None:
             fns["direct"], library = (lambda: fn(model, x.clone().requires_grad_(), target)), "Zennit"
         elif (fn := captum_direct(name)) is not None:
             fns["direct"], library = (lambda: fn(model, x.clone().requires_grad_(), target)), "Captum"
-        if isinstance(explainer, LRP):
+        if isinstance(explainer, LRP) and explainer.gates == "refuse":  # the transformer rules are one engine's
             zennit_engine = get_explainer(name, engine="zennit")
             fns["zennit_engine"] = lambda: zennit_engine(model, x, target)
         heavy = name in ("integrated_gradients", "smoothgrad")
@@ -179,9 +201,22 @@ def canonization(model: nn.Module, x: torch.Tensor, target: torch.Tensor, reps: 
           f"{t['configured'] / t['modules']:.2f} |")
 
 
+def vit_b_16() -> nn.Module:
+    """torchvision ViT-B/16, random weights (its zero-initialised head randomised: scores not all 0)."""
+    import torchvision
+
+    model = torchvision.models.vit_b_16()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.02)
+    return model
+
+
+#: key -> (label, builder, input shape, batch, --quick batch, methods (None: every explainer))
 MODELS = {
-    "vgg_small": ("VGGSmall (VGG-style CNN with BatchNorm)", VGGSmall, (3, 32, 32), 32, 16),
-    "lite0": ("EfficientNet-Lite0 (pretrained)", efficientnet_lite0, (3, 224, 224), 4, 2),
+    "vgg_small": ("VGGSmall (VGG-style CNN with BatchNorm)", VGGSmall, (3, 32, 32), 32, 16, None),
+    "lite0": ("EfficientNet-Lite0 (pretrained)", efficientnet_lite0, (3, 224, 224), 4, 2, None),
+    "vit_b_16": ("ViT-B/16 (torchvision, random weights)", vit_b_16, (3, 224, 224), 4, 1,
+                 ["cp_lrp", "attnlrp", "sensitivity_l2", "gradient_x_input"]),
 }
 
 
@@ -200,10 +235,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(available_explainers())}")
     for key in args.models.split(","):
-        label, build, shape, batch, quick_batch = MODELS[key]
+        label, build, shape, batch, quick_batch, own_methods = MODELS[key]
         torch.manual_seed(0)
         n = args.batch or (quick_batch if args.quick else batch)
-        bench(label, build(), torch.randn(n, *shape), reps, methods)
+        bench(label, build(), torch.randn(n, *shape), reps, methods or own_methods)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Which architectures LRP (and deconvnet / guided backprop) explains exactly, with a rule, or refuses.
 
-Usage: ``python benches/lrp_support_table.py [--out table.md]``. Random-weight networks in float64
-with randomised BatchNorm statistics, one 64x64 image. For each
-architecture and method it runs the explainer and prints a Markdown table cell:
+Usage: ``python benches/lrp_support_table.py [--out table.md] [--archs ...]``. Random-weight
+networks (torchvision, the zoo, timm) in float64 with randomised BatchNorm statistics, one 64x64
+image. For each architecture and method it runs the explainer and prints a Markdown table cell:
 
-* ``exact (max rel err e)``: LRP-eps with eps -> 0 against gradient x input (an identity on ReLU
-  nets), or deconvnet / guided backprop against the same method on a copy whose every ReLU is a
-  module (nothing functional left for the rule to miss);
+* ``exact (max rel err e)``: LRP-eps with eps -> 0 (plain, ``cp_lrp``, ``attnlrp``) against gradient
+  x input (an identity on ReLU nets);
+* ``supported (conservation err e) ...; rules: ...``: where it is not that identity, the relative
+  gap between the input relevance and the target score on a bias-free copy (biases, norm shifts,
+  class tokens, position embeddings zeroed; ``cp_lrp`` conserves, AttnLRP's softmax rule does not
+  by construction), and the rules the graph rewrite chose beyond exact ones;
 * ``conserves (rel err e)`` (err <= 1e-6) or ``DOES NOT conserve``: alpha-beta / eps+flat on a
   bias-free copy, sum of relevance vs score;
-* ``supported with rule ...``: the rules the graph rewrite chose that are not exact identities;
+* deconvnet / guided backprop: ``supported`` or refused;
 * ``refused (...)``: the first line of the error.
 """
 
@@ -25,7 +28,7 @@ from torch import nn
 from heatmapbench.explain import LRP, get_explainer
 from heatmapbench.explain.base import explaining
 from heatmapbench.explain.canonize import canonize
-from heatmapbench.testing import randomize_batch_norm
+from heatmapbench.testing import bias_free, randomize_batch_norm
 
 torch.set_num_threads(2)
 
@@ -47,9 +50,42 @@ ARCHS = {
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
     "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+    "vit_b_16 (torchvision, 64 px)": lambda: _head_randomised(torchvision.models.vit_b_16(num_classes=10,
+                                                                                          image_size=64)),
 }
-METHODS = ["lrp_epsilon (eps->0)", "lrp_alpha2_beta1", "lrp_epsilon_plus_flat", "lrp_epsilon, gates=constant",
-           "deconvnet / guided_backprop"]
+
+
+def _head_randomised(model: nn.Module) -> nn.Module:
+    """torchvision zero-initialises the ViT head (every score 0): give it random weights."""
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.1)
+    return model
+
+
+def _timm(name: str, **kwargs):
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return build
+
+
+TIMM = {  # the timm families users bring (timm 1.0.x), 64 px inputs
+    "vit_tiny_patch16_224 (timm)": _timm("vit_tiny_patch16_224", img_size=64),
+    "deit_tiny_patch16_224 (timm)": _timm("deit_tiny_patch16_224", img_size=64),
+    "swin_tiny_patch4_window7_224 (timm, window 4)": _timm("swin_tiny_patch4_window7_224", img_size=64,
+                                                           window_size=4),
+    "convnext_atto (timm)": _timm("convnext_atto"),
+    "efficientnet_b0 (timm)": _timm("efficientnet_b0"),
+    "seresnet18 (timm)": _timm("seresnet18"),
+    "regnety_002 (timm)": _timm("regnety_002"),
+    "hrnet_w18_small (timm)": _timm("hrnet_w18_small"),
+    "vgg11_bn (timm)": _timm("vgg11_bn"),
+}
+ARCHS.update(TIMM)
+METHODS = ["lrp_epsilon (eps->0)", "cp_lrp (eps->0)", "attnlrp (eps->0)", "lrp_alpha2_beta1",
+           "lrp_epsilon_plus_flat", "deconvnet / guided_backprop"]
+GATES = {"lrp_epsilon (eps->0)": "refuse", "cp_lrp (eps->0)": "constant", "attnlrp (eps->0)": "uniform"}
 EXACT_RULES = {"BatchNorm folded into the conv/linear that feeds it",
                "BatchNorm not fed by a conv/linear: its own affine layer (epsilon rule)",
                "scaling by a constant: relevance passes unchanged", "ReLU6: relevance passes unchanged (identity rule)"}
@@ -65,8 +101,8 @@ def gradient_x_input(model, x, target):
     return (g * x).sum(1)
 
 
-def rules_note(model: nn.Module, gates: str) -> str:
-    extra = [r for r in canonize(model, gates=gates).rules_used if r not in EXACT_RULES]
+def rules_note(model: nn.Module, gates: str, x: torch.Tensor) -> str:
+    extra = [r for r in canonize(model, gates=gates, example=x).rules_used if r not in EXACT_RULES]
     return f"; rules: {', '.join(extra)}" if extra else ""
 
 
@@ -83,21 +119,23 @@ def cell(arch: str, method: str) -> str:
     x = torch.randn(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([1])
     try:
-        if method.startswith("lrp_epsilon (") or method.startswith("lrp_epsilon, gates"):
-            gates = "constant" if "gates" in method else "refuse"
+        if method in GATES:
+            gates = GATES[method]
             lrp = LRP(epsilon=TINY, stabilizer=TINY, gates=gates)
             with explaining(model):
                 relevance = lrp.attribute(model, x.clone(), target).sum(1)
             err = rel(relevance, gradient_x_input(model, x, target))
-            note = rules_note(model, gates)
+            note = rules_note(model, gates, x)
             if err <= 1e-8:
                 return f"exact (max rel err {err:.0e}){note}"
-            return f"supported, not an identity (rel err to grad x input {err:.0e}){note}"
+            free = bias_free(model)
+            with explaining(free):
+                total = lrp.attribute(free, x.clone(), target).sum()
+                score = free(x)[0, 1]
+            gap = abs(float(total - score)) / abs(float(score))
+            return f"supported (conservation err {gap:.0e}, bias-free copy){note}"
         if method.startswith("lrp_"):
-            model = randomize_batch_norm(model, centred=True)
-            for m in model.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                    m.bias.data.zero_()
+            model = bias_free(model)
             composite = "alpha_beta" if "alpha" in method else "epsilon_plus_flat"
             lrp = LRP(composite=composite, epsilon=TINY, stabilizer=TINY, engine="zennit")
             with explaining(model):
@@ -105,7 +143,7 @@ def cell(arch: str, method: str) -> str:
                 score = model(x)[0, 1]
             err = abs(float(relevance.sum() - score)) / abs(float(score))
             verdict = "conserves" if err <= 1e-6 else "DOES NOT conserve"
-            return f"{verdict} (rel err {err:.0e}, bias-free copy){rules_note(model, 'refuse')}"
+            return f"{verdict} (rel err {err:.0e}, bias-free copy){rules_note(model, 'refuse', x)}"
         for name in ("deconvnet_l2", "guided_backprop"):
             get_explainer(name)(model, x, target)
         return "supported (every ReLU, functional or module, gets the rule)"
