@@ -372,7 +372,7 @@ class _Rewriter:
             if isinstance(value, fx.Node) and value.op != "get_attr":
                 self.refuse(node, f"a batch norm whose {name} is computed in the forward has no rule here")
                 return
-            tensors.append(_get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
+            tensors.append(get_attr(self.gm, value.target) if isinstance(value, fx.Node) else value)
         if bound.get("training", False) or tensors[0] is None:
             self.refuse(node, "batch norm with batch statistics normalises by the batch; LRP needs a per-image "
                               "affine map")
