@@ -187,7 +187,7 @@ ENV = cli_env(HYDRA_FULL_ERROR="0")
 def start(tmp: Path, module: str, *overrides: str) -> subprocess.Popen:
     tmp.mkdir(parents=True, exist_ok=True)
     flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before the overrides
-    args = [sys.executable, "-m", f"heatmapbench.{module}", *flags, f"paths.mlruns_dir={tmp}/mlruns",
+    args = [sys.executable, "-m", f"heatmapbench.app.{module}", *flags, f"paths.mlruns_dir={tmp}/mlruns",
             f"hydra.run.dir={tmp}/out", f"hydra.sweep.dir={tmp}/multirun",
             *(o for o in overrides if not o.startswith("-"))]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=tmp)
