@@ -35,7 +35,9 @@ def test_ctrl_c_during_evaluate_kills_the_run(tmp_path, images):
 
 @pytest.mark.slow
 def test_sigterm_in_a_multirun_kills_the_job_and_stops_the_sweep(tmp_path, images):
-    proc = start(tmp_path, "evaluate", "-m", *EVAL, f"data.path={images}", "evaluation.random_repeats=400",
+    # 20000 random orderings keep the first job busy for minutes, so that it cannot finish (and the
+    # second start) between its run appearing and the signal; the signal ends it within seconds
+    proc = start(tmp_path, "evaluate", "-m", *EVAL, f"data.path={images}", "evaluation.random_repeats=20000",
                  "evaluation.region_size=4,8")
     wait_for_running(proc, tmp_path)
     proc.send_signal(signal.SIGTERM)
