@@ -86,8 +86,11 @@ def main() -> None:
         hm = torch.randn(args.images, side, side, generator=g).to(device)
         for p in args.regions:
             p_used = min(p, 4) if name == "smallcnn" and p > 4 and not args.quick else p
+            steps = min(args.steps, (side // p_used) ** 2)  # SmallCNN at 28²: 49 regions of 4×4
+            if steps < args.steps:
+                print(f"{name}: L = {steps} (its {steps} regions of {p_used}×{p_used})")
             for order in args.orders:
-                kw = dict(region_size=p_used, steps=args.steps, order=order, regions="grid")
+                kw = dict(region_size=p_used, steps=steps, order=order, regions="grid")
                 auto = region_perturbation(model, x[:2], hm[:2], incremental="auto", **kw).settings["incremental"]
                 best, res, peaks = {}, {}, {}
                 for i in range(args.reps + 1):  # the first round warms up (plans, kernels)
