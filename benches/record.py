@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="the file: docs/results/measured/<name>.md")
     parser.add_argument("--markdown", action="store_true", help="the command prints Markdown (tables)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    parser.add_argument("command", nargs="*", help="-- then the command")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after the first "--" is the command: options before it (--markdown) are ours,
+    # wherever they stand (argparse's REMAINDER would swallow an option given after the name).
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    command = args.command + argv[split + 1:]
     if not command:
         parser.error("give the command after --")
     when = datetime.datetime.now(datetime.timezone.utc)
