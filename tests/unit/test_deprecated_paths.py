@@ -44,8 +44,27 @@ def test_an_old_path_warns_and_forwards(old, monkeypatch):
         shim.no_such_name  # noqa: B018
 
 
+#: ``python -m <old>`` for each old command path, in one interpreter: runpy.run_module with run_name
+#: "__main__" is what ``-m`` runs (each command's Hydra state is cleared when its ``main`` returns)
+PYTHON_M = """
+import runpy, sys
+for old in sys.argv[1:]:
+    sys.argv = [old, "--cfg", "job"]
+    print(f"=== {old}", flush=True)
+    try:
+        runpy.run_module(old, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    print(f"=== {old} exit {code}", flush=True)
+"""
+
+
 def test_python_m_old_command_paths_still_run(tmp_path):
-    for old in ("heatmapbench.train", "heatmapbench.evaluate", "heatmapbench.report"):
-        proc = subprocess.run([sys.executable, "-m", old, "--cfg", "job"], capture_output=True, text=True,
-                              cwd=tmp_path, env=cli_env(), timeout=300)
-        assert proc.returncode == 0 and "paths:" in proc.stdout, (old, proc.stderr[-2000:])
+    olds = ("heatmapbench.train", "heatmapbench.evaluate", "heatmapbench.report")
+    proc = subprocess.run([sys.executable, "-c", PYTHON_M, *olds], capture_output=True, text=True, cwd=tmp_path,
+                          env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for old in olds:
+        shown = proc.stdout.split(f"=== {old}\n", 1)[1].split(f"=== {old} exit ", 1)
+        assert shown[1].startswith("0\n") and "paths:" in shown[0], (old, proc.stdout[-2000:], proc.stderr[-2000:])
