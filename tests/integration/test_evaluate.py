@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.evaluate import run_evaluate
 from heatmapbench.models import zoo
-from tests.helpers import cli_env, compose_config, store_uri
+from tests.helpers import cli_env, compose_config, run_main, store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -97,13 +97,6 @@ def test_torchvision_model_from_saved_state_dict(eval_cfg, tmp_path):
     assert run.data.params["model.net.weights_path"] == f"…/{weights.parent.name}/{weights.name}"  # no absolute path
 
 
-def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = cli_env()
-    args = [sys.executable, "-m", "heatmapbench.app.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
-            f"hydra.run.dir={tmp_path}/out", *FAST, *overrides]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-
-
 def _no_runs(tmp_path: Path) -> None:
     db = tmp_path / "mlruns" / "mlflow.db"
     if db.exists():
@@ -111,17 +104,25 @@ def _no_runs(tmp_path: Path) -> None:
         assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
+def test_bad_input_on_the_command_line_fails_clearly_and_creates_no_run(tmp_path):
+    # the real command line: Hydra parses and composes (an explainer of no config here), the process exits
+    args = [sys.executable, "-m", "heatmapbench.app.evaluate", f"paths.mlruns_dir={tmp_path}/mlruns",
+            f"hydra.run.dir={tmp_path}/out", *FAST, "explainer=nope"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'explainer/nope'" in proc.stderr, proc.stderr[-2000:]
+    _no_runs(tmp_path)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model=vgg16", "model.net.weights_path=/no/such/vgg16.pth"], "/no/such/vgg16.pth"),
     (["model=alexnet", "data=imagefolder", "data.path=/no/such/folder"], "data.path"),
-    (["explainer=nope"], "Could not find 'explainer/nope'"),
     (["evaluation.explainers=[sensitivity_l2,nope]"], "unknown explainer(s) ['nope']"),
     (["num_images=0"], "num_images=0 is invalid"),
 ])
-def test_bad_input_fails_clearly_and_creates_no_run(tmp_path, overrides, message):
-    proc = _cli(tmp_path, *overrides)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+def test_bad_input_fails_clearly_and_creates_no_run(eval_cfg, tmp_path, overrides, message):
+    code, err = run_main("evaluate", eval_cfg(*overrides))  # the command's main, as the CLI runs it
+    assert code == 2 and "error: " in err and message in err, (code, err[-2000:])
     _no_runs(tmp_path)
 
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
-from tests.helpers import cli_env, needs_fmnist, store_uri
+from tests.helpers import cli_env, compose_config, needs_fmnist, run_main, store_uri
 
 pytestmark = [needs_fmnist, pytest.mark.slow]  # trainings and CLI runs
 
@@ -73,35 +73,38 @@ def test_run_that_raises_is_marked_failed(train_cfg):
     assert run.info.status == "FAILED"
 
 
-def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = cli_env()
+def _no_runs(db: Path) -> None:
+    if db.exists():
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
+
+
+def test_a_bad_override_on_the_command_line_exits_clearly_and_creates_no_run(tmp_path):
+    # the real command line: Hydra parses and composes (an option of no config group here), the process exits
     args = [sys.executable, "-m", "heatmapbench.app.train", f"paths.mlruns_dir={tmp_path}/mlruns",
-            f"hydra.run.dir={tmp_path}/out", "trainer.max_epochs=1", *overrides]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+            f"hydra.run.dir={tmp_path}/out", "trainer.max_epochs=1", "data=nope"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'data/nope'" in proc.stderr + proc.stdout
+    _no_runs(tmp_path / "mlruns" / "mlflow.db")
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data=nope", "Could not find 'data/nope'"),
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1 is invalid"),
     ("data.batch_size=0", "data.batch_size=0 is invalid"),
     ("data=imagefolder", "data.path is required"),
     ("data.path=/no/such/folder", "data.path"),
 ])
-def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, override, message):
+def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, data_dir, override, message):
     overrides = [override] if override != "data.path=/no/such/folder" else ["data=imagefolder", override]
-    proc = _cli(tmp_path, *overrides)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
-    db = tmp_path / "mlruns" / "mlflow.db"
-    if db.exists():
-        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-        assert runs == []
+    cfg = compose_config("train", ["trainer.max_epochs=1", *overrides], tmp_path, data_dir)
+    code, err = run_main("train", cfg)  # the command's main, as the CLI runs it on the composed config
+    assert code == 2 and "error: " in err and message in err, (code, err[-2000:])
+    _no_runs(tmp_path / "mlruns" / "mlflow.db")
 
 
 def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
     from heatmapbench.app.evaluate import run_evaluate
-    from tests.helpers import compose_config
 
     cfg = train_cfg("logger.experiment_name=t-ckpt", "callbacks.aopc=null")
     result = run_train(cfg)
