@@ -73,6 +73,12 @@ def run_main(command: str, cfg: DictConfig) -> tuple[int, str]:
     return 0, err.getvalue()
 
 
+#: The real ``train`` config shrunk (the ``train_cfg`` fixture's base): CPU, few batches, no progress output.
+SHRUNK_TRAIN = ["trainer=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
+                "trainer.limit_test_batches=2", "trainer.enable_model_summary=false",
+                "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "data.eval_subset_size=16"]
+
+
 def store_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{cfg.paths.mlruns_dir}/mlflow.db"
 

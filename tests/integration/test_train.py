@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
-from tests.helpers import cli_env, compose_config, needs_fmnist, run_main, store_uri
+from tests.helpers import SHRUNK_TRAIN, cli_env, compose_config, needs_fmnist, run_main, store_uri
 
 pytestmark = [needs_fmnist, pytest.mark.slow]  # trainings and CLI runs
 
@@ -28,9 +28,16 @@ def _only_run(uri: str, experiment: str):
     return client, runs[0]
 
 
-def test_one_epoch_run_is_tracked(train_cfg):
-    cfg = train_cfg("logger.experiment_name=t-track")
-    result = run_train(cfg)
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, data_dir):
+    """One tracked training of one epoch (config, result): its run and its checkpoint are read by two tests."""
+    cfg = compose_config("train", [*SHRUNK_TRAIN, "logger.experiment_name=t-track"], tmp_path_factory.mktemp("track"),
+                         data_dir)
+    return cfg, run_train(cfg)
+
+
+def test_one_epoch_run_is_tracked(one_epoch):
+    cfg, result = one_epoch
     client, run = _only_run(store_uri(cfg), "t-track")
     assert run.info.run_id == result["run_id"]
     assert run.info.status == "FINISHED"
@@ -103,11 +110,10 @@ def test_bad_overrides_exit_clearly_and_create_no_run(tmp_path, data_dir, overri
     _no_runs(tmp_path / "mlruns" / "mlflow.db")
 
 
-def test_checkpoint_of_a_run_evaluates(train_cfg, tmp_path, data_dir):
+def test_checkpoint_of_a_run_evaluates(one_epoch, tmp_path, data_dir):
     from heatmapbench.app.evaluate import run_evaluate
 
-    cfg = train_cfg("logger.experiment_name=t-ckpt", "callbacks.aopc=null")
-    result = run_train(cfg)
+    cfg, result = one_epoch
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert last.is_file()
     ev = compose_config("evaluate", ["model=small_cnn", "data=fashion_mnist", f"ckpt_path={last}", "num_images=8",

@@ -16,7 +16,7 @@ from scipy import stats
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.train import run_train
-from tests.helpers import needs_fmnist, store_uri
+from tests.helpers import SHRUNK_TRAIN, compose_config, needs_fmnist, store_uri
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -109,10 +109,18 @@ def test_two_epochs_log_aopc_artifacts_and_correlations(train_cfg, tmp_path):
         assert im.size[0] >= 1200
 
 
-def test_every_n_epochs(train_cfg):
-    cfg = train_cfg("trainer.max_epochs=3", "callbacks.aopc.every_n_epochs=2", "callbacks.aopc.artifacts=false",
-                    "logger.experiment_name=t-every", "evaluation.explainers=[random,sensitivity_l2]", *SMALL)
+@pytest.fixture(scope="module")
+def every_second_epoch(tmp_path_factory, data_dir):
+    """One training of 3 epochs evaluated every 2nd epoch, with artifacts: read by the two tests below."""
+    cfg = compose_config("train", [*SHRUNK_TRAIN, "trainer.max_epochs=3", "callbacks.aopc.every_n_epochs=2",
+                                   "logger.experiment_name=t-every", "evaluation.explainers=[random,sensitivity_l2]",
+                                   *SMALL], tmp_path_factory.mktemp("every"), data_dir)
     run_train(cfg)
+    return cfg
+
+
+def test_every_n_epochs(every_second_epoch):
+    cfg = every_second_epoch
     client = MlflowClient(store_uri(cfg))
     run = _run(client, "t-every")
     val_steps = [s for s in _steps(client, run.info.run_id, mn.VAL_ACC) if s > 0]  # three epochs; evaluated before and after the 2nd
@@ -124,13 +132,11 @@ def test_every_n_epochs(train_cfg):
     assert mn.explainer_metric(mn.AOPC, "deconvnet_l2") not in run.data.metrics
 
 
-def test_figures_of_the_last_evaluation_drawn_at_the_end(train_cfg, tmp_path):
+def test_figures_of_the_last_evaluation_drawn_at_the_end(every_second_epoch, tmp_path):
     # evaluated after epoch 2 of 3: not known to be the last then, so drawn when training ends
-    cfg = train_cfg("trainer.max_epochs=3", "callbacks.aopc.every_n_epochs=2", "logger.experiment_name=t-figs",
-                    "evaluation.explainers=[random,sensitivity_l2]", *SMALL)
-    run_train(cfg)
+    cfg = every_second_epoch
     client = MlflowClient(store_uri(cfg))
-    run_id = _run(client, "t-figs").info.run_id
+    run_id = _run(client, "t-every").info.run_id
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="aopc",
                                                      tracking_uri=store_uri(cfg), dst_path=str(tmp_path)))
     assert sorted(p.name for p in local.glob("epoch_*")) == ["epoch_000", "epoch_002"]
