@@ -135,11 +135,13 @@ def linear_setup(b=16, h=16, w=16, c=1, k=4, seed=0):
     return model, x, (wt * x).sum(1), tgt  # heatmap exactly w ⊙ x (summed over channels)
 
 
-def snapshot(model: nn.Module) -> dict:
-    """Everything an explainer could leave behind on a model."""
+def snapshot(model: nn.Module, copy: bool = True) -> dict:
+    """Everything an explainer could leave behind on a model. ``copy=False``: the live tensors instead
+    of copies, for the snapshot compared at once with an earlier one (a full-size net is not copied
+    again after every method)."""
     hook_dicts = [k for k in vars(nn.Module()) if "hook" in k]
     return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "state": {k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict(keep_vars=True).items()},
         "params": [(n, id(p), p.requires_grad, p.grad) for n, p in model.named_parameters()],
         "modules": [
             (name, m.training, sorted(vars(m)), list(m._modules), {k: dict(getattr(m, k) or {}) for k in hook_dicts})
