@@ -89,10 +89,12 @@ def test_report_agreement_on_runs_with_known_rankings(tmp_path):
     runs = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "artifact_uri": [str(artifacts), str(tmp_path / "r2"), str(roar)],
                          "tags.task": ["evaluate", "evaluate", "roar"], "tags.roar_role": [None, None, "parent"],
                          "tags.model": ["from_checkpoint", "from_checkpoint", "SmallCNN"],
-                         "params.model.net.net._target_": ["heatmapbench.models.SmallCNN"] * 2 + [None],
+                         "params.model.net.net": ["SmallCNN"] * 2 + [None],  # as the runs log it
+                         "tags.weights": ["ckpts/last.ckpt"] * 2 + [None], "params.ckpt_path": [None] * 2 + ["ckpts/last.ckpt"],
                          "tags.data": "fashion_mnist"})
     (agreement,) = agreement_reports(long, per_image, runs, n_boot=200, seed=0)
-    assert agreement.group == "SmallCNN / fashion_mnist"  # the checkpoint's network joins the ROAR run's
+    # the checkpoint's network joins the ROAR run that explained the same checkpoint
+    assert agreement.group == "SmallCNN / fashion_mnist / ckpts/last.ckpt"
     assert [m.name for m in agreement.measures] == ["MoRF uniform", "LeRF uniform", "ABPC uniform", "MoRF road",
                                                      "MPRT", "ROAR"]
     assert agreement.measures[-1].unit == "seed" and agreement.measures[-1].scores.shape == (2, 4)

@@ -2,7 +2,7 @@
 explainers and model, each measure's ranking, and Kendall's τ between the rankings
 (:mod:`heatmapbench.metrics.agreement`).
 
-Measures, all oriented so that higher is better, per model × data:
+Measures, all oriented so that higher is better, per model × data × weights:
 
 * from every evaluate run's per-image table: ``MoRF <perturbation>`` (AOPC relative to random),
   ``LeRF <perturbation>`` (−AOPC LeRF relative to random) and ``ABPC <perturbation>`` when LeRF was
@@ -15,6 +15,7 @@ Measures, all oriented so that higher is better, per model × data:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,12 +61,24 @@ def _roar_measure(table: pd.DataFrame) -> Measure | None:
 
 
 def _group(run: dict) -> str:
-    """``<network> / <data>`` of a run; a heatmapbench-train checkpoint counts as the network inside it."""
+    """``<network> / <data> / <weights>`` of a run: measures are compared only on the same weights.
+
+    A heatmapbench-train checkpoint counts as the network inside it (logged as the short class name
+    ``model.net.net``, or as ``model.net.net._target_`` by older runs). The weights are an evaluate
+    run's ``weights`` tag or a ROAR run's ``ckpt_path``; a ROAR run without one explains a model it
+    trained itself, which no other run measured, so it gets a group of its own.
+    """
     model = run.get("tags.model")
-    inner = run.get("params.model.net.net._target_")
+    inner = run.get("params.model.net.net") or run.get("params.model.net.net._target_")
     if model == "from_checkpoint" and isinstance(inner, str) and inner:
         model = inner.rsplit(".", 1)[-1]
-    return f"{model} / {run.get('tags.data')}"
+    if run.get("tags.task") == "roar":
+        weights = run.get("params.ckpt_path") or f"trained by ROAR {run.get('tags.roar_id')}"
+    else:
+        weights = run.get("tags.weights")
+    if isinstance(weights, str) and weights and "/" in weights:
+        weights = os.path.normpath(weights)
+    return f"{model} / {run.get('tags.data')}" + (f" / {weights}" if weights else "")
 
 
 def collect_measures(long: pd.DataFrame, per_image: pd.DataFrame | None, runs: pd.DataFrame) -> dict[str, list[Measure]]:
