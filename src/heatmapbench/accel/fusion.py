@@ -244,8 +244,21 @@ def _agrees(model: nn.Module, graph: nn.Module, example: Tensor) -> bool:
     # float reassociation, not a different function; half-precision models round far more
     rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(want.dtype, 2e-2)
     want, got = want.double(), got.double()
-    tol = rel * (float(want.abs().max()) + 0.1)
-    err = float((want - got).abs().max())
+    finite = want.isfinite()
+    if not bool(finite.any()):  # nothing to compare: the model's own fault, named as such
+        warnings.warn(f"heatmapbench: {type(model).__name__} outputs NaN or inf on an example input (its own "
+                      "outputs, unfused), so its fused graph cannot be checked against it; using the model "
+                      "unfused. Look at the model (weights, input range), not at fusion.", RuntimeWarning, stacklevel=3)
+        return False
+    # the same function is NaN (or the same inf) where the model is; compared where the model is finite
+    same_non_finite = all(torch.equal(f(want), f(got)) for f in (torch.isnan, torch.isposinf, torch.isneginf))
+    if not same_non_finite:
+        warnings.warn(f"heatmapbench: the fused graph of {type(model).__name__} is NaN or inf where the model is "
+                      "not (or the reverse) on an example input; using the model unfused. Please report this model.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    tol = rel * (float(want[finite].abs().max()) + 0.1)
+    err = float((want - got)[finite].abs().max())
     if not err <= tol:
         warnings.warn(f"heatmapbench: the fused graph of {type(model).__name__} differs from the model by {err:.3g} "
                       f"(> {tol:.3g}) on an example input; using the model unfused. Please report this model.",

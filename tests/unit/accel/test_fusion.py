@@ -183,6 +183,25 @@ def test_a_graph_that_disagrees_with_the_model_is_refused_with_a_warning(monkeyp
         assert fused(net, x) is net
 
 
+@pytest.mark.parametrize("nan_in", ["one class", "every class"])
+def test_nan_outputs_of_the_model_itself_are_named_as_the_models_not_a_fusion_difference(nan_in):
+    net = net64()
+    with torch.no_grad():
+        net.fc.bias[slice(1, 2) if nan_in == "one class" else slice(None)] = float("nan")
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        graph = fused(net, x)
+    ours = [str(w.message) for w in seen if str(w.message).startswith("heatmapbench:")]
+    if nan_in == "one class":  # compared where the model is finite, NaN where it is NaN: the same function
+        assert graph is not net and ours == []
+        with torch.no_grad():
+            torch.testing.assert_close(graph(x), net(x), equal_nan=True, rtol=0, atol=1e-12)
+    else:  # nothing left to compare: the model's NaN is named, fusion is not blamed
+        assert graph is net and len(ours) == 1
+        assert ours[0].startswith("heatmapbench: Net outputs NaN or inf") and "differs" not in ours[0]
+
+
 def test_channels_last_folded_weights_are_nhwc_also_for_one_input_channel():
     torch.manual_seed(0)
     net = randomize_batch_norm(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
