@@ -92,6 +92,45 @@ def test_a_truncated_jpeg_is_named_at_the_scan_or_skipped(eval_cfg, odd_images):
     assert result["eval/images"] == 12.0
 
 
+def _torn_jpeg(path: Path) -> None:
+    """A progressive JPEG whose header and end are whole but whose second scan's header is damaged."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        buf, "JPEG", progressive=True)
+    data = bytearray(buf.getvalue())
+    second_scan = data.index(b"\xff\xda", data.index(b"\xff\xda") + 2)  # SOS marker, length (2 bytes), count
+    data[second_scan + 4] = 9  # components in the scan: 9, of an image with 3
+    path.write_bytes(bytes(data))
+
+
+def test_a_jpeg_corrupt_in_the_middle_is_named_at_the_scan_or_skipped(eval_cfg, odd_images):
+    from PIL import Image
+
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.data import DataNotFoundError
+    from heatmapbench.data.imagefolder import UnreadableImageError, read_rgb
+    from tests.helpers import no_runs
+
+    torn = odd_images / "class1" / "torn.jpg"
+    _torn_jpeg(torn)
+    assert torn.read_bytes().endswith(b"\xff\xd9")  # its end is whole: a look at the end cannot tell
+    with Image.open(torn) as image:
+        assert image.size == (32, 32)  # nor can its header
+    with pytest.raises(UnreadableImageError, match="torn.jpg"):
+        read_rgb(str(torn))  # what the data loader would meet mid-run
+    cfg = eval_cfg(f"data.path={odd_images}")
+    with pytest.raises(DataNotFoundError, match=r"cannot read the image .*class1/torn.jpg; .*torn.jpg: ") as err:
+        run_evaluate(cfg)
+    assert "\n" not in str(err.value) and no_runs(cfg)
+    result = run_evaluate(eval_cfg(f"data.path={odd_images}", "data.skip_unreadable=true"))
+    assert result["eval/images"] == 12.0
+
+
 def test_16_bit_images_are_scaled_not_clipped_and_float_images_refused(odd_images):
     import numpy as np
     from PIL import Image
