@@ -420,6 +420,44 @@ def test_sigterm_to_a_joblib_sweeps_parent_reaches_its_workers(tmp_path, images)
         (r.info.status, r.info.end_time - sent_ms, r.data.tags.get("end_reason")) for r in found]
 
 
+class _SignalInAFinalizer:
+    """Sends SIGTERM to its own process from its finalizer: the handler's exception is raised inside
+    ``__del__``, where CPython only prints it (as it does in a weakref callback, e.g. of a database
+    connection MLflow lets go while it logs)."""
+
+    def __del__(self):
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here, inside the finalizer
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost exception, printed
+def test_a_signal_whose_exception_a_finalizer_loses_while_a_run_is_logged_still_ends_it_killed(eval_cfg, monkeypatch):
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.app.tracking import RunInterrupted
+
+    real, fired = MLFlowLogger.log_metrics, []
+
+    def logged_while_a_finalizer_runs(self, *args, **kwargs):
+        if not fired:
+            fired.append(True)
+            _SignalInAFinalizer()  # dropped at once: its finalizer runs here, in the logging phase
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLFlowLogger, "log_metrics", logged_while_a_finalizer_runs)
+    cfg = eval_cfg()
+    with pytest.raises(RunInterrupted, match="^SIGTERM received$"):  # went on to FINISHED before
+        run_evaluate(cfg)
+    assert fired
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM received"
+
+
 def test_stale_running_runs_are_listed_closed_and_counted_by_the_report(tmp_path, capsys):
     import time
 

@@ -452,31 +452,52 @@ class RunInterrupted(BaseException):
         return 128 + self.signum  # what a shell reports for a process ended by that signal
 
 
+class Interrupts:
+    """What :func:`interrupts_raise` knows while it is open: the signal received, and whether the run is
+    being closed."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.closing = False
+
+    def check(self) -> None:
+        """Raise :class:`RunInterrupted` if a signal arrived whose exception never got here.
+
+        A handler's exception is lost when the signal lands while a finalizer runs (``__del__``, a
+        weakref callback: MLflow's and SQLAlchemy's objects are collected all through logging):
+        CPython prints ``Exception ignored in ...`` and goes on. The run is then ended at this check.
+        """
+        if self.signum is not None and not self.closing:
+            raise RunInterrupted(self.signum)
+
+
 @contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
+def interrupts_raise() -> Iterator[Interrupts]:
     """While open, the first SIGINT or SIGTERM raises :class:`RunInterrupted` in the main thread.
 
-    Later signals are ignored until the block exits, so that closing the run is not cut short.
-    Lightning's own SIGTERM handler calls this one after its own (it chains existing handlers).
+    Later signals are ignored until the block exits, so that closing the run is not cut short. The
+    first one's exception can be lost (:meth:`Interrupts.check` raises it again). Lightning's own
+    SIGTERM handler calls this one after its own (it chains existing handlers).
     """
+    state = Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
     signums = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in signums}
-    fired: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        if fired:
+        if state.closing or state.signum is not None:
             return
-        fired.append(signum)
+        state.signum = signum
         raise RunInterrupted(signum)
 
     for s in signums:
         signal.signal(s, handler)
     try:
-        yield
+        yield state
     finally:
+        state.closing = True
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
@@ -639,7 +660,8 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
     run (a resumed training), that run is reopened (status RUNNING) and logged into. While the
     run is open its :data:`HEARTBEAT_TAG` is refreshed every minute (:func:`heartbeat`).
     """
-    with interrupts_raise(), space_reserve(str(getattr(logger, "_tracking_uri", "") or "")) as free_reserve:
+    with (interrupts_raise() as interrupts,
+          space_reserve(str(getattr(logger, "_tracking_uri", "") or "")) as free_reserve):
         try:
             resumed = getattr(logger, "_run_id", None) is not None
             with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
@@ -649,8 +671,11 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             log_config(logger, cfg, extra_tags, resumed=resumed)
             with heartbeat(logger.experiment, logger.run_id):
                 yield logger
+            interrupts.check()  # a signal whose exception was lost ends the run KILLED all the same
             end_run(logger, "FINISHED")
+            interrupts.check()  # also one lost while the run was being closed
         except BaseException as err:
+            interrupts.closing = True  # signals are ignored from here on: closing is not to be cut short
             quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}
             if disk_full(err):
                 free_reserve()  # room for the store to record FAILED
