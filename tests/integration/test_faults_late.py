@@ -393,10 +393,6 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, data_dir, capsys, key
 
 # -- every run closed -----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect: with jobs long enough that none can finish before the signal, a loky worker can "
-    "outlive the parent's forwarding (an orphan keeps computing); with short jobs a run can end "
-    "FINISHED before the signal arrives. Open in the faults issue"))
 def test_sigterm_to_a_joblib_sweeps_parent_reaches_its_workers(tmp_path, images):
     import signal
     import time

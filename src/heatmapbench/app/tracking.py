@@ -14,6 +14,7 @@ import functools
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -451,6 +452,54 @@ class RunInterrupted(BaseException):
     def exit_code(self) -> int:
         return 128 + self.signum  # what a shell reports for a process ended by that signal
 
+    def __reduce__(self) -> tuple[Any, tuple[int]]:  # a sweep worker sends it back to the parent pickled
+        return type(self), (self.signum,)
+
+
+# -- a sweep's worker processes ------------------------------------------------------------------
+#: Set by :class:`SweepSignals` in a sweep's parent, inherited by the worker processes a parallel
+#: launcher starts: the parent's pid, and its ledger folder, where each worker notes that it handles
+#: signals (a file ``<pid>``) and that it may have a run open (``<pid>.run``), and each job that
+#: started (``job-<num>``).
+SWEEP_PARENT_ENV = "HEATMAPBENCH_SWEEP_PARENT"
+SWEEP_LEDGER_ENV = "HEATMAPBENCH_SWEEP_LEDGER"
+#: The signal a sweep worker received (at most one): once set, the worker starts no job and no run.
+_STOPPING: list[int] = []
+
+
+def sweep_ledger() -> Path | None:
+    """In a worker process of a parallel sweep (not the sweep's parent), the parent's ledger folder."""
+    parent, folder = os.environ.get(SWEEP_PARENT_ENV), os.environ.get(SWEEP_LEDGER_ENV)
+    if not parent or not folder or parent == str(os.getpid()) or not Path(folder).is_dir():
+        return None
+    return Path(folder)
+
+
+def _note_stop(signum: int, frame: Any = None) -> None:
+    """A sweep worker's handler between runs: remember the signal (no later job or run starts) and go
+    on, so that the worker stays in its pool (a worker that dies makes the pool kill the others, also
+    while they close their runs)."""
+    if not _STOPPING:
+        _STOPPING.append(int(signum))
+
+
+@contextlib.contextmanager
+def _marked_open() -> Iterator[None]:
+    """In a sweep worker: refuse to open a run after a signal, else note in the ledger that a run may be
+    open until the block exits (the parent, on a signal, waits for that note to go)."""
+    ledger = sweep_ledger()
+    if ledger is None:
+        yield
+        return
+    if _STOPPING:  # checked after interrupts_raise took over: a later signal raises
+        raise RunInterrupted(_STOPPING[0])
+    note = ledger / f"{os.getpid()}.run"
+    note.touch()
+    try:
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+
 
 class Interrupts:
     """What :func:`interrupts_raise` knows while it is open: the signal received, and whether the run is
@@ -490,6 +539,7 @@ def interrupts_raise() -> Iterator[Interrupts]:
         if state.closing or state.signum is not None:
             return
         state.signum = signum
+        _note_stop(signum)
         raise RunInterrupted(signum)
 
     for s in signums:
@@ -507,19 +557,25 @@ class SweepSignals(Callback):
 
     A parallel launcher (joblib) runs the jobs in worker processes; the signal that ``docker stop``,
     Kubernetes or a shell sends to the parent alone would end it and leave the workers computing.
-    While a sweep runs, the parent passes the signal on to every process below it, waits (up to
-    ``grace_s``) for them to close their runs KILLED, kills what is left, says how many jobs had
-    started, and exits ``128 + signal``. Jobs run in the parent itself (the basic launcher) handle
-    the signal in :func:`tracked_run`; this handler then stops the sweep between jobs.
+    While a sweep runs, the parent passes the signal on to every worker that has started a job (each
+    worker then ends its open run KILLED, and starts no other job or run), waits (up to ``grace_s``)
+    until no worker has a run open, ends every process below it (also those the pool started
+    meanwhile), says how many jobs had started, and exits ``128 + signal``. The workers keep to
+    their pool until then: one that died would make the pool kill the others, also while they close
+    their runs. Jobs run in the parent itself (the basic launcher) handle the signal in
+    :func:`tracked_run`; this handler then stops the sweep between jobs.
     """
 
     def __init__(self, grace_s: float = 60.0) -> None:
         self.grace_s = float(grace_s)
         self._previous: dict[int, Any] = {}
+        self._ledger: Path | None = None
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
         if threading.current_thread() is not threading.main_thread():
             return
+        self._ledger = Path(tempfile.mkdtemp(prefix="heatmapbench-sweep-"))
+        os.environ[SWEEP_PARENT_ENV], os.environ[SWEEP_LEDGER_ENV] = str(os.getpid()), str(self._ledger)
         sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.getsignal(signum)
@@ -529,6 +585,44 @@ class SweepSignals(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+        self._forget_ledger()
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:  # noqa: D102
+        if threading.current_thread() is not threading.main_thread():
+            return
+        in_worker = sweep_ledger()
+        ledger = in_worker or self._ledger
+        if ledger is None:
+            return
+        if in_worker is not None:  # a worker process: signals are noted between runs, not fatal
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not _note_stop:
+                    signal.signal(signum, _note_stop)
+            (ledger / str(os.getpid())).touch()
+            if _STOPPING:
+                code = 128 + _STOPPING[0]
+                print(f"interrupted: {signal.Signals(_STOPPING[0]).name} received; job "
+                      f"{OmegaConf.select(config, 'hydra.job.num')} does not start", file=sys.stderr, flush=True)
+                raise SystemExit(code)
+        (ledger / f"job-{OmegaConf.select(config, 'hydra.job.num')}").touch()
+
+    def _forget_ledger(self) -> None:
+        for key in (SWEEP_PARENT_ENV, SWEEP_LEDGER_ENV):
+            os.environ.pop(key, None)
+        if self._ledger is not None:
+            shutil.rmtree(self._ledger, ignore_errors=True)
+            self._ledger = None
+
+    def _ready(self) -> set[int]:
+        """The workers that handle a signal (they have started a job)."""
+        return {int(p.name) for p in self._ledger.iterdir() if p.name.isdigit()} if self._ledger else set()
+
+    def _runs_open(self) -> list[int]:
+        """The live workers that may have a run open."""
+        import psutil
+
+        notes = [p.name for p in self._ledger.iterdir() if p.name.endswith(".run")] if self._ledger else []
+        return [int(n[:-4]) for n in notes if n[:-4].isdigit() and psutil.pid_exists(int(n[:-4]))]
 
     def _forward(self, signum: int, frame: Any, sweep_dir: str) -> None:
         import psutil
@@ -536,20 +630,38 @@ class SweepSignals(Callback):
         for s in (signal.SIGINT, signal.SIGTERM):  # closing the workers is not to be cut short
             signal.signal(s, signal.SIG_IGN)
         name = signal.Signals(signum).name
-        workers = psutil.Process().children(recursive=True)
-        print(f"interrupted: {name} received; passing it to the sweep's {len(workers)} worker processes and "
-              f"waiting up to {self.grace_s:.0f} s for them to close their runs", file=sys.stderr, flush=True)
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                worker.send_signal(signum)
-        _, alive = psutil.wait_procs(workers, timeout=self.grace_s)
-        for worker in alive:
-            with contextlib.suppress(psutil.Error):
-                worker.kill()
-        started = sum(1 for p in Path(sweep_dir).iterdir() if p.is_dir()) if Path(sweep_dir).is_dir() else 0
+        me = psutil.Process()
+        print(f"interrupted: {name} received; passing it to the sweep's workers and waiting up to "
+              f"{self.grace_s:.0f} s for them to close their runs", file=sys.stderr, flush=True)
+        told: set[int] = set()
+        deadline = time.monotonic() + self.grace_s
+        while True:  # workers that start a job meanwhile are told too; they then start no run
+            ready = self._ready()
+            for worker in me.children(recursive=True):
+                if worker.pid in ready and worker.pid not in told:
+                    told.add(worker.pid)
+                    with contextlib.suppress(psutil.Error):
+                        worker.send_signal(signum)
+            still_open = self._runs_open()
+            if not still_open or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        stopped = 0
+        for _ in range(50):  # every process below: workers, the pool's helpers, any the pool started meanwhile
+            below = me.children(recursive=True)
+            if not below:
+                break
+            for process in below:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            stopped += len(psutil.wait_procs(below, timeout=2)[0])
+        started = len([p for p in self._ledger.iterdir() if p.name.startswith("job-")]) if self._ledger else 0
+        left = (f"; {len(still_open)} workers did not close their runs within {self.grace_s:.0f} s and were killed "
+                "(their runs stay RUNNING: heatmapbench-runs --close ends them)" if still_open else "")
         print(f"interrupted: the sweep stopped after {started} started jobs (folders in {sweep_dir}); jobs not "
-              f"started did not run{f'; {len(alive)} workers did not stop in time and were killed' if alive else ''}",
+              f"started did not run; {len(told)} workers told, {stopped} processes ended{left}",
               file=sys.stderr, flush=True)
+        self._forget_ledger()
         os._exit(128 + signum)  # the launcher's pool is gone: its own shutdown would wait on dead workers
 
 
@@ -660,7 +772,7 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
     run (a resumed training), that run is reopened (status RUNNING) and logged into. While the
     run is open its :data:`HEARTBEAT_TAG` is refreshed every minute (:func:`heartbeat`).
     """
-    with (interrupts_raise() as interrupts,
+    with (interrupts_raise() as interrupts, _marked_open(),  # _marked_open: a sweep worker's note for its parent
           space_reserve(str(getattr(logger, "_tracking_uri", "") or "")) as free_reserve):
         try:
             resumed = getattr(logger, "_run_id", None) is not None
