@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import quote
 
 #: The query parameter MLflow 3's UI reads to pick the "Model training" view (not "GenAI apps & agents").
@@ -45,6 +46,38 @@ KEY_FIGURES = ("aopc/accuracy_vs_aopc.png", "evaluation/aopc_curves.png", "repor
 KEEP_VIEW = ("These links open MLflow's Model training view. To keep it, click 'Model training' at the top of "
              "the left sidebar once: the UI remembers it in this browser. Until then a page opened by clicking "
              "around (a run from the runs table) falls back to the GenAI view.")
+
+
+#: The name MLflow 3's UI gives the section of metrics whose names have no ``/``.
+MODEL_METRICS = "Model metrics"
+#: The sections a reader should see first: the unconfounded measure and the accuracy it moves with.
+ANSWER_SECTIONS = ("aopc_rel", "val")
+
+
+def chart_sections(metric_keys: Iterable[str]) -> list[str]:
+    """The sections of a run's *Model metrics* tab, in the order MLflow 3's UI first shows them.
+
+    The UI (``RunsChartsCardConfig.getBaseChartAndSectionConfigs``; the same in the bundle MLflow
+    3.17 serves) makes one section per metric-name prefix, the name up to its last ``/``, sorts them
+    by code point, then puts *Model metrics* (names without ``/``) and *System metrics*
+    (``system/``) last; charts in a section are sorted by name. Nothing on the server changes that
+    order but the names; a reader's own rearrangement is kept in the browser, per run.
+    """
+    sections = {key.rsplit("/", 1)[0] if "/" in key else MODEL_METRICS
+                for key in metric_keys if not key.startswith("system/")}
+    return sorted(s for s in sections if s != MODEL_METRICS) + ([MODEL_METRICS] if MODEL_METRICS in sections else [])
+
+
+def answer_hint(metric_keys: Iterable[str]) -> str | None:
+    """One line on where :data:`ANSWER_SECTIONS` sit in a run's Model metrics tab and how to see them first."""
+    sections = chart_sections(metric_keys)
+    found = [(s, sections.index(s) + 1) for s in ANSWER_SECTIONS if s in sections]
+    if not found:
+        return None
+    where = ", ".join(f"{s} is section {i} of {len(sections)}" for s, i in found)
+    return (f"A run's Model metrics tab sorts its chart sections alphabetically by metric prefix ({where} in the "
+            f"newest such run): type {' or '.join(s + '/' for s, _ in found)} in 'Search metric charts' to see "
+            "them first.")
 
 
 def compare_url(base: str, experiment_ids: list[str]) -> str:
@@ -109,6 +142,21 @@ def newest_run_urls(tracking_uri: str, base: str) -> list[tuple[str, str, str | 
     return out
 
 
+def newest_answer_hint(tracking_uri: str) -> str | None:
+    """:func:`answer_hint` for the newest of the store's runs (at most 50 looked at) that logged ``aopc_rel/``."""
+    if not _store_exists(tracking_uri):
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    ids = [e.experiment_id for e in _experiments(client)]
+    runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=50) if ids else []
+    for run in runs:
+        if any(key.startswith(f"{ANSWER_SECTIONS[0]}/") for key in run.data.metrics):
+            return answer_hint(run.data.metrics)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", required=True)
@@ -132,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             if figure:
                 print(f"  {'':<{width}}  {figure}")
     print(KEEP_VIEW)
+    hint = newest_answer_hint(args.tracking_uri)
+    if hint:
+        print(hint)
     sys.stdout.flush()
     return 0
 
