@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.chromium:
         raise SystemExit("error: no chromium found; apt-get install chromium (or pass --chromium PATH)")
-    if args.store.startswith("sqlite:///") and not Path(args.store[len("sqlite:///"):]).is_file():
+    from heatmapbench.app.store import sqlite_path, store_exists
+
+    if not store_exists(args.store):
         raise SystemExit(f"error: no store at {args.store}; run make demo first")
-    artifacts = args.artifacts or Path(args.store[len("sqlite:///"):]).parent / "artifacts"
+    db = sqlite_path(args.store)
+    artifacts = args.artifacts or (db.parent if db is not None else ROOT / "mlruns") / "artifacts"
     OUT.mkdir(parents=True, exist_ok=True)
     server = None
     base = args.url

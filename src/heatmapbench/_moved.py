@@ -4,16 +4,19 @@ A shim warns once, when it is imported, with a :class:`DeprecationWarning` that 
 home, and then hands out every name of the new modules (``from old import name``, ``old.name``,
 ``from old import *``). Shims import nothing else and nothing imports them: the package's own code
 and tests use the new paths.
+
+A name that left a module which stays (a function moved to a new module, or renamed) is kept the
+same way by :func:`names_moved`: the old module's ``__getattr__`` warns on each use and forwards.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["moved"]
+__all__ = ["moved", "names_moved"]
 
 
 def moved(old: str, *new: str) -> tuple[Callable[[str], Any], list[str]]:
@@ -35,3 +38,25 @@ def moved(old: str, *new: str) -> tuple[Callable[[str], Any], list[str]]:
 
     names = sorted({n for m in modules for n in getattr(m, "__all__", [])})
     return __getattr__, names
+
+
+def names_moved(old: str, new: str, names: Iterable[str],
+                renamed: dict[str, str] | None = None) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for names that left module ``old`` (which stays) for module ``new``.
+
+    ``old.<name>`` keeps working for one release: each use warns with a :class:`DeprecationWarning`
+    that names the new home, then hands out ``new.<name>``, or ``new.<renamed[name]>`` for a name
+    that was renamed on the way.
+    """
+    renamed = dict(renamed or {})
+    known = set(names) | set(renamed)
+
+    def __getattr__(name: str) -> Any:
+        if name not in known:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        target = renamed.get(name, name)
+        warnings.warn(f"{old}.{name} is deprecated and goes in the next release; use {new}.{target} instead",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(new), target)
+
+    return __getattr__

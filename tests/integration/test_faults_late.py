@@ -44,7 +44,7 @@ def test_http_retries_are_bounded_to_about_a_minute(monkeypatch):
     from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
                                               MLFLOW_HTTP_REQUEST_TIMEOUT)
 
-    from heatmapbench.app.tracking import HTTP_RETRIES, bound_http_retries, worst_case_http_seconds
+    from heatmapbench.app.store import HTTP_RETRIES, bound_http_retries, worst_case_http_seconds
 
     for key in HTTP_RETRIES:
         monkeypatch.delenv(key, raising=False)
@@ -553,7 +553,7 @@ def _logger_cfg(folder: Path):
 def test_a_store_whose_creation_a_full_disk_cut_short_is_never_left_half_made(tiny_disk):
     from mlflow import MlflowClient
 
-    from heatmapbench.app.tracking import StoreError, make_logger
+    from heatmapbench.app.store import StoreError, make_logger
 
     db = tiny_disk / "mlflow.db"
     filler = fill(tiny_disk, leave=300_000)  # a fresh store needs about 1 MB

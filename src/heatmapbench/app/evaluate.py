@@ -42,8 +42,8 @@ from heatmapbench.app.resume import BATCHES_TAG, find_resume, write_manifest
 from heatmapbench.app.sanity import log_sanity, run_sanity, sanity_settings
 from heatmapbench.app.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
-from heatmapbench.app.tracking import (log_skipped, make_logger, results_kept_in, retry_locked, run_identity, run_tags,
-                                   tracked_run, write_metrics)
+from heatmapbench.app.store import make_logger, retry_locked
+from heatmapbench.app.tracking import log_skipped, results_kept_in, run_identity, run_tags, tracked_run, write_metrics
 
 
 

@@ -18,7 +18,8 @@ from heatmapbench.app.schema import ConfigError, config_error
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
-from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted, StoreError, disk_full, end_reason
+from heatmapbench.app.store import StoreError, disk_full
+from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted, end_reason
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,

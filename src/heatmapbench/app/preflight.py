@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from torch import nn
 
 from heatmapbench.app.schema import ConfigError
+from heatmapbench.app.store import sqlite_path
 from heatmapbench.perturbation.regions import max_regions
 
 #: How long to wait for an HTTP tracking server before giving up (a few bounded tries).
@@ -96,8 +97,8 @@ def _server_answers(uri: str, timeout: float) -> None:
 def check_tracking_store(uri: str, artifact_location: str | None = None, timeout: float = STORE_TIMEOUT_S) -> None:
     """The store can be written (sqlite: its folder; HTTP: the server answers) and so can the artifact folder."""
     uri = str(uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+    path = sqlite_path(uri)
+    if path is not None:
         _writable_folder(path.parent, "logger.tracking_uri", uri)
         if path.is_dir():
             raise ConfigError(f"logger.tracking_uri={uri!r} is invalid: {path} is a folder; name the database file")

@@ -21,7 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from heatmapbench.app.schema import ConfigError
-from heatmapbench.app.tracking import flatten, retry_locked
+from heatmapbench.app.store import retry_locked
+from heatmapbench.app.tracking import flatten
 
 #: ``batches/run.json``: the run a folder of shards belongs to, and the settings it was scored with.
 MANIFEST = "run.json"

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 from heatmapbench.app.plumbing import instantiate_data, instantiate_model, user_errors_exit
 from heatmapbench.app.preflight import check_logger
 from heatmapbench.app.schema import ConfigError, validate
-from heatmapbench.app.tracking import make_logger, retry_locked, run_tags, status_of, store_lock, tracked_run
+from heatmapbench.app.store import make_logger, retry_locked, store_lock
+from heatmapbench.app.tracking import run_tags, status_of, tracked_run
 from heatmapbench.evaluation.core import build_explainers, build_perturbation
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation.perturbations import PixelSpace

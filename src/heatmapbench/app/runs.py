@@ -18,10 +18,10 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-from heatmapbench.app.tracking import HEARTBEAT_TAG, retry_locked
+from heatmapbench.app.store import retry_locked, store_exists
+from heatmapbench.app.tracking import HEARTBEAT_TAG
 
 #: Minutes without a heartbeat after which a RUNNING run counts as stale (ten missed beats).
 STALE_AFTER_MIN = 10.0
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stale_after < 2:  # two missed beats at least: a working run is never closed
         parser.error(f"--stale-after={args.stale_after:g} is invalid: use at least 2 (minutes; a run beats every minute)")
     uri = args.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if not store_exists(uri):
         parser.error(f"--tracking-uri={uri}: no such store")
     client = MlflowClient(uri)
     now = time.time()

@@ -119,7 +119,7 @@ def run_sanity(settings: SanitySettings, net: nn.Module, dataset, explainers: di
 
 def log_sanity(logger: Any, checks: SanityChecks) -> None:
     """Log the metrics and the files of :func:`run_sanity` to the logger's MLflow run (artifacts under ``sanity/``)."""
-    from heatmapbench.app.tracking import retry_locked
+    from heatmapbench.app.store import retry_locked
 
     retry_locked(logger.log_metrics)(checks.metrics)
     for path in checks.files:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
+
+from heatmapbench.app.store import store_exists
 
 #: The query parameter MLflow 3's UI reads to pick the "Model training" view (not "GenAI apps & agents").
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -88,7 +89,7 @@ def compare_url(base: str, experiment_ids: list[str]) -> str:
 
 def training_view_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     """``(label, url)`` for every experiment in the store with runs (newest first), plus one to compare them all."""
-    if not _store_exists(tracking_uri):
+    if not store_exists(tracking_uri):
         return []
     from mlflow import MlflowClient
 
@@ -100,11 +101,6 @@ def training_view_urls(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     return links
 
 
-def _store_exists(tracking_uri: str) -> bool:
-    """False for a sqlite store not created yet (opening it would create an empty one)."""
-    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).is_file()
-
-
 def _experiments(client) -> list:
     experiments = [e for e in client.search_experiments() if e.name != "Default" or client.search_runs(
         [e.experiment_id], max_results=1)]
@@ -114,7 +110,7 @@ def _experiments(client) -> list:
 def newest_run_urls(tracking_uri: str, base: str) -> list[tuple[str, str, str | None]]:
     """``(experiment, run url, key figure url or None)`` of each experiment's newest run, in the
     model-training view; the key figure is the first of :data:`KEY_FIGURES` the run holds."""
-    if not _store_exists(tracking_uri):
+    if not store_exists(tracking_uri):
         return []
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -144,7 +140,7 @@ def newest_run_urls(tracking_uri: str, base: str) -> list[tuple[str, str, str | 
 
 def newest_answer_hint(tracking_uri: str) -> str | None:
     """:func:`answer_hint` for the newest of the store's runs (at most 50 looked at) that logged ``aopc_rel/``."""
-    if not _store_exists(tracking_uri):
+    if not store_exists(tracking_uri):
         return None
     from mlflow import MlflowClient
 

@@ -40,7 +40,8 @@ from heatmapbench.app.report.agreement import agreement_reports, write_agreement
 from heatmapbench.app.report.reliability import reliability_markdown, reliability_metrics
 from heatmapbench.app.report.store import filter_string, load_runs, per_image_tables
 from heatmapbench.app.report.tables import DEFAULT_IGNORE, Report, build_report, long_format
-from heatmapbench.app.tracking import flatten, make_logger, retry_locked, tracked_run
+from heatmapbench.app.store import make_logger, retry_locked
+from heatmapbench.app.tracking import flatten, tracked_run
 
 
 # -- files -----------------------------------------------------------------------------------

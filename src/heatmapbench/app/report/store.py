@@ -11,7 +11,7 @@ import pandas as pd
 
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.evaluation.reliability import PER_IMAGE_STEM, read_table
-from heatmapbench.app.tracking import retry_locked
+from heatmapbench.app.store import retry_locked, store_exists
 
 #: Where ``heatmapbench-evaluate`` logs its tables in a run's artifacts.
 PER_IMAGE_FOLDER = "evaluation"
@@ -63,7 +63,7 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None, *, sweep_id:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+    if not store_exists(tracking_uri):
         raise ConfigError(f"tracking_uri={tracking_uri!r} is invalid: no MLflow store there; run heatmapbench-evaluate "
                           "or heatmapbench-train first, or point tracking_uri (or paths.mlruns_dir) at the store")
     client = MlflowClient(tracking_uri=tracking_uri)
