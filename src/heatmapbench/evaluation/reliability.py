@@ -33,7 +33,7 @@ import torch
 from scipy import stats
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.metrics.summary import N_BOOT, bootstrap_indices
+from heatmapbench.metrics.summary import N_BOOT, bootstrap_indices, percentile_ci
 
 if TYPE_CHECKING:
     from heatmapbench.evaluation.core import Evaluation
@@ -131,15 +131,6 @@ def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     idx = bootstrap_indices(n, n_boot, seed)
     return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
         1, idx, torch.ones(n_boot, n, dtype=torch.float64)).numpy()
-
-
-def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap replicates; non-finite replicates (undefined statistics) are dropped."""
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 # -- agreement of images on one ranking ----------------------------------------------------------

@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from heatmapbench.evaluation.reliability import bootstrap_weights, percentile_ci
-from heatmapbench.metrics.summary import N_BOOT
+from heatmapbench.evaluation.reliability import bootstrap_weights
+from heatmapbench.metrics.summary import N_BOOT, percentile_ci
 
 __all__ = ["Measure", "kendall_tau_b", "rankings", "measure_agreement"]
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["N_BOOT", "aopc", "relative_to_random", "abpc", "bootstrap_indices", "mean_ci", "paired_bootstrap_test",
            "PairedTest", "holm", "format_p", "Statistics", "summary_table", "pairwise_table", "curves_table",
-           "correlation_ci", "CORRELATIONS"]
+           "correlation_ci", "CORRELATIONS", "percentile_ci"]
 
 #: Bootstrap resamples when none are given (evaluation.n_boot sets them for the CLIs and the callback).
 N_BOOT = 2000
@@ -98,11 +98,22 @@ def _indices(n: int, n_boot: int, seed: int, indices: Tensor | None) -> Tensor:
     return indices
 
 
-def _percentiles(boot_means: Tensor, level: float) -> tuple[float, float]:
+def percentile_ci(replicates: Tensor | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates: their ``(1 − level)/2`` and ``(1 + level)/2``
+    quantiles (linear interpolation); NaN, NaN when none is finite.
+
+    Non-finite replicates (a statistic undefined on some resamples, such as a correlation of a
+    constant resample) are left out. The one percentile helper of the package: every bootstrap CI
+    here (means, paired tests, correlations, reliability, agreement, sanity checks) ends in it.
+    """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    values = torch.as_tensor(replicates).detach().reshape(-1).double().cpu()
+    values = values[torch.isfinite(values)]
+    if not values.numel():
+        return float("nan"), float("nan")
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(boot_means, q).tolist()
+    lo, hi = torch.quantile(values, q).tolist()
     return float(lo), float(hi)
 
 
@@ -115,7 +126,7 @@ def mean_ci(values: Tensor, *, level: float = 0.95, n_boot: int = N_BOOT, seed: 
     """
     v = _flat(values)
     bm = v[_indices(v.numel(), n_boot, seed, indices)].mean(dim=1)
-    return (float(v.mean()), *_percentiles(bm, level))
+    return (float(v.mean()), *percentile_ci(bm, level))
 
 
 def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -162,7 +173,7 @@ def correlation_ci(x: Sequence[float], y: Sequence[float], method: str = "pearso
     boot = boot[np.isfinite(boot) & (distinct >= 3)]  # two distinct pairs always correlate ±1
     if len(boot) < n_boot / 2:
         return r, float("nan"), float("nan")
-    lo, hi = _percentiles(torch.from_numpy(boot), level)
+    lo, hi = percentile_ci(boot, level)
     return r, lo, hi
 
 
@@ -203,7 +214,7 @@ def paired_bootstrap_test(a: Tensor, b: Tensor, *, level: float = 0.95, n_boot: 
     null = bm - obs  # bootstrap distribution under H0: mean difference 0
     b_ = idx.shape[0]
     p = (float((null >= obs).sum()) + 1) / (b_ + 1)
-    lo, hi = _percentiles(bm, level)
+    lo, hi = percentile_ci(bm, level)
     return PairedTest(obs, lo, hi, p, float((bm > 0).double().mean()), b_)
 
 
