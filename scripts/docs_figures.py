@@ -70,7 +70,7 @@ def explanatory(ckpt: Path, data_dir: Path) -> None:
     import torch
 
     from heatmapbench.data import FashionMNISTDataModule
-    from heatmapbench.evaluation.artifacts import STYLE
+    from heatmapbench.evaluation.style import STYLE
     from heatmapbench.explain import get_explainer
     from heatmapbench.models import SmallCNN
     from heatmapbench.models.zoo import from_checkpoint

@@ -19,24 +19,26 @@ from typing import Any
 __all__ = ["moved", "names_moved"]
 
 
-def moved(old: str, *new: str) -> tuple[Callable[[str], Any], list[str]]:
+def moved(old: str, *new: str, renamed: dict[str, str] | None = None) -> tuple[Callable[[str], Any], list[str]]:
     """Warn that ``old`` moved to ``new[0]`` and return ``(__getattr__, __all__)`` for the shim.
 
-    Names are looked up in the modules ``new`` in order.
+    Names are looked up in the modules ``new`` in order; ``renamed`` maps an old name to the one it
+    has in its new home.
     """
     warnings.warn(f"{old} is deprecated and goes in the next release; import from {new[0]} instead",
                   DeprecationWarning, stacklevel=3)
     modules = [importlib.import_module(name) for name in new]
+    renamed = dict(renamed or {})
 
     def __getattr__(name: str) -> Any:
         for module in modules:
             try:
-                return getattr(module, name)
+                return getattr(module, renamed.get(name, name))
             except AttributeError:
                 continue
         raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to {new[0]})")
 
-    names = sorted({n for m in modules for n in getattr(m, "__all__", [])})
+    names = sorted({n for m in modules for n in getattr(m, "__all__", [])} | set(renamed))
     return __getattr__, names
 
 

@@ -44,7 +44,7 @@ def images(tmp_path_factory) -> Path:
 def _reference(cfg) -> tuple[Evaluation, dict[str, float]]:
     """What one process scoring the batches in memory and joining them logs (the path before shards)."""
     from heatmapbench.app.evaluate import build_inputs, evaluation_metrics
-    from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
+    from heatmapbench.evaluation.reliability import per_image_table, run_reliability, run_reliability_metrics
 
     settings, device, net, datamodule, subset, explainers, perturbation = build_inputs(cfg)
     parts = []
@@ -58,7 +58,7 @@ def _reference(cfg) -> tuple[Evaluation, dict[str, float]]:
     evaluation = Evaluation.concat(parts, gallery_size=cfg.gallery_size)
     statistics = evaluation.statistics(n_boot=settings.n_boot, seed=settings.seed)
     metrics = evaluation_metrics(evaluation, statistics.summary)
-    metrics.update(reliability_metrics(run_reliability(per_image_table(evaluation), n_boot=settings.n_boot,
+    metrics.update(run_reliability_metrics(run_reliability(per_image_table(evaluation), n_boot=settings.n_boot,
                                                        seed=settings.seed)))
     return evaluation, metrics
 

@@ -29,6 +29,9 @@ MOVED = {
     "heatmapbench.report.cli": ("heatmapbench.app.report.command", "run_report"),
     "heatmapbench.report.store": ("heatmapbench.app.report.store", "load_runs"),
     "heatmapbench.report.tables": ("heatmapbench.app.report.tables", "build_report"),
+    "heatmapbench.report.reliability": ("heatmapbench.evaluation.reliability", "cross_run_reliability"),
+    "heatmapbench.app.report.reliability": ("heatmapbench.evaluation.reliability", "cross_run_reliability"),
+    "heatmapbench.evaluation.artifacts": ("heatmapbench.evaluation.writer", "write_evaluation"),
 }
 
 
@@ -42,6 +45,28 @@ def test_an_old_path_warns_and_forwards(old, monkeypatch):
     assert getattr(shim, name) is getattr(importlib.import_module(new), name)
     with pytest.raises(AttributeError, match=f"it moved to {new}"):
         shim.no_such_name  # noqa: B018
+
+
+def test_renamed_names_keep_their_meaning(monkeypatch):
+    """The report's ``reliability_metrics`` (across runs) and the evaluation's (one run) got distinct names
+    in their one home; each old name still gives the function it gave."""
+    from heatmapbench.evaluation import reliability
+
+    for old in ("heatmapbench.app.report.reliability", "heatmapbench.evaluation.artifacts"):
+        monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning):
+        report = importlib.import_module("heatmapbench.app.report.reliability")
+    assert report.reliability_metrics is reliability.cross_run_reliability_metrics
+    assert report.reliability_markdown is reliability.cross_run_reliability_markdown
+    with pytest.warns(DeprecationWarning, match="evaluation.reliability.reliability_markdown is deprecated .* use "
+                                                "heatmapbench.evaluation.reliability.run_reliability_markdown"):
+        assert reliability.reliability_markdown is reliability.run_reliability_markdown
+    with pytest.warns(DeprecationWarning):
+        artifacts = importlib.import_module("heatmapbench.evaluation.artifacts")
+    from heatmapbench.evaluation import figures, markdown, style
+
+    assert (artifacts.STYLE, artifacts.summary_markdown, artifacts.plot_gallery) == (
+        style.STYLE, markdown.summary_markdown, figures.plot_gallery)
 
 
 #: ``python -m <old>`` for each old command path, in one interpreter: runpy.run_module with run_name

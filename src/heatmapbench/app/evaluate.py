@@ -30,10 +30,11 @@ from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_cal
 from heatmapbench.app.schema import ConfigError, config_error, validate
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
-from heatmapbench.evaluation.artifacts import settings_title, write_evaluation
+from heatmapbench.evaluation.style import settings_title
+from heatmapbench.evaluation.writer import write_evaluation
 from heatmapbench.evaluation.loop import EvaluationModule, ShardWriter
 from heatmapbench.evaluation.shards import images_done, merge_shards, plan_batches, shard_files
-from heatmapbench.evaluation.reliability import per_image_table, reliability_metrics, run_reliability
+from heatmapbench.evaluation.reliability import per_image_table, run_reliability, run_reliability_metrics
 from heatmapbench.models.checkpoints import CheckpointError
 from heatmapbench.models.zoo import from_checkpoint
 from heatmapbench.registry import conf_dir
@@ -259,7 +260,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics[mn.SECONDS] = seconds
         metrics[mn.IMAGES_REUSED] = float(len(reused))
         reliability = run_reliability(per_image_table(evaluation), n_boot=settings.n_boot, seed=settings.seed)
-        metrics.update(reliability_metrics(reliability))
+        metrics.update(run_reliability_metrics(reliability))
         # the results first, into the run's output folder: a store that fails later loses nothing
         files = write_evaluation(evaluation, folder, tuple(getattr(datamodule, "classes", ())),
                                  title=settings_title(settings, perturbation, len(subset)),

@@ -18,7 +18,7 @@ from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.app.plumbing import (instantiate_callbacks, instantiate_data, instantiate_model, launchers_checked,
                                        user_errors_exit)
 from heatmapbench.app.schema import ConfigError, validate
-from heatmapbench.evaluation.artifacts import correlation_markdown
+from heatmapbench.evaluation.markdown import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
 from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import AtomicCheckpointIO, RunRecord, recorded_run, training_checkpoint

@@ -37,16 +37,11 @@ from heatmapbench.evaluation import (
     engine_forwards,
     evaluate_batch,
 )
-from heatmapbench.evaluation.artifacts import (
-    RANDOM_ORDERING_LABEL,
-    correlation_markdown,
-    correlations,
-    epoch_label,
-    plot_accuracy_vs_aopc,
-    settings_title,
-    write_evaluation,
-    write_figures,
-)
+from heatmapbench.evaluation.correlation import correlations
+from heatmapbench.evaluation.figures import plot_accuracy_vs_aopc, write_figures
+from heatmapbench.evaluation.markdown import correlation_markdown
+from heatmapbench.evaluation.style import RANDOM_ORDERING_LABEL, epoch_label, settings_title
+from heatmapbench.evaluation.writer import write_evaluation
 
 FIGURES = ("ends", "every")
 #: What the history and the run say for an evaluation of a model whose scores are NaN or inf.

@@ -2,7 +2,7 @@
 
 Shared by the training callback (``AOPCCallback``) and ``heatmapbench-evaluate``: both
 compute one :class:`Evaluation` per batch of images, concatenate the batches and hand the
-result to :mod:`heatmapbench.evaluation.artifacts`.
+result to :mod:`heatmapbench.evaluation.writer`.
 """
 
 from __future__ import annotations

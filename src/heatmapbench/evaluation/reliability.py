@@ -14,8 +14,13 @@ score falls *slower* than under a random ordering) and ABPC ``aopc_morf − aopc
   images, units = explainers (Tomsett's inter-rater reliability), with a bootstrap CI over images;
   the fraction of images on which each explainer beats the random ordering (Clopper–Pearson CI);
   the bootstrap probability that each explainer has the best mean; MoRF–LeRF agreement (Kendall τ).
-* Across evaluations: Cronbach's α of an explainer's per-image scores over settings (Tomsett's
-  internal consistency), Kendall's W of the settings' rankings and pairwise Kendall τ.
+* Across evaluations (the runs of a sweep, compared by ``heatmapbench-report``): Cronbach's α of an
+  explainer's per-image scores over settings (Tomsett's internal consistency), Kendall's W of the
+  settings' rankings and pairwise Kendall τ (:func:`cross_run_reliability`).
+
+Each result comes with its MLflow metrics and its Markdown: :func:`run_reliability_metrics` and
+:func:`run_reliability_markdown` for one evaluation, :func:`cross_run_reliability_metrics` and
+:func:`cross_run_reliability_markdown` across runs.
 
 Every resampling is the seeded draw of :func:`~heatmapbench.metrics.summary.bootstrap_indices`.
 """
@@ -23,6 +28,7 @@ Every resampling is the seeded draw of :func:`~heatmapbench.metrics.summary.boot
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -32,11 +38,23 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from heatmapbench._moved import names_moved
+from heatmapbench.evaluation.markdown import MISSING, format_ci, format_number
 from heatmapbench.metrics import names as mn
 from heatmapbench.metrics.summary import N_BOOT, bootstrap_indices, percentile_ci
 
 if TYPE_CHECKING:
     from heatmapbench.evaluation.core import Evaluation
+
+__all__ = ["PER_IMAGE_COLUMNS", "PER_IMAGE_STEM", "RANKED_ORDERS", "SETTING_KEYS", "CrossRunReliability", "beats_random",
+           "bootstrap_weights", "cronbach_alpha", "cross_run_reliability", "cross_run_reliability_markdown",
+           "cross_run_reliability_metrics", "kendall_tau", "kendall_w", "krippendorff_alpha", "krippendorff_alpha_ci",
+           "order_agreement", "per_image_ranks", "per_image_table", "ranking_stability", "read_table", "run_reliability",
+           "run_reliability_markdown", "run_reliability_metrics", "score_matrix", "setting_scores", "write_table"]
+
+#: The names these functions had when the report kept its own copies (until the next release).
+__getattr__ = names_moved(__name__, __name__, (), renamed={"reliability_metrics": "run_reliability_metrics",
+                                                          "reliability_markdown": "run_reliability_markdown"})
 
 #: Orders a per-image table can be ranked by; ``abpc`` needs both ``morf`` and ``lerf`` rows.
 RANKED_ORDERS = ("morf", "lerf", "abpc")
@@ -257,7 +275,7 @@ def run_reliability(table: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0)
     return {"alpha": alpha, "ranking": ranking, "agreement": agreement}
 
 
-def reliability_metrics(result: dict) -> dict[str, float]:
+def run_reliability_metrics(result: dict) -> dict[str, float]:
     """The MLflow metrics of :func:`run_reliability` (NaNs are left out)."""
     metrics: dict[str, float] = {}
     for _, row in result["alpha"].iterrows():
@@ -274,12 +292,8 @@ def reliability_metrics(result: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _g(value: float, fmt: str = ".3f") -> str:
-    return "–" if value is None or not np.isfinite(value) else format(value, fmt)
-
-
-def reliability_markdown(result: dict) -> str:
-    """The reliability of one evaluation's ranking as Markdown."""
+def run_reliability_markdown(result: dict) -> str:
+    """The reliability of one evaluation's ranking (:func:`run_reliability`) as Markdown."""
     lines = ["Agreement of the images on the ranking (Krippendorff's α, ordinal; 1 = every image ranks the "
              "explainers alike, 0 = no better than chance):", "",
              "| ranked by | α [95% CI] | images | explainers |", "|---|---|---|---|"]
@@ -287,21 +301,22 @@ def reliability_markdown(result: dict) -> str:
         lines.append("| – | fewer than 2 explainers or images: nothing to rank in this run (heatmapbench-report "
                      "ranks the explainers of a sweep's runs together) | – | – |")
     for _, r in result["alpha"].iterrows():
-        lines.append(f"| {r.order} | {_g(r.krippendorff_alpha)} [{_g(r.krippendorff_alpha_lo)}, "
-                     f"{_g(r.krippendorff_alpha_hi)}] | {r.images} | {r.explainers} |")
+        alpha = format_ci(r.krippendorff_alpha, r.krippendorff_alpha_lo, r.krippendorff_alpha_hi, ".3f")
+        lines.append(f"| {r.order} | {alpha} | {r.images} | {r.explainers} |")
     lines += ["", "| ranked by | explainer | rank | mean image rank | P(best mean) | beats random on [95% CI] |",
               "|---|---|---|---|---|---|"]
     ranking = result["ranking"].sort_values(["order", "rank"], kind="stable")
     for _, r in ranking.iterrows():
-        wins = (f"{_g(r.beats_random, '.0%')} [{_g(r.beats_random_lo, '.0%')}, {_g(r.beats_random_hi, '.0%')}]"
-                if pd.notna(r.get("beats_random")) else "–")
-        lines.append(f"| {r.order} | {r.explainer} | {_g(r['rank'], '.3g')} | {_g(r.mean_image_rank, '.2f')} | "
-                     f"{_g(r.p_best, '.2f')} | {wins} |")
+        wins = (format_ci(r.beats_random, r.beats_random_lo, r.beats_random_hi, ".0%")
+                if pd.notna(r.get("beats_random")) else MISSING)
+        lines.append(f"| {r.order} | {r.explainer} | {format_number(r['rank'], '.3g')} | "
+                     f"{format_number(r.mean_image_rank, '.2f')} | {format_number(r.p_best, '.2f')} | {wins} |")
     agreement = result["agreement"]
     if agreement:
-        lines += ["", f"MoRF vs LeRF ranking: Kendall τ {_g(agreement['tau'], '+.3f')} (means); per image "
-                      f"{_g(agreement['tau_per_image'], '+.3f')} [{_g(agreement['tau_per_image_lo'], '+.3f')}, "
-                      f"{_g(agreement['tau_per_image_hi'], '+.3f')}] over {int(agreement['images'])} images."]
+        per_image = format_ci(agreement["tau_per_image"], agreement["tau_per_image_lo"], agreement["tau_per_image_hi"],
+                              "+.3f")
+        lines += ["", f"MoRF vs LeRF ranking: Kendall τ {format_number(agreement['tau'], '+.3f')} (means); per image "
+                      f"{per_image} over {int(agreement['images'])} images."]
     return "\n".join(lines) + "\n"
 
 
@@ -339,3 +354,164 @@ def kendall_w(ranks: np.ndarray) -> float:
     ties = sum(float((c ** 3 - c).sum()) for c in (np.unique(row, return_counts=True)[1] for row in ranks))
     denominator = m ** 2 * (n ** 3 - n) - m * ties
     return float("nan") if denominator == 0 else 12 * s / denominator
+
+
+# -- across runs: the tables of heatmapbench-report ----------------------------------------------
+#: Columns of a run that say which setting it scored (order comes from the per-image table).
+SETTING_KEYS = ("perturbation", "region_size")
+
+
+@dataclass
+class CrossRunReliability:
+    """The tables of the across-runs reliability; ``notes`` say what was left out and why."""
+
+    settings: pd.DataFrame  # one row per setting: its keys, images, α [CI], rank/<explainer>, score/<explainer>
+    consistency: pd.DataFrame  # one row per explainer: Cronbach's α [CI], mean/min/max rank, times first
+    tau: pd.DataFrame  # settings × settings Kendall τ of the mean scores
+    agreement: dict[str, float] = field(default_factory=dict)  # Kendall's W [CI], its p, τ mean/min
+    explainers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def setting_scores(per_image: pd.DataFrame, runs: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """Per-image oriented scores with their setting: ``setting``, setting keys, ``image``, ``explainer``, ``score``.
+
+    ``per_image`` is the per-image tables of the runs with a ``run_id`` column; ``runs`` has one
+    row per run (or run × explainer) with the setting keys. Runs of the same setting (replicates,
+    or one explainer per sweep job) are pooled; a replicated image × explainer is averaged.
+    """
+    keys = [*SETTING_KEYS, *[k for k in extra if k not in SETTING_KEYS]]
+    settings = runs.drop_duplicates("run_id").set_index("run_id")[keys]
+    rows = per_image[per_image.order.isin(["morf", "lerf"])].join(settings, on="run_id", how="inner")
+    rows = rows.assign(score=np.where(rows.order == "morf", rows.aopc_rel, -rows.aopc_rel))
+    keys = [*keys, "order"]
+    rows = rows.sort_values(keys, kind="stable", na_position="last")  # settings in a readable order
+    filled = rows.astype({k: object for k in keys}).fillna({k: "–" for k in keys})
+    scores = filled.groupby([*keys, "image", "explainer"], sort=False, dropna=False).score.mean().reset_index()
+    scores.insert(0, "setting", scores[keys].apply(_label, axis=1, keys=keys))
+    return scores
+
+
+def _label(row: pd.Series, keys: Sequence[str]) -> str:
+    parts = [str(row.perturbation), f"{row.region_size:g}px" if isinstance(row.region_size, (int, float))
+             and np.isfinite(row.region_size) else f"{row.region_size}px", str(row.order)]
+    parts += [f"{k.removeprefix('params.')}={row[k]}" for k in keys if k not in (*SETTING_KEYS, "order")]
+    return " ".join(parts)
+
+
+def cross_run_reliability(scores: pd.DataFrame, *, n_boot: int = N_BOOT, seed: int = 0) -> CrossRunReliability:
+    """All across-runs reliability tables from :func:`setting_scores`."""
+    notes: list[str] = []
+    settings = list(dict.fromkeys(scores.setting))
+    counts = scores.groupby("explainer").setting.nunique()
+    explainers = [e for e in dict.fromkeys(scores.explainer) if counts[e] == len(settings)]
+    dropped = sorted(set(scores.explainer) - set(explainers))
+    if dropped:
+        notes.append(f"explainers not scored in every setting are left out: {dropped}")
+    cube = scores[scores.explainer.isin(explainers)].pivot_table(
+        index="image", columns=["setting", "explainer"], values="score", sort=False).dropna(axis=0, how="any")
+    dropped_images = scores.image.nunique() - len(cube)
+    if dropped_images:
+        notes.append(f"{dropped_images} images not scored in every setting are left out")
+    x = np.stack([cube[s][explainers].to_numpy() for s in settings]) if len(cube) else np.empty((0, 0, 0))
+    # x: (S settings, I images, E explainers)
+    keys = [c for c in scores.columns if c not in ("setting", "image", "explainer", "score")]
+    table = scores.drop_duplicates("setting").set_index("setting").loc[settings, keys].reset_index()
+    table["images"] = x.shape[1] if x.size else 0
+    empty = CrossRunReliability(settings=table, consistency=pd.DataFrame(), tau=pd.DataFrame(), explainers=explainers,
+                                notes=notes)
+    if len(explainers) < 2 or x.shape[1] < 2:
+        notes.append("fewer than 2 explainers or 2 images in common: no ranking to compare")
+        return empty
+    means = x.mean(axis=1)  # (S, E)
+    ranks = stats.rankdata(-means, axis=1, method="average")
+    alphas = np.array([krippendorff_alpha_ci(x[s], n_boot=n_boot, seed=seed) for s in range(len(settings))])
+    table["krippendorff_alpha"], table["krippendorff_alpha_lo"], table["krippendorff_alpha_hi"] = alphas.T
+    table["ranking"] = [" > ".join(np.array(explainers)[np.argsort(r, kind="stable")]) for r in ranks]
+    for j, name in enumerate(explainers):
+        table[f"rank/{name}"] = ranks[:, j]
+    for j, name in enumerate(explainers):
+        table[f"score/{name}"] = means[:, j]
+
+    tau = pd.DataFrame([[kendall_tau(means[a], means[b]) for b in range(len(settings))]
+                        for a in range(len(settings))], index=settings, columns=settings)
+    consistency = pd.DataFrame({"explainer": explainers, "mean_rank": ranks.mean(axis=0),
+                                "best_rank": ranks.min(axis=0), "worst_rank": ranks.max(axis=0),
+                                "first_in": (ranks == 1).sum(axis=0), "settings": len(settings)})
+    agreement: dict[str, float] = {"settings": float(len(settings)), "explainers": float(len(explainers)),
+                                   "images": float(x.shape[1])}
+    if len(settings) >= 2:
+        weights = bootstrap_weights(x.shape[1], n_boot, seed)  # (B, I): one resampling of images for everything
+        boot_means = np.einsum("bi,sie->bse", weights, x) / x.shape[1]
+        boot_w = np.array([kendall_w(stats.rankdata(-m, axis=1)) for m in boot_means])
+        w = kendall_w(ranks)
+        m, n = ranks.shape
+        lo, hi = percentile_ci(boot_w)
+        off = tau.to_numpy()[~np.eye(len(settings), dtype=bool)]
+        agreement.update(kendall_w=w, kendall_w_lo=float(lo), kendall_w_hi=float(hi),
+                         kendall_w_p=float(stats.chi2.sf(w * m * (n - 1), n - 1)) if np.isfinite(w) else np.nan,
+                         tau_mean=float(np.nanmean(off)) if np.isfinite(off).any() else np.nan,
+                         tau_min=float(np.nanmin(off)) if np.isfinite(off).any() else np.nan)
+        items = np.moveaxis(x, 0, -1)  # (I images, E explainers, S settings)
+        draws = [np.repeat(np.arange(x.shape[1]), c.astype(int)) for c in weights]  # image indices per resample
+        alpha, alpha_lo, alpha_hi = [], [], []
+        for j in range(len(explainers)):
+            alpha.append(cronbach_alpha(items[:, j, :]))
+            lo, hi = percentile_ci(np.array([cronbach_alpha(items[i, j, :]) for i in draws]))
+            alpha_lo.append(lo)
+            alpha_hi.append(hi)
+        consistency.insert(1, "cronbach_alpha", alpha)
+        consistency.insert(2, "cronbach_alpha_lo", alpha_lo)
+        consistency.insert(3, "cronbach_alpha_hi", alpha_hi)
+    else:
+        notes.append("one setting only: nothing to compare across settings")
+    consistency["images"] = x.shape[1]
+    return CrossRunReliability(settings=table, consistency=consistency.sort_values("mean_rank", kind="stable",
+                                                                                   ignore_index=True),
+                               tau=tau, agreement=agreement, explainers=explainers, notes=notes)
+
+
+def cross_run_reliability_metrics(result: CrossRunReliability) -> dict[str, float]:
+    """The MLflow metrics of :func:`cross_run_reliability`, logged by the report's summary run (NaNs left out)."""
+    metrics = {}
+    for key, value in result.agreement.items():
+        stem, bound = (key[:-3], key[-2:]) if key.endswith(("_lo", "_hi")) else (key, None)
+        metrics[mn.reliability_metric(stem, bound=bound)] = float(value)
+    if "cronbach_alpha" in result.consistency:
+        for _, row in result.consistency.iterrows():
+            for bound in (None, "lo", "hi"):
+                key = "cronbach_alpha" + (f"_{bound}" if bound else "")
+                metrics[mn.explainer_reliability_metric("cronbach_alpha", row.explainer, bound)] = float(row[key])
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+def cross_run_reliability_markdown(result: CrossRunReliability) -> str:
+    """The across-runs reliability as Markdown: agreement, per-explainer consistency, per-setting ranks."""
+    lines = ["## Is the ranking stable across settings?", ""]
+    a = result.agreement
+    if "kendall_w" in a:
+        lines += [f"Kendall's W of the {int(a['settings'])} settings' rankings of {int(a['explainers'])} explainers "
+                  f"on {int(a['images'])} images: **{format_number(a['kendall_w'], '.3f')}** "
+                  f"[{format_number(a['kendall_w_lo'], '.3f')}, {format_number(a['kendall_w_hi'], '.3f')}] "
+                  f"(1 = every setting ranks alike; Friedman p = {format_number(a['kendall_w_p'], '.2g')}); "
+                  f"pairwise Kendall τ between settings: mean {format_number(a['tau_mean'], '+.2f')}, "
+                  f"min {format_number(a['tau_min'], '+.2f')}.", ""]
+    if len(result.consistency):
+        has_alpha = "cronbach_alpha" in result.consistency
+        lines += ["| explainer | Cronbach's α over settings [95% CI] | mean rank | best–worst rank | first in |",
+                  "|---|---|---|---|---|"]
+        for _, r in result.consistency.iterrows():
+            alpha = (format_ci(r.cronbach_alpha, r.cronbach_alpha_lo, r.cronbach_alpha_hi, ".3f")
+                     if has_alpha else MISSING)
+            lines.append(f"| {r.explainer} | {alpha} | {format_number(r.mean_rank, '.2f')} | "
+                         f"{format_number(r.best_rank, 'g')}–{format_number(r.worst_rank, 'g')} | "
+                         f"{int(r.first_in)}/{int(r.settings)} |")
+        lines.append("")
+    if "ranking" in result.settings:
+        lines += ["| setting | ranking (best first) | Krippendorff's α of images [95% CI] | images |",
+                  "|---|---|---|---|"]
+        for _, r in result.settings.iterrows():
+            alpha = format_ci(r.krippendorff_alpha, r.krippendorff_alpha_lo, r.krippendorff_alpha_hi, ".3f")
+            lines.append(f"| {r.setting} | {r.ranking} | {alpha} | {int(r.images)} |")
+    lines += [f"\nNote: {note}." for note in result.notes]
+    return "\n".join(lines) + "\n"

@@ -1,5 +1,7 @@
-"""Deprecated: moved to :mod:`heatmapbench.app.report.reliability` (this path goes in the next release)."""
+"""Deprecated: moved to :mod:`heatmapbench.evaluation.reliability` (this path goes in the next release)."""
 
 from heatmapbench._moved import moved
 
-__getattr__, __all__ = moved("heatmapbench.report.reliability", "heatmapbench.app.report.reliability")
+__getattr__, __all__ = moved("heatmapbench.report.reliability", "heatmapbench.evaluation.reliability",
+                             renamed={"reliability_metrics": "cross_run_reliability_metrics",
+                                      "reliability_markdown": "cross_run_reliability_markdown"})

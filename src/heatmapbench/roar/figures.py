@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from heatmapbench.evaluation.artifacts import STYLE  # noqa: E402
+from heatmapbench.evaluation.style import STYLE  # noqa: E402
 from heatmapbench.roar.retrain import UNMODIFIED  # noqa: E402
 from heatmapbench.sanity.figures import save_panels  # noqa: E402
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from heatmapbench.evaluation.artifacts import STYLE  # noqa: E402
+from heatmapbench.evaluation.style import STYLE  # noqa: E402
 from heatmapbench.sanity.mprt import TRAINED, MPRTResult  # noqa: E402
 
 #: Axis labels of the measures.

@@ -11,7 +11,9 @@ from scipy import stats
 from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import build_explainers, build_perturbation, engine_forwards, evaluate_batch
-from heatmapbench.evaluation.artifacts import RANDOM_ORDERING_LABEL, correlation_markdown, correlations
+from heatmapbench.evaluation.correlation import correlations
+from heatmapbench.evaluation.markdown import correlation_markdown
+from heatmapbench.evaluation.style import RANDOM_ORDERING_LABEL
 from heatmapbench.metrics.summary import correlation_ci
 from heatmapbench.models.nets import SmallCNN
 

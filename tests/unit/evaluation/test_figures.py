@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from heatmapbench.metrics import names as mn
-from heatmapbench.evaluation import artifacts
-from heatmapbench.evaluation.artifacts import correlations, epoch_label, plot_accuracy_vs_aopc
+from heatmapbench.evaluation import figures as evaluation_figures
+from heatmapbench.evaluation.correlation import correlations
+from heatmapbench.evaluation.figures import plot_accuracy_vs_aopc
+from heatmapbench.evaluation.style import epoch_label
 
 
 def _history() -> pd.DataFrame:
@@ -29,7 +31,7 @@ def _history() -> pd.DataFrame:
 def drawn(monkeypatch, tmp_path):
     """The accuracy-vs-AOPC figure as drawn (kept open instead of closed after saving)."""
     figures = []
-    monkeypatch.setattr(artifacts.plt, "close", figures.append)
+    monkeypatch.setattr(evaluation_figures.plt, "close", figures.append)
     history = _history()
     corr = correlations(history, measures=mn.CORRELATED_MEASURES, n_boot=200)
     plot_accuracy_vs_aopc(history, tmp_path / "accuracy_vs_aopc.png", corr=corr)

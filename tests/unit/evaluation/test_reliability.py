@@ -23,9 +23,9 @@ from heatmapbench.evaluation.reliability import (
     per_image_table,
     ranking_stability,
     read_table,
-    reliability_markdown,
-    reliability_metrics,
     run_reliability,
+    run_reliability_markdown,
+    run_reliability_metrics,
     score_matrix,
     write_table,
 )
@@ -229,7 +229,7 @@ def test_run_reliability_metrics_and_markdown():
     lerf = -morf + rng.normal(size=(12, 3)) * 0.1
     result = run_reliability(per_image_table(_evaluation(morf, np.zeros(12), lerf)), n_boot=200, seed=0)
     assert list(result["alpha"].order) == ["morf", "lerf", "abpc"]
-    metrics = reliability_metrics(result)
+    metrics = run_reliability_metrics(result)
     ranks = stats.rankdata(-morf, axis=1)
     alpha = mn.reliability_metric("krippendorff_alpha", "morf")
     assert metrics[alpha] == pytest.approx(reference_alpha(ranks, ordinal))
@@ -237,12 +237,12 @@ def test_run_reliability_metrics_and_markdown():
     assert metrics[mn.ranking_metric(mn.BEATS_RANDOM, "a")] == np.mean(morf[:, 0] > 0)
     assert metrics[mn.ranking_metric(mn.BEATS_RANDOM, "a", "lerf")] == np.mean(lerf[:, 0] < 0)
     assert mn.ranking_metric(mn.P_BEST, "a", "abpc") in metrics and mn.reliability_metric("morf_lerf_tau") in metrics
-    md = reliability_markdown(result)
+    md = run_reliability_markdown(result)
     assert "| morf | a | 1 |" in md and "MoRF vs LeRF ranking" in md
     # one explainer: nothing to rank, said so, no α logged
     single = run_reliability(per_image_table(_evaluation(morf[:, :1], np.zeros(12), names=("a",))), n_boot=10)
-    assert not len(single["alpha"]) and "nothing to rank" in reliability_markdown(single)
-    assert not any("krippendorff" in k for k in reliability_metrics(single))
+    assert not len(single["alpha"]) and "nothing to rank" in run_reliability_markdown(single)
+    assert not any("krippendorff" in k for k in run_reliability_metrics(single))
 
 
 # -- across runs (heatmapbench-report) -------------------------------------------------------------
@@ -260,7 +260,7 @@ def _runs_tables(settings: dict[tuple[str, int], dict[str, np.ndarray]], order: 
 
 
 def test_cross_run_agreement_extremes():
-    from heatmapbench.app.report.reliability import cross_run_reliability, reliability_metrics, setting_scores
+    from heatmapbench.evaluation.reliability import cross_run_reliability, cross_run_reliability_metrics, setting_scores
 
     rng = np.random.default_rng(8)
     base = rng.normal(size=12)
@@ -277,7 +277,7 @@ def test_cross_run_agreement_extremes():
     assert consistency.cronbach_alpha.to_numpy() == pytest.approx(1.0)  # every setting orders the images alike
     assert list(consistency.index) == ["c", "b", "a"] and list(consistency.first_in) == [4, 0, 0]
     assert list(result.settings.ranking) == ["c > b > a"] * 4
-    metrics = reliability_metrics(result)
+    metrics = cross_run_reliability_metrics(result)
     assert metrics["reliability/kendall_w"] == pytest.approx(1.0)  # the documented names
     assert metrics["reliability/cronbach_alpha/a"] == pytest.approx(1.0)
 
@@ -294,7 +294,7 @@ def test_cross_run_agreement_extremes():
 
 
 def test_cross_run_pools_jobs_averages_replicates_and_says_what_it_leaves_out():
-    from heatmapbench.app.report.reliability import cross_run_reliability, reliability_markdown, setting_scores
+    from heatmapbench.evaluation.reliability import cross_run_reliability, cross_run_reliability_markdown, setting_scores
 
     rng = np.random.default_rng(9)
     x = rng.normal(size=(3, 10, 2))  # settings × images × explainers
@@ -319,7 +319,7 @@ def test_cross_run_pools_jobs_averages_replicates_and_says_what_it_leaves_out():
         alpha = result.consistency.set_index("explainer").loc[name, "cronbach_alpha"]
         assert alpha == pytest.approx(cronbach_alpha(x[:, keep, j].T))
     assert result.tau.iloc[0, 2] == pytest.approx(stats.kendalltau(means[0], means[2]).statistic)
-    assert "Kendall's W of the 3 settings" in reliability_markdown(result)
+    assert "Kendall's W of the 3 settings" in cross_run_reliability_markdown(result)
 
     single = cross_run_reliability(setting_scores(*_runs_tables({("uniform", 4): grid["uniform", 4]})), n_boot=10)
     assert "kendall_w" not in single.agreement and any("one setting" in n for n in single.notes)

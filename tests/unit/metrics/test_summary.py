@@ -13,7 +13,7 @@ from scipy import stats
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.evaluation import Evaluation
-from heatmapbench.evaluation.artifacts import summary_markdown
+from heatmapbench.evaluation.markdown import summary_markdown
 from heatmapbench.metrics import (
     abpc,
     heatmap_entropy,

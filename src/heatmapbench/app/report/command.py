@@ -37,7 +37,7 @@ from heatmapbench.registry import conf_dir
 from heatmapbench.app.preflight import check_logger, check_tracking_store
 from heatmapbench.app.report.figures import plot_accuracy_vs_aopc_runs, plot_rank_per_setting, plot_region_sizes
 from heatmapbench.app.report.agreement import agreement_reports, write_agreement
-from heatmapbench.app.report.reliability import reliability_markdown, reliability_metrics
+from heatmapbench.evaluation.reliability import cross_run_reliability_markdown, cross_run_reliability_metrics
 from heatmapbench.app.report.store import filter_string, load_runs, per_image_tables
 from heatmapbench.app.report.tables import DEFAULT_IGNORE, Report, build_report, long_format
 from heatmapbench.app.store import make_logger, retry_locked
@@ -81,7 +81,7 @@ def write_report(report: Report, folder: Path) -> dict[str, Path]:
 
 def reliability_markdown_of(report: Report) -> str:
     """The across-runs reliability of ``report`` as Markdown, with why parts of it are missing."""
-    text = reliability_markdown(report.reliability) if report.reliability is not None else ""
+    text = cross_run_reliability_markdown(report.reliability) if report.reliability is not None else ""
     return text + "".join(f"\nNote: {note}.\n" for note in report.notes)
 
 
@@ -146,7 +146,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
                 retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "report")
             metrics = {"runs": float(len(runs_df)), "rows": float(len(report.comparison))}
             if report.reliability is not None:
-                metrics.update(reliability_metrics(report.reliability))
+                metrics.update(cross_run_reliability_metrics(report.reliability))
             retry_locked(logger.log_metrics)(metrics)
         run_id = logger.run_id
     print("\n" + report.markdown())

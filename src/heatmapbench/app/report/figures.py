@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from heatmapbench.evaluation.artifacts import STYLE  # noqa: E402
+from heatmapbench.evaluation.style import STYLE  # noqa: E402
 
 
 def plot_region_sizes(comparison: pd.DataFrame, path: Path, extra: Sequence[str] = ()) -> None:

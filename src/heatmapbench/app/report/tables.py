@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.metrics.summary import N_BOOT
-from heatmapbench.evaluation.artifacts import correlations
-from heatmapbench.app.report.reliability import CrossRunReliability, cross_run_reliability, setting_scores
+from heatmapbench.evaluation.correlation import correlations
+from heatmapbench.evaluation.markdown import format_ci, format_number
+from heatmapbench.evaluation.reliability import CrossRunReliability, cross_run_reliability, setting_scores
 
 #: The cell of the comparison; other parameters join it only when they split a cell.
 BASE_KEYS = ("explainer", "region_size", "perturbation")
@@ -196,7 +197,7 @@ def training_table(runs_df: pd.DataFrame) -> pd.DataFrame:
 def training_correlation(training: pd.DataFrame) -> pd.DataFrame:
     """Pearson and Spearman correlation of final accuracy and final AOPC across training runs, per explainer.
 
-    The per-epoch correlation of one training run (:func:`~heatmapbench.evaluation.artifacts.correlations`)
+    The per-epoch correlation of one training run (:func:`~heatmapbench.evaluation.correlation.correlations`)
     applied to one row per run instead of one per epoch.
     """
     columns = ["explainer", "runs", "pearson", "spearman"]
@@ -231,10 +232,6 @@ def build_report(runs_df: pd.DataFrame, ignore: Sequence[str] = DEFAULT_IGNORE, 
     return report
 
 
-def _g(value: Any, fmt: str = ".4g") -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, fmt)
-
-
 def comparison_markdown(report: Report) -> str:
     """The comparison as a Markdown table (run ids shortened to 8 characters; the CSV has them in full)."""
     table, extra = report.comparison, report.split_by
@@ -246,20 +243,22 @@ def comparison_markdown(report: Report) -> str:
         head += ["runs", "run ids"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, r in table.iterrows():
-            rel = _g(r.aopc_rel)
             if pd.notna(r.aopc_rel_lo):
-                rel += f" [{_g(r.aopc_rel_lo)}, {_g(r.aopc_rel_hi)}]"
+                rel = format_ci(r.aopc_rel, r.aopc_rel_lo, r.aopc_rel_hi)
             elif pd.notna(r.aopc_rel_std):
-                rel += f" ± {_g(r.aopc_rel_std)} (std)"
-            cells = [str(r.explainer), _g(r.region_size, ".0f"), str(r.perturbation), *(str(r[k]) for k in extra),
-                     rel, _g(r.aopc)]
+                rel = f"{format_number(r.aopc_rel)} ± {format_number(r.aopc_rel_std)} (std)"
+            else:
+                rel = format_number(r.aopc_rel)
+            cells = [str(r.explainer), format_number(r.region_size, ".0f"), str(r.perturbation),
+                     *(str(r[k]) for k in extra), rel, format_number(r.aopc)]
             if has_abpc:
-                cells.append(_g(r.abpc) + (f" [{_g(r.abpc_lo)}, {_g(r.abpc_hi)}]" if pd.notna(r.abpc_lo) else ""))
+                cells.append(format_ci(r.abpc, r.abpc_lo, r.abpc_hi) if pd.notna(r.abpc_lo) else format_number(r.abpc))
             cells += [str(r.runs), " ".join(i[:8] for i in r.run_ids.split(";"))]
             lines.append("| " + " | ".join(cells) + " |")
     if len(report.training):
         lines += ["" if lines else "", "AOPC against accuracy across training runs (final values):", "",
                   "| explainer | runs | Pearson | Spearman |", "|---|---|---|---|"]
         for _, r in report.training_correlation.iterrows():
-            lines.append(f"| {r.explainer} | {r.runs} | {_g(r.pearson, '+.3f')} | {_g(r.spearman, '+.3f')} |")
+            lines.append(f"| {r.explainer} | {r.runs} | {format_number(r.pearson, '+.3f')} | "
+                         f"{format_number(r.spearman, '+.3f')} |")
     return "\n".join(lines).lstrip("\n") + "\n"
