@@ -162,27 +162,52 @@ class Evaluation:
 
     # -- combining batches -------------------------------------------------------------
     @classmethod
-    def concat(cls, parts: Sequence["Evaluation"], gallery_size: int = 8) -> "Evaluation":
-        """Join the evaluations of consecutive batches of images."""
+    def concat(cls, parts: Sequence["Evaluation"], gallery_size: int = 8,
+               images: Sequence[Tensor] | None = None) -> "Evaluation":
+        """Join the evaluations of batches of images into one, rows in image order.
+
+        ``images`` gives each part's (B,) indices in the evaluated set, for batches that come in any
+        order (the shards of a distributed or resumed run, :func:`~heatmapbench.evaluation.shards.merge_shards`);
+        without it the parts are consecutive batches, in order. A part's gallery rows are its first
+        images; the joined gallery is the ``gallery_size`` lowest-indexed of them (None when no part has
+        one, or ``gallery_size`` is 0). The one way per-image results are joined, in memory or from files.
+        """
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-        cat = lambda ts: torch.cat(list(ts)) if ts and all(t is not None for t in ts) else None  # noqa: E731
-        gx = cat([p.gallery_x for p in parts if p.gallery_x is not None])
+        layout = lambda e: (e.steps, {n: list(c) for n, c in e.curves.items()})  # noqa: E731
+        if any(layout(p) != layout(first) for p in parts[1:]):
+            raise ValueError("evaluations of different settings (steps, explainers or orders) cannot be joined")
+        if images is None:
+            ends = torch.tensor([p.num_images for p in parts]).cumsum(0).tolist()
+            images = [torch.arange(end - p.num_images, end) for p, end in zip(parts, ends)]
+        images = [torch.as_tensor(i).long().cpu().reshape(-1) for i in images]
+        if len(images) != len(parts) or any(i.numel() != p.num_images for i, p in zip(images, parts)):
+            raise ValueError(f"images must give one index per image of each part: {[i.numel() for i in images]} for "
+                             f"parts of {[p.num_images for p in parts]} images")
+        order = torch.argsort(torch.cat(images), stable=True)
+
+        def take(tensors: Sequence[Tensor | None], rows: Tensor) -> Tensor | None:
+            if not tensors or any(t is None for t in tensors):
+                return None
+            return torch.cat(list(tensors)).index_select(0, rows)
+
+        shown = [(i[:p.gallery_x.shape[0]], p) for i, p in zip(images, parts) if p.gallery_x is not None]
+        gallery = [p for _, p in shown] if shown and gallery_size else []
+        g_order = torch.argsort(torch.cat([i for i, _ in shown]), stable=True)[:gallery_size] if gallery else None
         return cls(
             steps=first.steps,
-            curves={n: {o: torch.cat([p.curves[n][o] for p in parts]) for o in first.curves[n]}
-                    for n in first.curves},
-            random_curves=torch.cat([p.random_curves for p in parts]),
-            complexity={n: {k: torch.cat([p.complexity[n][k] for p in parts]) for k in first.complexity[n]}
+            curves={n: {o: take([p.curves[n][o] for p in parts], order) for o in first.curves[n]} for n in first.curves},
+            random_curves=take([p.random_curves for p in parts], order),
+            complexity={n: {k: take([p.complexity[n][k] for p in parts], order) for k in first.complexity[n]}
                         for n in first.complexity},
-            target=cat([p.target for p in parts]),
-            label=cat([p.label for p in parts]),
-            gallery_x=None if gx is None else gx[:gallery_size],
-            gallery_heatmaps={n: torch.cat([p.gallery_heatmaps[n] for p in parts if n in p.gallery_heatmaps])
-                              [:gallery_size] for n in first.gallery_heatmaps},
+            target=take([p.target for p in parts], order),
+            label=take([p.label for p in parts], order),
+            gallery_x=take([p.gallery_x for p in gallery], g_order) if gallery else None,
+            gallery_heatmaps={n: take([p.gallery_heatmaps[n] for p in gallery], g_order) for n in first.curves}
+            if gallery else {},
             seconds=sum(p.seconds for p in parts),
-            clean_scores=cat([p.clean_scores for p in parts]),
+            clean_scores=take([p.clean_scores for p in parts], order),
             forwards="; ".join(dict.fromkeys(p.forwards for p in parts if p.forwards)),
         )
 

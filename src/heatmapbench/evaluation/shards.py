@@ -21,8 +21,8 @@ key                            shape        what
 A shard is written to a temporary name and renamed, so a process killed at any moment leaves
 complete shards only (a stray ``*.tmp`` is ignored). :func:`merge_shards` reads every shard of a
 folder, checks that each image of the evaluated set is there exactly once, and joins them in
-image order: the result equals, tensor for tensor, :meth:`Evaluation.concat` of the batches
-evaluated in one process. Its memory is that of the per-image summaries, not of the images.
+image order by :meth:`Evaluation.concat`, the same join as for the batches of one process (so the
+result equals theirs, tensor for tensor). Its memory is that of the per-image summaries, not of the images.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -137,43 +137,17 @@ def _check_coverage(images: np.ndarray, num_images: int, folder: Path) -> None:
                          "resume the run to score them")
 
 
-def _take(tensors: Iterable[Tensor | None], order: Tensor) -> Tensor | None:
-    parts = list(tensors)
-    if not parts or any(t is None for t in parts):
-        return None
-    return torch.cat(parts).index_select(0, order)
-
-
 def join_shards(shards: Sequence[tuple[Tensor, Evaluation]], gallery_size: int) -> tuple[Tensor, Evaluation]:
-    """Join shards in any order into one evaluation sorted by image index; returns (images, evaluation)."""
+    """Join shards in any order into one evaluation sorted by image index (:meth:`Evaluation.concat`, the
+    in-memory join); returns (images, evaluation)."""
     if not shards:
         raise ShardError("no shards to join")
-    parts = [e for _, e in shards]
-    first = parts[0]
-    for e in parts[1:]:
-        if (e.steps, {n: list(c) for n, c in e.curves.items()}) != (first.steps, {n: list(c) for n, c in first.curves.items()}):
-            raise ShardError("shards of different settings (steps, explainers or orders) cannot be joined")
-    images = torch.cat([i for i, _ in shards])
-    order = torch.argsort(images, stable=True)
-    gallery = [(i[:e.gallery_x.shape[0]], e) for i, e in shards if e.gallery_x is not None]
-    g_images = torch.cat([i for i, _ in gallery]) if gallery else torch.zeros(0, dtype=torch.long)
-    g_order = torch.argsort(g_images, stable=True)[:gallery_size]
-    joined = Evaluation(
-        steps=first.steps,
-        curves={n: {o: _take((p.curves[n][o] for p in parts), order) for o in first.curves[n]} for n in first.curves},
-        random_curves=_take((p.random_curves for p in parts), order),
-        complexity={n: {k: _take((p.complexity[n][k] for p in parts), order) for k in first.complexity[n]}
-                    for n in first.complexity},
-        target=_take((p.target for p in parts), order),
-        label=_take((p.label for p in parts), order),
-        gallery_x=_take((e.gallery_x for _, e in gallery), g_order) if gallery and gallery_size else None,
-        gallery_heatmaps={n: _take((e.gallery_heatmaps[n] for _, e in gallery), g_order) for n in first.curves}
-        if gallery and gallery_size else {},
-        seconds=sum(p.seconds for p in parts),
-        clean_scores=_take((p.clean_scores for p in parts), order),
-        forwards="; ".join(dict.fromkeys(p.forwards for p in parts if p.forwards)),
-    )
-    return images.index_select(0, order), joined
+    images = [i for i, _ in shards]
+    try:
+        joined = Evaluation.concat([e for _, e in shards], gallery_size, images=images)
+    except ValueError as err:
+        raise ShardError(f"the shards cannot be joined: {err}") from err
+    return torch.sort(torch.cat(images), stable=True).values, joined
 
 
 def merge_shards(folder: str | Path, num_images: int, gallery_size: int = 0) -> Evaluation:

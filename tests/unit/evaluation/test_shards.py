@@ -67,3 +67,24 @@ def test_plan_is_a_fixed_grid_less_what_is_done():
     assert plan_batches(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert plan_batches(10, 4, done=[4, 5, 6, 7, 0]) == [[1, 2, 3], [8, 9]]
     assert plan_batches(3, 4, done=[0, 1, 2]) == []
+
+
+def test_one_join_for_batches_in_memory_and_from_shards():
+    """Evaluation.concat is the join of both paths: batches given out of order with their image indices
+    (as shards come) give, tensor for tensor, the in-order join; the gallery keeps the lowest images."""
+    x = torch.randn(7, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    bounds = [(0, 3), (3, 6), (6, 7)]
+    parts = _parts(x, bounds, gallery=4)
+    in_order = Evaluation.concat(parts, gallery_size=4)
+    shuffled = Evaluation.concat([parts[2], parts[0], parts[1]], gallery_size=4,
+                                 images=[torch.arange(6, 7), torch.arange(0, 3), torch.arange(3, 6)])
+    _assert_same(shuffled, in_order)
+    assert torch.equal(in_order.label, torch.arange(7) % 10)  # rows in image order
+    assert torch.equal(in_order.gallery_x, torch.cat([parts[0].gallery_x, parts[1].gallery_x])) and len(in_order.gallery_x) == 4
+    assert Evaluation.concat(parts, gallery_size=0).gallery_x is None  # no gallery asked: none, not an empty one
+    with pytest.raises(ValueError, match="one index per image"):
+        Evaluation.concat(parts, images=[torch.arange(3), torch.arange(3, 6)])
+    other = _parts(x, [(0, 3)], gallery=0)[0]
+    other.curves.pop("sensitivity_l2")
+    with pytest.raises(ValueError, match="different settings"):
+        Evaluation.concat([parts[0], other])
