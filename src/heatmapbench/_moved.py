@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["moved", "names_moved"]
@@ -42,23 +42,21 @@ def moved(old: str, *new: str, renamed: dict[str, str] | None = None) -> tuple[C
     return __getattr__, names
 
 
-def names_moved(old: str, new: str, names: Iterable[str],
-                renamed: dict[str, str] | None = None) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for names that left module ``old`` (which stays) for module ``new``.
+def names_moved(old: str, moves: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for names that left module ``old``, which stays.
 
-    ``old.<name>`` keeps working for one release: each use warns with a :class:`DeprecationWarning`
-    that names the new home, then hands out ``new.<name>``, or ``new.<renamed[name]>`` for a name
-    that was renamed on the way.
+    ``moves`` maps each old name to its new home, ``"package.module.name"`` (a new module, a new name,
+    or both). ``old.<name>`` keeps working for one release: each use warns with a
+    :class:`DeprecationWarning` that names the new home, then hands out what is there.
     """
-    renamed = dict(renamed or {})
-    known = set(names) | set(renamed)
+    moves = dict(moves)
 
     def __getattr__(name: str) -> Any:
-        if name not in known:
+        if name not in moves:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
-        target = renamed.get(name, name)
-        warnings.warn(f"{old}.{name} is deprecated and goes in the next release; use {new}.{target} instead",
+        module, _, target = moves[name].rpartition(".")
+        warnings.warn(f"{old}.{name} is deprecated and goes in the next release; use {moves[name]} instead",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(new), target)
+        return getattr(importlib.import_module(module), target)
 
     return __getattr__

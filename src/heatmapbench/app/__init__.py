@@ -11,7 +11,9 @@ it back:
 * :mod:`.plumbing`: what the commands share (objects from the config, user errors as one-line exits);
 * :mod:`.schema`: the typed Hydra config schema and its validation;
 * :mod:`.adapt_model`: the configured model fitted to the data (class count, preprocessing);
-* :mod:`.tracking`: MLflow runs (naming, parameters, lifecycle, signals);
+* :mod:`.tracking`: the MLflow run lifecycle (opening, closing FINISHED/FAILED/KILLED, signals, heartbeat);
+  :mod:`.provenance`: what a run records (params, name, tags, git commit); :mod:`.store`: the store
+  under the runs (tracking URI, locking, bounded retries, disk reserve);
 * :mod:`.preflight`: checks before any work starts and before any run exists;
 * :mod:`.ui`: links into the MLflow UI.
 """

@@ -44,7 +44,8 @@ from heatmapbench.app.sanity import log_sanity, run_sanity, sanity_settings
 from heatmapbench.app.preflight import (check_logger, check_model_fits_data, check_regions_fit, warn_untrained,
                                     weights_source)
 from heatmapbench.app.store import make_logger, retry_locked
-from heatmapbench.app.tracking import log_skipped, results_kept_in, run_identity, run_tags, tracked_run, write_metrics
+from heatmapbench.app.provenance import run_identity, run_tags
+from heatmapbench.app.tracking import log_skipped, results_kept_in, tracked_run, write_metrics
 
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from heatmapbench.app.schema import ConfigError
 from heatmapbench.app.store import retry_locked
-from heatmapbench.app.tracking import flatten
+from heatmapbench.app.provenance import flatten
 
 #: ``batches/run.json``: the run a folder of shards belongs to, and the settings it was scored with.
 MANIFEST = "run.json"

@@ -38,7 +38,8 @@ from heatmapbench.app.plumbing import instantiate_data, instantiate_model, user_
 from heatmapbench.app.preflight import check_logger
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.app.store import make_logger, retry_locked, store_lock
-from heatmapbench.app.tracking import run_tags, status_of, tracked_run
+from heatmapbench.app.provenance import run_tags
+from heatmapbench.app.tracking import status_of, tracked_run
 from heatmapbench.evaluation.core import build_explainers, build_perturbation
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation.perturbations import PixelSpace

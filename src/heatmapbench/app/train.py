@@ -24,7 +24,8 @@ from heatmapbench.registry import conf_dir
 from heatmapbench.models.checkpoints import AtomicCheckpointIO, RunRecord, recorded_run, training_checkpoint
 from heatmapbench.app.preflight import check_logger, check_model_fits_data, check_optimizer, check_regions_fit
 from heatmapbench.app.store import make_logger, prepare_sqlite_store, retry_locked, store_lock
-from heatmapbench.app.tracking import log_skipped, resolved_config, run_identity, run_tags, tracked_run
+from heatmapbench.app.provenance import resolved_config, run_identity, run_tags
+from heatmapbench.app.tracking import log_skipped, tracked_run
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:

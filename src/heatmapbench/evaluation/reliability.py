@@ -53,8 +53,8 @@ __all__ = ["PER_IMAGE_COLUMNS", "PER_IMAGE_STEM", "RANKED_ORDERS", "SETTING_KEYS
            "run_reliability_markdown", "run_reliability_metrics", "score_matrix", "setting_scores", "write_table"]
 
 #: The names these functions had when the report kept its own copies (until the next release).
-__getattr__ = names_moved(__name__, __name__, (), renamed={"reliability_metrics": "run_reliability_metrics",
-                                                          "reliability_markdown": "run_reliability_markdown"})
+__getattr__ = names_moved(__name__, {"reliability_metrics": f"{__name__}.run_reliability_metrics",
+                                      "reliability_markdown": f"{__name__}.run_reliability_markdown"})
 
 #: Orders a per-image table can be ranked by; ``abpc`` needs both ``morf`` and ``lerf`` rows.
 RANKED_ORDERS = ("morf", "lerf", "abpc")

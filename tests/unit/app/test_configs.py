@@ -13,7 +13,7 @@ from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.data import ImageDataModule
 from heatmapbench.registry import available
 from heatmapbench.app.sanity import sanity_settings
-from heatmapbench.app.tracking import resolved_config
+from heatmapbench.app.provenance import resolved_config
 from tests.helpers import compose_config
 
 DATA = available("data")

@@ -60,3 +60,7 @@ def test_names_that_moved_out_of_tracking_still_import_with_a_warning():
 
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         tracking.no_such_name  # noqa: B018
+    from heatmapbench.app import provenance
+
+    with pytest.warns(DeprecationWarning, match="use heatmapbench.app.provenance.run_tags instead"):
+        assert tracking.run_tags is provenance.run_tags

@@ -41,7 +41,8 @@ from heatmapbench.evaluation.reliability import cross_run_reliability_markdown, 
 from heatmapbench.app.report.store import filter_string, load_runs, per_image_tables
 from heatmapbench.app.report.tables import DEFAULT_IGNORE, Report, build_report, long_format
 from heatmapbench.app.store import make_logger, retry_locked
-from heatmapbench.app.tracking import flatten, tracked_run
+from heatmapbench.app.provenance import flatten
+from heatmapbench.app.tracking import tracked_run
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from heatmapbench.app.tracking import readable_params, run_identity, run_tags
+from heatmapbench.app.provenance import readable_params, run_identity, run_tags
 from tests.helpers import compose_config
 
 
