@@ -79,6 +79,20 @@ SHRUNK_TRAIN = ["trainer=cpu", "trainer.max_epochs=1", "trainer.limit_train_batc
                 "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "data.eval_subset_size=16"]
 
 
+def build_option(group: str, name: str, *overrides: str):
+    """What ``<group>=<name>`` (with ``overrides``) builds in the commands: the node Hydra composes
+    in the ``evaluate`` config, instantiated."""
+    from hydra.utils import instantiate
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=[f"{group}={name}", *overrides])
+        return instantiate(cfg[group], _convert_="all")
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def store_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{cfg.paths.mlruns_dir}/mlflow.db"
 

@@ -5,17 +5,23 @@ or ``perturbation`` argument of the Python API); everything below that works wit
 A name is found, in this order, among
 
 1. classes registered from Python: ``register_explainer("mine", MyExplainer, alpha=2)``;
-2. the YAML files ``<dir>/<group>/<name>.yaml`` (with a ``_target_``) of every user config
-   folder: those added with :func:`add_config_dir` and, inside a Hydra command, those on its
+2. the YAML files ``<dir>/<group>/<name>.yaml`` (with a ``_target_``) of the user's config
+   folders: those added with :func:`add_config_dir` and, inside a Hydra command, those on its
    search path (``heatmapbench-evaluate hydra.searchpath=[file:///my/conf] explainer=mine``);
-3. the package's own ``conf/`` (:func:`conf_dir`).
+3. the package's catalogue, in Python: :data:`heatmapbench.explain.presets.EXPLAINERS` and
+   :data:`heatmapbench.perturbation.presets.PERTURBATIONS` (each name a class and its parameters,
+   as Zennit's ``COMPOSITES``). Building one of them reads no file.
 
-So a new explainer or perturbation needs no edit of the package.
+So a new explainer or perturbation needs no edit of the package. The package's own YAML files
+(``conf/explainer``, ``conf/perturbation``) are the commands' face of the catalogue
+(``explainer=<name>``, ``perturbation=<name>``); a test keeps each equal to its Python entry.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +57,7 @@ def project_root() -> Path:
 
 
 def add_config_dir(path: str | Path) -> None:
-    """Look up names also in ``<path>/<group>/<name>.yaml`` (before the package's own configs)."""
+    """Look up names also in ``<path>/<group>/<name>.yaml`` (before the package's own catalogue)."""
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise ValueError(f"config folder {path!r} does not exist")
@@ -79,12 +85,42 @@ def _hydra_search_dirs() -> list[Path]:
                 continue
         else:
             dirs.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry))
-    return [d for d in dirs if d.is_dir()]
+    return [d for d in dirs if d.is_dir() and d != conf_dir()]
 
 
-def config_dirs() -> list[Path]:
-    """Every folder searched for ``<group>/<name>.yaml``, first match wins."""
-    return [*_USER_DIRS, *_hydra_search_dirs(), conf_dir()]
+def user_config_dirs() -> list[Path]:
+    """The user's folders searched for ``<group>/<name>.yaml``, first match wins."""
+    return [*_USER_DIRS, *_hydra_search_dirs()]
+
+
+# -- the package's catalogue ------------------------------------------------------------------
+def catalogue(group: str) -> dict[str, partial]:
+    """The package's own names of ``group``: name -> the class with its parameters bound."""
+    if group == "explainer":
+        from heatmapbench.explain.presets import EXPLAINERS
+
+        return EXPLAINERS
+    if group == "perturbation":
+        from heatmapbench.perturbation.presets import PERTURBATIONS
+
+        return PERTURBATIONS
+    raise ValueError(f"group={group!r} is invalid: choose one of {GROUPS}")
+
+
+def class_path(cls: type) -> str:
+    """The shortest import path that names ``cls`` (``heatmapbench.perturbation.Road``, not
+    ``heatmapbench.perturbation.road.Road``): the ``_target_`` a config writes for it."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module = importlib.import_module(".".join(parts[:end]))
+        if getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def preset_config(preset: partial) -> DictConfig:
+    """A catalogue entry as the config node that builds it: ``{_target_: <class>, **parameters}``."""
+    return OmegaConf.create({"_target_": class_path(preset.func), **preset.keywords})
 
 
 # -- registering from Python ------------------------------------------------------------------
@@ -100,7 +136,7 @@ def register(group: str, name: str, factory: Callable[..., Any], **defaults: Any
 
 
 def unregister(group: str, name: str) -> None:
-    """Forget a name registered from Python (configs on disk are not affected)."""
+    """Forget a name registered from Python (the package's catalogue and config files are not affected)."""
     _REGISTERED[group].pop(name, None)
 
 
@@ -115,8 +151,8 @@ def register_perturbation(name: str, factory: Callable[..., Any], **defaults: An
 
 
 # -- looking names up --------------------------------------------------------------------------
-def _yaml_path(group: str, name: str) -> Path | None:
-    for folder in config_dirs():
+def _user_yaml(group: str, name: str) -> Path | None:
+    for folder in user_config_dirs():
         path = folder / group / f"{name}.yaml"
         if path.is_file():
             return path
@@ -124,12 +160,20 @@ def _yaml_path(group: str, name: str) -> Path | None:
 
 
 def available(group: str) -> list[str]:
-    """Every name of ``group``: registered from Python or a YAML file in a config folder; sorted.
+    """Every name of ``group``, sorted.
 
-    Files named ``_*.yaml`` are shared bases of the others (e.g. ``model/_torchvision.yaml``), not choices.
+    For ``explainer`` and ``perturbation``: the package's catalogue, names registered from Python
+    and the YAML files of the user's config folders (the package's own folders are not read). For
+    the commands' other groups (``model``, ``data``, ...): the YAML files of ``conf/<group>`` and
+    of the user's folders; files named ``_*.yaml`` are shared bases of the others
+    (e.g. ``model/_torchvision.yaml``), not choices.
     """
-    names = set(_REGISTERED.get(group, {}))
-    for folder in config_dirs():
+    folders = user_config_dirs()
+    if group in GROUPS:
+        names = set(catalogue(group)) | set(_REGISTERED[group])
+    else:
+        names, folders = set(), [*folders, conf_dir()]
+    for folder in folders:
         names.update(p.name[: -len(".yaml")] for p in (folder / group).glob("*.yaml") if not p.name.startswith("_"))
     return sorted(names)
 
@@ -141,23 +185,17 @@ def _unknown(group: str, name: str) -> ValueError:
         f"_target_) in a folder on Hydra's search path (hydra.searchpath=[file:///path/to/conf]).")
 
 
-def _compose(group: str, name: str, chain: tuple[str, ...] = ()) -> DictConfig:
-    """``<group>/<name>.yaml`` over its defaults list, as Hydra composes a group option.
-
-    A defaults entry names a config of the same group: another YAML file (a shared base such as
-    ``model/_torchvision.yaml``) or a schema in Hydra's ConfigStore; ``_self_`` places the file
-    itself (by default last, as in Hydra).
-    """
+def _user_config(group: str, name: str, chain: tuple[str, ...] = ()) -> DictConfig:
+    """A user's ``<group>/<name>.yaml`` over its defaults list, whose entries name other configs of
+    the group (the user's own files or the package's catalogue); ``_self_`` places the file itself
+    (by default last, as in Hydra)."""
     if name in chain:
         raise ValueError(f"{group}/{name}.yaml: its defaults list includes itself ({' → '.join(chain + (name,))})")
-    path = _yaml_path(group, name)
+    path = _user_yaml(group, name)
     if path is None:
-        from hydra.core.config_store import ConfigStore
-
-        stored = ConfigStore.instance().repo.get(group, {}).get(f"{name}.yaml")
-        if stored is None:
+        if name not in catalogue(group):
             raise _unknown(group, name)
-        return OmegaConf.structured(stored.node)
+        return preset_config(catalogue(group)[name])
     own = OmegaConf.load(path)
     defaults = list(own.pop("defaults", None) or [])
     if "_self_" not in defaults:
@@ -167,32 +205,48 @@ def _compose(group: str, name: str, chain: tuple[str, ...] = ()) -> DictConfig:
         if not isinstance(entry, str):
             raise ValueError(f"{path}: defaults entry {entry!r} is not supported here; name a config of the "
                              f"{group!r} group (or _self_)")
-        part = own if entry == "_self_" else _compose(group, entry, chain + (name,))
-        cfg = OmegaConf.merge(cfg, part)
+        cfg = OmegaConf.merge(cfg, own if entry == "_self_" else _user_config(group, entry, chain + (name,)))
     return cfg
 
 
 def load_config(group: str, name: str, **overrides: Any) -> DictConfig:
-    """The config ``<group>/<name>.yaml`` (over its defaults list) merged with ``overrides``.
+    """The config node ``name`` stands for in ``group`` (``{_target_: ..., **parameters}``), merged
+    with ``overrides``: a user's YAML file (over its defaults list) or the package's catalogue entry.
 
     Unknown names raise ``ValueError`` listing the known ones.
     """
-    if _yaml_path(group, name) is None:
-        raise _unknown(group, name)
-    cfg = _compose(group, name)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-    return cfg
+    if group not in GROUPS:
+        raise ValueError(f"group={group!r} is invalid: choose one of {GROUPS} (the commands' other groups "
+                         "are composed by Hydra: hydra.compose)")
+    cfg = _user_config(group, name)
+    return OmegaConf.merge(cfg, OmegaConf.create(overrides)) if overrides else cfg
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides``, mappings merged key by key (as a config override merges them:
+    ``attribute_kwargs={"n_steps": 8}`` keeps the preset's other ``attribute_kwargs``)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def build(group: str, name: str, **overrides: Any) -> Any:
     """The object ``name`` stands for in ``group``, with ``overrides`` of its parameters applied."""
-    if name in _REGISTERED.get(group, {}):
+    if group not in GROUPS:
+        raise ValueError(f"group={group!r} is invalid: choose one of {GROUPS}")
+    if name in _REGISTERED[group]:
         factory, defaults = _REGISTERED[group][name]
         return factory(**{**defaults, **overrides})
-    from hydra.utils import instantiate
+    if _user_yaml(group, name) is not None:
+        from hydra.utils import instantiate
 
-    return instantiate(load_config(group, name, **overrides), _convert_="all")
+        return instantiate(load_config(group, name, **overrides), _convert_="all")
+    preset = catalogue(group).get(name)
+    if preset is None:
+        raise _unknown(group, name)
+    return preset.func(**_merged(preset.keywords, overrides))
 
 
 def resolve(group: str, spec: Any, kind: type, **overrides: Any) -> Any:

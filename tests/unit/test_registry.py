@@ -1,4 +1,5 @@
-"""Names → objects: the package's configs, classes registered from Python, user config folders."""
+"""Names → objects: the package's catalogue in Python, classes registered from Python, user config folders;
+the package's YAML files equal to the catalogue."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -14,7 +17,7 @@ from heatmapbench import registry
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.evaluation import EvaluationSettings
 from heatmapbench.evaluation import build_explainers, evaluate_batch
-from heatmapbench.explain import Explainer, Sensitivity, get_explainer
+from heatmapbench.explain import LRP, Explainer, Sensitivity, get_explainer
 from heatmapbench.perturbation import Constant, Perturbation, Road, Uniform, get_perturbation, region_perturbation
 from tests.helpers import compose_config
 
@@ -61,15 +64,65 @@ def linear(c=1, h=8, w=8):
     return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 3))
 
 
-@pytest.mark.parametrize("group", ["explainer", "perturbation"])
-def test_every_packaged_config_builds_its_kind(group):
+def _no_file(*args, **kwargs):
+    raise AssertionError(f"a config file was read: {args}")
+
+
+@pytest.mark.parametrize("group", registry.GROUPS)
+def test_every_name_builds_from_python_without_reading_a_config_file(group, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_PACKAGE", tmp_path / "nowhere")  # conf_dir() holds nothing
+    monkeypatch.setattr(registry, "_USER_DIRS", [])  # and no user folder (another test may have added one)
+    monkeypatch.setattr(registry, "_hydra_search_dirs", lambda: [])
+    monkeypatch.setattr(OmegaConf, "load", _no_file)
     get = get_explainer if group == "explainer" else get_perturbation
     kind = Explainer if group == "explainer" else Perturbation
-    for name in registry.available(group):
+    names = registry.available(group)
+    assert names == sorted(registry.catalogue(group))
+    assert set(names) >= ({"random", "lrp_epsilon_0.01", "cp_lrp", "attnlrp", "integrated_gradients"}
+                          if group == "explainer" else {"uniform", "blur", "road"})
+    for name in names:
         assert isinstance(get(name), kind), name
     road = get_perturbation("road", noise=0.05, max_iter=7)
     assert isinstance(road, Road) and (road.noise, road.max_iter) == (0.05, 7)
     assert get_explainer("sensitivity_l2", pooling="linf").pooling == "linf"
+    # a mapping overrides key by key, as a config override does
+    ig = get_explainer("integrated_gradients", attribute_kwargs={"n_steps": 4})
+    assert ig.attribute_kwargs == {"n_steps": 4, "baselines": 0.0}
+    assert EvaluationSettings(explainers=registry.available("explainer")).explainers == registry.available("explainer")
+
+
+def _state(obj) -> tuple[type, dict]:
+    """An object's class and public attributes: what its parameters made of it."""
+    return type(obj), {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("group", registry.GROUPS)
+def test_every_config_file_builds_what_its_python_preset_builds(group):
+    """``<group>=<name>`` as the commands compose it (``conf/<group>/<name>.yaml``) gives the object of
+    the catalogue entry: the same class with the same parameters; a file for every entry and back."""
+    files = sorted(p.name[: -len(".yaml")] for p in (registry.conf_dir() / group).glob("*.yaml"))
+    presets = registry.catalogue(group)
+    assert files == sorted(presets)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(registry.conf_dir()), version_base="1.3"):
+            for name in files:
+                node = compose(config_name="evaluate", overrides=[f"{group}={name}"])[group]
+                if group == "explainer":  # a preset's file states what the preset binds, no more, no less
+                    assert set(node) - {"_target_"} == set(presets[name].keywords), name
+                assert _state(instantiate(node, _convert_="all")) == _state(presets[name]()), name
+    finally:
+        GlobalHydra.instance().clear()
+    # the comparison sees a parameter that differs
+    probe, changed = ("lrp_epsilon_0.01", {"epsilon": 0.1}) if group == "explainer" else ("road", {"noise": 0.05})
+    assert _state(registry.build(group, probe, **changed)) != _state(presets[probe]())
+
+
+def test_get_perturbations_old_home_warns_and_forwards():
+    import heatmapbench.perturbation.perturbations as old
+
+    with pytest.warns(DeprecationWarning, match="import from heatmapbench.perturbation instead"):
+        assert old.get_perturbation is get_perturbation
 
 
 def test_objects_pass_through_and_unknown_names_explain_how_to_register():
@@ -130,6 +183,8 @@ def _user_conf(tmp_path: Path) -> Path:
     (folder / "explainer" / "center_yaml.yaml").write_text(
         "_target_: tests.unit.test_registry.CenterExplainer\nweight: 5.0\n")
     (folder / "perturbation" / "grey.yaml").write_text("_target_: heatmapbench.perturbation.Constant\nvalue: 0.5\n")
+    # over a catalogue entry: the preset's parameters, epsilon changed
+    (folder / "explainer" / "lrp_coarse.yaml").write_text("defaults: [lrp_epsilon_0.01]\nepsilon: 0.5\n")
     return folder
 
 
@@ -140,6 +195,8 @@ def test_user_config_folder_from_python(tmp_path, monkeypatch):
     registry.add_config_dir(_user_conf(tmp_path))
     assert get_explainer("center_yaml").weight == 5.0
     assert isinstance(get_perturbation("grey"), Constant)
+    coarse = get_explainer("lrp_coarse")
+    assert (type(coarse), coarse.epsilon, coarse.composite, coarse.pooling) == (LRP, 0.5, "epsilon", "sum")
     with pytest.raises(ValueError, match="does not exist"):
         registry.add_config_dir(tmp_path / "missing")
 
@@ -170,17 +227,3 @@ def test_installed_layout_puts_outputs_in_the_working_directory(tmp_path, monkey
     assert registry.project_root() == tmp_path
 
 
-@pytest.mark.parametrize("group", ["model", "data", "evaluation"])
-def test_load_config_composes_a_group_option_as_hydra_does(group, tmp_path, data_dir):
-    # shared bases (model/_torchvision.yaml, ...) and schemas in a defaults list: the registry's
-    # reading of one option must equal the group node Hydra composes for it
-    try:
-        for name in registry.available(group):
-            hydra_node = compose_config("evaluate", [f"{group}={name}"], tmp_path, data_dir)[group]
-            want = OmegaConf.to_container(hydra_node, resolve=False)
-            got = OmegaConf.to_container(registry.load_config(group, name), resolve=False)
-            if group == "data":  # compose_config points the data folder at the test's own
-                want.pop("data_dir", None), got.pop("data_dir", None)
-            assert got == want, name
-    finally:
-        GlobalHydra.instance().clear()

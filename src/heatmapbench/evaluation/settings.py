@@ -32,7 +32,8 @@ class EvaluationSettings:
     Parameters
     ----------
     explainers
-        Names of ``conf/explainer/*.yaml`` to compare.
+        Names of the explainers to compare: the catalogue's (:data:`heatmapbench.explain.presets.EXPLAINERS`)
+        or the user's own (:mod:`heatmapbench.registry`).
     region_size, steps, regions, score
         Passed to :func:`~heatmapbench.perturbation.region_perturbation`.
     orders

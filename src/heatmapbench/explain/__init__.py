@@ -1,7 +1,7 @@
 """Heatmap methods behind one interface: ``get_explainer(name)(model, x, target) -> (B, H, W)``.
 
 ``x`` is ``(B, C, H, W)`` in model space, ``target`` ``(B,)`` class indices; the heatmap is
-float32 on ``x``'s device. Methods are registered by the files in ``conf/explainer/``.
+float32 on ``x``'s device. The named methods are the catalogue in :mod:`.presets` (``EXPLAINERS``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def available_explainers() -> list[str]:
 def get_explainer(explainer: str | Explainer, **overrides: Any) -> Explainer:
     """An :class:`Explainer` from its registered name (with ``overrides`` of its parameters) or as given.
 
-    Names come from :mod:`heatmapbench.registry` (``conf/explainer/<name>.yaml``, a user config
-    folder, or ``register_explainer``); unknown names raise ``ValueError`` listing the known ones.
+    Names come from :mod:`heatmapbench.registry` (``register_explainer``, a user config folder, or
+    the package's catalogue :data:`.presets.EXPLAINERS`); unknown names raise ``ValueError`` listing
+    the known ones.
     """
     return registry.resolve("explainer", explainer, Explainer, **overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,9 @@ class CaptumExplainer(Explainer):
     Parameters
     ----------
     method
-        The Captum class, or a callable ``forward_func -> attribution object`` (Hydra builds this
-        from ``method: {_target_: captum.attr.IntegratedGradients, _partial_: true}``).
+        The Captum class (or its import path, ``"captum.attr.IntegratedGradients"``), or a callable
+        ``forward_func -> attribution object`` (Hydra builds this from ``method: {_target_:
+        captum.attr.IntegratedGradients, _partial_: true}``; with nothing else bound it is the class).
     attribute_kwargs
         Extra keyword arguments of ``.attribute`` (``n_steps``, ``baselines``, ...).
     noise_tunnel
@@ -46,13 +48,15 @@ class CaptumExplainer(Explainer):
             from hydra.utils import get_class
 
             method = get_class(method)
+        if isinstance(method, functools.partial) and not method.args and not method.keywords:
+            method = method.func  # Hydra's `_partial_: true` with nothing bound: the class itself
         if not callable(method):
             raise TypeError(f"method must be a Captum attribution class, got {method!r}.")
         self.method = method
         self.attribute_kwargs = dict(attribute_kwargs or {})
         self.noise_tunnel = dict(noise_tunnel) if noise_tunnel else None
         self.seed = int(seed)
-        probe = getattr(method, "func", method)  # functools.partial from Hydra's _partial_
+        probe = getattr(method, "func", method)  # a functools.partial with arguments bound
         self.name = getattr(probe, "__name__", "captum")
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

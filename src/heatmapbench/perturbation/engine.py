@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from heatmapbench import registry
 from heatmapbench.accel.fusion import fused
 from heatmapbench.perturbation.curves import aopc
 from heatmapbench.perturbation import incremental as inc
-from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace, get_perturbation
+from heatmapbench.perturbation.perturbations import Perturbation, PixelSpace
 from heatmapbench.perturbation.regions import ORDERS, REGION_MODES, max_regions, select_regions
 from heatmapbench.accel.layout import check_layout, fast_model, to_layout
 from heatmapbench.accel.precision import autocast, check_precision
@@ -298,7 +299,7 @@ def region_perturbation(
         raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
     check_precision(precision, x.device)
     check_layout(layout)
-    pert = get_perturbation(perturbation)
+    pert = registry.resolve("perturbation", perturbation, Perturbation)
     if incremental not in inc.MODES:
         raise ValueError(f"incremental={incremental!r} is not one of {inc.MODES}")
     if incremental == "on" and inc.local_step_reason(pert) is not None:

@@ -1,6 +1,6 @@
 """Perturbations g(x, r): what a removed region is replaced with (Samek et al., Sec. 3 and appendix).
 
-Each perturbation is a small class registered by a YAML file in ``conf/perturbation/``.
+Each perturbation is a small class, named in the catalogue :mod:`.presets` (``PERTURBATIONS``).
 The engine calls it in two phases, so that a repeat's random draw is made once and a
 perturbed pixel keeps its value across the steps:
 
@@ -85,7 +85,7 @@ class Perturbation:
     Attributes
     ----------
     name : str
-        Registry name (``conf/perturbation/<name>.yaml``).
+        Its name in the catalogue (:data:`.presets.PERTURBATIONS`).
     """
 
     name = "base"
@@ -136,6 +136,11 @@ class Mean(Perturbation):
     ``pixel_mean`` (pixel space, one value per channel) if given; otherwise the data's ``mean``
     passed to the engine, which is 0 in model space; when neither is known, the per-channel
     mean of the batch being evaluated (model space).
+
+    Parameters
+    ----------
+    pixel_mean
+        One value per channel (or one for all), in pixel space; None: the data's mean.
     """
 
     name = "mean"
@@ -158,7 +163,13 @@ class Mean(Perturbation):
 
 
 class Constant(Perturbation):
-    """A constant ``value`` in [0, 1]-scaled intensity (0 = the bottom of ``value_range``)."""
+    """A constant ``value`` in [0, 1]-scaled intensity (0 = the bottom of ``value_range``).
+
+    Parameters
+    ----------
+    value
+        The fill in [0, 1]-scaled intensity: 0 is the bottom of the data's ``value_range``, 1 its top.
+    """
 
     name = "constant"
 
@@ -184,6 +195,13 @@ class Blur(Perturbation):
     Separable, radius ``int(truncate·σ + 0.5)`` (9 for the defaults), borders replicated
     (scipy.ndimage's ``mode='nearest'``). The blur is linear with weights summing to one, so
     blurring in model space equals blurring in pixel space.
+
+    Parameters
+    ----------
+    sigma
+        Standard deviation of the Gaussian, in pixels (paper appendix: 3).
+    truncate
+        Radius of the kernel in units of sigma, as ``scipy.ndimage.gaussian_filter``.
     """
 
     name = "blur"
@@ -204,12 +222,14 @@ class Blur(Perturbation):
         return y.view(b, c, h, w)
 
 
-def get_perturbation(perturbation: str | Perturbation, **overrides) -> Perturbation:
-    """A :class:`Perturbation` from its registered name (with ``overrides`` of its parameters) or as given.
+def __getattr__(name: str):
+    """``get_perturbation``'s old home: it moved to :mod:`heatmapbench.perturbation` beside the catalogue."""
+    if name == "get_perturbation":
+        import warnings
 
-    Names come from :mod:`heatmapbench.registry` (``conf/perturbation/<name>.yaml``, a user config
-    folder, or ``register_perturbation``); unknown names raise ``ValueError`` listing the known ones.
-    """
-    from heatmapbench import registry
+        from heatmapbench import perturbation
 
-    return registry.resolve("perturbation", perturbation, Perturbation, **overrides)
+        warnings.warn("heatmapbench.perturbation.perturbations.get_perturbation is deprecated and goes in the next "
+                      "release; import from heatmapbench.perturbation instead", DeprecationWarning, stacklevel=2)
+        return perturbation.get_perturbation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

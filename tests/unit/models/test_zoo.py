@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from heatmapbench.data import ImageNetSamplesDataModule
 from heatmapbench.models import ClassifierModule, SmallCNN, VGGSmall, preprocessing_of, zoo
 from heatmapbench.models.zoo import Preprocessing, WeightsNotFoundError
-from heatmapbench.registry import build
+from tests.helpers import build_option
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_efficientnet_lite0_classifies_the_samples_offline():
 
 
 def test_efficientnet_lite0_config_builds_the_classifier_module():
-    module = build("model", "efficientnet_lite0")
+    module = build_option("model", "efficientnet_lite0")
     assert isinstance(module, ClassifierModule) and module.num_classes == 1000
     assert preprocessing_of(module).value_range == (0.0, 255.0)
     ref = zoo.efficientnet_lite0()
@@ -198,7 +198,7 @@ def test_googlenet_loads_torchvision_style_state_dict_and_returns_plain_logits(t
 
 def test_torchvision_config_with_weights_path(resnet_file):
     ref, path = resnet_file
-    module = build("model", "resnet50", net={"weights_path": str(path)})
+    module = build_option("model", "resnet50", f"model.net.weights_path='{path}'")
     assert isinstance(module, ClassifierModule) and not module.net.training
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
