@@ -214,7 +214,7 @@ def chain(group: str, option: str) -> tuple[list[Path], list[str]]:
     files, schemas = [], []
     todo = [option]
     while todo:
-        name = todo.pop(0)
+        name = todo.pop(0).split("@")[0]  # aopc_schema@aopc: the schema, placed under aopc
         path = CONF / group / f"{name}.yaml"
         if not path.is_file():
             schemas.append(name)

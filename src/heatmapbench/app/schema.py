@@ -8,9 +8,13 @@ dataclass), before any data is read or any MLflow run exists.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
-import secrets
+import inspect
 import re
+import secrets
+import types
+import typing
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,9 +22,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
 from heatmapbench.evaluation.settings import EvaluationSettings
-from heatmapbench.registry import project_root
+from heatmapbench.perturbation.presets import PERTURBATIONS
+from heatmapbench.registry import class_path, project_root
 from heatmapbench.sanity.randomisation import MODES as RANDOMISATION_MODES
 from heatmapbench.sanity.similarity import SIMILARITIES
 
@@ -42,6 +48,79 @@ def config_error(key: str, err: Exception) -> ConfigError:
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {what}")
+
+
+_OMEGACONF_TYPES = (bool, int, float, str)
+
+
+def _field_type(hint: Any) -> Any:
+    """``hint`` where OmegaConf can hold it (bool, int, float, str, a list of one of them, or any of
+    these or None), else ``Any``."""
+    if hint in _OMEGACONF_TYPES:
+        return hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner = _field_type(rest[0]) if len(rest) == 1 else Any
+        return Any if inner is Any else Optional[inner]
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        items = {a for a in args if a is not Ellipsis}
+        if len(items) == 1 and next(iter(items)) in _OMEGACONF_TYPES:
+            return list[next(iter(items))]
+    return Any
+
+
+def _field_default(value: Any, typed: bool) -> Any:
+    if value is inspect.Parameter.empty:
+        return field(default=MISSING if typed else None)
+    if value is None or isinstance(value, _OMEGACONF_TYPES):
+        return field(default=value)
+    if not typed:
+        return field(default=None)
+    if isinstance(value, (list, tuple)):
+        return field(default_factory=lambda value=value: list(value))
+    if isinstance(value, dict):
+        return field(default_factory=lambda value=value: dict(value))
+    raise TypeError(f"default {value!r} cannot be a config value")
+
+
+def signature_schema(cls: type, name: str, *, defaults: dict[str, Any] | None = None, typed: bool = True,
+                     target: str | None = None, skip: tuple[str, ...] = (), bases: tuple[type, ...] = ()) -> type:
+    """The schema of a config that builds ``cls``, read from its signature: one field per keyword
+    argument of its ``__init__`` (and, through ``**kwargs``, of its bases'), with the signature's
+    default (``???`` where it has none; ``defaults`` replace some) and ``_target_`` the class (or
+    ``target``); the arguments in ``skip`` are left out (the config does not set them).
+
+    Each default is declared once, in Python; the YAML files typed by such a schema set only what
+    differs. Fields are typed by their annotations where OmegaConf can hold them, else ``Any``
+    (``typed=False``: all ``Any``, for annotations OmegaConf cannot hold, such as Lightning's unions;
+    a default that is no config value then reads null).
+    """
+    defaults = defaults or {}
+    target = class_path(cls) if target is None else target
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if klass is object:
+            break
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init) if typed else {}
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: that field is Any
+            hints = {}
+        more = False
+        for key, param in inspect.signature(init).parameters.items():
+            if param.kind is param.VAR_KEYWORD:
+                more = True
+            if key == "self" or key in skip or key in {f[0] for f in fields} or param.kind not in (
+                    param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                continue
+            default = defaults.get(key, param.default)
+            fields.append((key, _field_type(hints.get(key)) if typed else Any, _field_default(default, typed)))
+        if not more:
+            break
+    return make_dataclass(name, fields, bases=bases)
 
 
 @dataclass
@@ -167,19 +246,9 @@ def _trainer_schema() -> type:
     set only what heatmapbench changes. Values are typed ``Any``: Lightning's annotations are
     unions OmegaConf cannot hold; :class:`_TrainerChecks` checks the ranges that matter here.
     """
-    import inspect
-
     import pytorch_lightning as pl
 
-    fields = [("_target_", str, field(default="pytorch_lightning.Trainer"))]
-    for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
-        if name == "self" or param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
-            continue
-        default = param.default
-        if default is inspect.Parameter.empty or not (default is None or isinstance(default, (bool, int, float, str))):
-            default = None
-        fields.append((name, Any, field(default=default)))
-    return make_dataclass("TrainerConfig", fields, bases=(_TrainerChecks,))
+    return signature_schema(pl.Trainer, "TrainerConfig", typed=False, bases=(_TrainerChecks,))
 
 
 TrainerConfig = _trainer_schema()
@@ -276,6 +345,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
     "evaluation": {"evaluation_schema": EvaluationSettings},
     "sanity": {"sanity_schema": SanitySettings},
+    # read from signatures: each perturbation of the catalogue (with what its entry binds), the AOPC callback
+    "perturbation": {f"{name}_schema": signature_schema(preset.func, f"{preset.func.__name__}Config",
+                                                        defaults=preset.keywords)
+                     for name, preset in PERTURBATIONS.items()},
+    "callbacks": {"aopc_schema": signature_schema(AOPCCallback, "AOPCCallbackConfig")},
 }
 
 

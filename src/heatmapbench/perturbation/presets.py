@@ -4,9 +4,9 @@
 keyword arguments override them (``PERTURBATIONS["road"](noise=0.05)``).
 :func:`heatmapbench.perturbation.get_perturbation` looks names up here (after the user's own, see
 :mod:`heatmapbench.registry`); nothing is read from disk. Every perturbation of the paper is its
-class's defaults, so the entries bind nothing. The YAML files ``conf/perturbation/<name>.yaml`` are
-the commands' face of the same entries (``perturbation=<name>``); a test keeps each equal to its entry
-here.
+class's defaults, so the entries bind nothing, and the YAML files ``conf/perturbation/<name>.yaml``
+(``perturbation=<name>``) name the class over a schema read from its signature; a test keeps each
+equal to its entry here.
 """
 
 from __future__ import annotations

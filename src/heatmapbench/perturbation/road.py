@@ -454,6 +454,17 @@ class Road(Perturbation):
     repeat (B, C, H, W) and reused, as for the other perturbations. Works for any number of
     channels (RGB included). ``compile=True`` runs the solver's iterations through
     ``torch.compile`` (fused passes, a one-off compile of seconds; see :func:`road_impute`).
+
+    Parameters
+    ----------
+    noise
+        σ of the Gaussian noise added to the imputed pixels, in [0, 1]-scaled intensity.
+    tol, max_iter
+        The conjugate-gradient solve of :func:`road_impute`: the relative residual at which a
+        system counts as solved, and the most iterations (None: ``4 (H + W) + 64``).
+    compile
+        Run the solver's iterations through ``torch.compile``: faster after a one-off compile, for
+        long runs (needs a C++ compiler).
     """
 
     name = "road"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from heatmapbench.app.schema import ConfigError, validate
+from heatmapbench.app.schema import SCHEMAS, ConfigError, validate
 from heatmapbench.data import ImageDataModule
-from heatmapbench.registry import available
+from heatmapbench.registry import available, conf_dir
 from heatmapbench.app.sanity import sanity_settings
 from heatmapbench.app.provenance import resolved_config
 from tests.helpers import compose_config
@@ -188,3 +193,79 @@ def test_an_evaluate_recipe_that_needs_a_checkpoint_says_so(tmp_path, data_dir):
     cfg = compose_config("evaluate", ["experiment=protocol_sensitivity_demo"], tmp_path, data_dir)
     with pytest.raises(ConfigError, match="model.net.ckpt_path is required"):
         build_inputs(cfg)
+
+
+# -- each default declared once --------------------------------------------------------------------
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and (node or not prefix):  # an empty mapping is a leaf, an empty file nothing
+        return {k: v for key, value in node.items()
+                for k, v in _leaves(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {prefix: node}
+
+
+def _inherited(conf: Path, group: str, data: dict) -> DictConfig:
+    """What a config of ``group`` reads without its own keys: its defaults list composed (the schemas
+    of ``heatmapbench.app.schema`` and the group's other files)."""
+    base = OmegaConf.create()
+    for entry in data.get("defaults", []):
+        if not isinstance(entry, str) or entry == "_self_":
+            continue
+        name, _, package = entry.partition("@")
+        schema = SCHEMAS.get(group, {}).get(name)
+        if schema is not None:
+            node = OmegaConf.structured(schema)
+        else:
+            parent = yaml.safe_load((conf / group / f"{name}.yaml").read_text()) or {}
+            node = OmegaConf.merge(_inherited(conf, group, parent), {k: v for k, v in parent.items() if k != "defaults"})
+        base = OmegaConf.merge(base, OmegaConf.create({package: node}) if package else node)
+    return base
+
+
+def restated_defaults(conf: Path, group: str, path: Path) -> list[str]:
+    """The keys of ``path`` that set the value they would have anyway (a default restated)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    inherited = _leaves(OmegaConf.to_container(_inherited(conf, group, data), resolve=False))
+    own = _leaves({k: v for k, v in data.items() if k != "defaults"})
+    return sorted(key for key, value in own.items() if key.rsplit(".", 1)[-1] != "_target_"
+                  and not (isinstance(value, str) and "${" in value) and key in inherited and inherited[key] == value)
+
+
+#: Groups of whole recipes (``# @package _global_``) and Hydra's own settings: not typed by a schema.
+UNTYPED = ("experiment", "debug", "hydra", "explainer")  # explainer: presets, equal to the Python catalogue
+
+
+def test_no_config_file_restates_a_default():
+    conf = conf_dir()
+    restated = {f"{path.parent.name}/{path.name}": keys for group in conf.iterdir()
+                if group.is_dir() and group.name not in UNTYPED for path in sorted(group.glob("*.yaml"))
+                if (keys := restated_defaults(conf, group.name, path))}
+    assert not restated, f"keys that restate their schema's or base file's default: {restated}"
+
+
+def test_the_restated_default_check_sees_one(tmp_path):
+    (tmp_path / "perturbation").mkdir()
+    path = tmp_path / "perturbation" / "road.yaml"
+    path.write_text("defaults:\n  - road_schema\n\n_target_: heatmapbench.perturbation.Road\nnoise: 0.01\ntol: 1.0e-3\n")
+    assert restated_defaults(tmp_path, "perturbation", path) == ["noise"]
+    (tmp_path / "callbacks").mkdir()
+    path = tmp_path / "callbacks" / "aopc.yaml"
+    path.write_text("defaults:\n  - aopc_schema@aopc\n\naopc:\n  gallery_size: 6\n  figures: every\n")
+    assert restated_defaults(tmp_path, "callbacks", path) == ["aopc.gallery_size"]
+
+
+@pytest.mark.parametrize("name", available("perturbation"))
+def test_perturbation_and_callback_schemas_are_their_signatures(train_cfg, name):
+    import inspect
+
+    from heatmapbench.callbacks import AOPCCallback
+    from heatmapbench.perturbation.presets import PERTURBATIONS
+
+    cfg = train_cfg(f"perturbation={name}", "callbacks.aopc.every_n_epochs=2")
+    params = {k: p.default for k, p in inspect.signature(PERTURBATIONS[name].func).parameters.items()}
+    assert OmegaConf.to_container(cfg.perturbation) == {"_target_": cfg.perturbation._target_, **params}
+    aopc = inspect.signature(AOPCCallback).parameters
+    assert set(cfg.callbacks.aopc) - {"_target_"} == set(aopc)
+    assert cfg.callbacks.aopc.every_n_epochs == 2 and cfg.callbacks.aopc.gallery_size == aopc["gallery_size"].default
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        train_cfg(f"perturbation={name}", "perturbation.nosie=0.1")  # a typo
