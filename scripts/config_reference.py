@@ -169,7 +169,10 @@ def target_parameters(target: str) -> dict[str, str]:
         obj = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return {}
-    docs = [inspect.getdoc(obj)] + ([inspect.getdoc(obj.__init__)] if inspect.isclass(obj) else [])
+    # a class of ours: also its bases' (ImageFolderDataModule takes batch_size from ImageDataModule)
+    owners = [k for k in obj.__mro__ if k.__module__.startswith("heatmapbench.")] if inspect.isclass(obj) else []
+    docs = [d for k in owners or [obj]
+            for d in [inspect.getdoc(k)] + ([inspect.getdoc(k.__init__)] if inspect.isclass(k) else [])]
     params: dict[str, str] = {}
     for doc in reversed(docs):
         params.update(google_args(doc))

@@ -16,14 +16,15 @@ import secrets
 import types
 import typing
 from dataclasses import dataclass, field, make_dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from heatmapbench.callbacks import AOPCCallback
-from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
+from heatmapbench.data import FashionMNISTDataModule, ImageFolderDataModule, ImageNetSamplesDataModule
+from heatmapbench.data.base import DataNotFoundError, check_loader_args, check_normalisation
+from heatmapbench.data.imagefolder import check_val_fraction
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.perturbation.presets import PERTURBATIONS
 from heatmapbench.registry import class_path, project_root
@@ -131,93 +132,41 @@ class PathsConfig:
     mlruns_dir: str = MISSING
 
 
-@dataclass
-class DataConfig:
-    """Fields every heatmapbench data module takes (the defaults of its ``data`` YAML files)."""
-
-    _target_: str = MISSING
-    batch_size: int = 128
-    num_workers: int = 0
-    eval_subset_size: int = 256
-    seed: int = 0
-    pin_memory: bool = False
+class _DataChecks:
+    """Ranges of the data arguments, checked by the data modules' own functions
+    (:func:`heatmapbench.data.base.check_loader_args`, :func:`~heatmapbench.data.base.check_normalisation`)
+    when the config is validated: before any data is read."""
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
-        _require(self.eval_subset_size >= 0, "data.eval_subset_size", self.eval_subset_size, "must be >= 0")
-        val_size = getattr(self, "val_size", 0)
-        _require(val_size >= 0, "data.val_size", val_size, "must be >= 0")
-        train_size = getattr(self, "train_size", None)
-        _require(train_size is None or train_size >= 1, "data.train_size", train_size,
-                 "must be >= 1 or null (all training images)")
+        try:
+            check_loader_args(self.batch_size, self.num_workers, getattr(self, "val_size", 0), self.eval_subset_size,
+                              getattr(self, "train_size", None))
+            check_normalisation(getattr(self, "mean", None), getattr(self, "std", None),
+                                getattr(self, "value_range", None))
+        except ValueError as err:
+            raise config_error("data", err) from None
 
 
-@dataclass
-class TorchvisionDataConfig(DataConfig):
-    """MNIST, Fashion-MNIST, CIFAR-10 (torchvision datasets, 50/60k train images).
-
-    ``image_size`` ... ``value_range``: a pretrained model's preprocessing (``heatmapbench-train``
-    fills them from the model); null: the native size and channels, the set's own statistics.
-    """
-
-    data_dir: str = MISSING
-    download: bool = False
-    val_size: int = 5000
-    train_size: Optional[int] = None
-    image_size: Optional[int] = None
-    resize: Optional[int] = None
-    channels: Optional[int] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-    value_range: Optional[list[float]] = None
-
-
-@dataclass
-class PreprocessedDataConfig(DataConfig):
-    """Photographs resized, centre-cropped and normalised like an ImageNet model's input."""
-
-    image_size: int = 224
-    resize: int = 256
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    batch_size: int = 32
-
+class _ImageFolderChecks(_DataChecks):
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(len(self.mean) == len(self.std), "data.mean", self.mean,
-                 "needs one value per channel, like data.std")
-
-
-@dataclass
-class ImageFolderDataConfig(PreprocessedDataConfig):
-    _target_: str = "heatmapbench.data.ImageFolderDataModule"
-    path: str = MISSING
-    train_path: Optional[str] = None
-    # validation: val_path, else val_size images or a val_fraction of train_path held out of training
-    val_path: Optional[str] = None
-    val_size: int = 0
-    # leave out files PIL cannot open (listed in the run) instead of failing before any work
-    skip_unreadable: bool = False
-    val_fraction: float = 0.2
-    train_size: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        _require(Path(self.path).is_dir(), "data.path", self.path,
-                 "no such folder; point it at images laid out as <path>/<class>/<image>")
-        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        try:
+            ImageFolderDataModule.check_folder(self.path)
+            check_val_fraction(self.val_fraction)
+        except (ValueError, DataNotFoundError) as err:
+            raise config_error("data", err) from None
         super().__post_init__()
 
 
-@dataclass
-class ImageNetSamplesDataConfig(PreprocessedDataConfig):
-    """The 20 ImageNet images bundled with foolbox (evaluation only)."""
-
-    _target_: str = "heatmapbench.data.ImageNetSamplesDataModule"
-    data_dir: Optional[str] = None
-    batch_size: int = 20
-    eval_subset_size: int = 20
+# The data groups' schemas, read from the data modules' signatures: each default is declared once,
+# in the module, and the YAML files set only what differs (imagefolder: batch_size 32).
+#: MNIST, Fashion-MNIST, CIFAR-10 (one signature; each file names its class).
+TorchvisionDataConfig = signature_schema(FashionMNISTDataModule, "TorchvisionDataConfig", target=MISSING,
+                                         bases=(_DataChecks,))
+#: ``channels`` is left out: the images are RGB, and only keys the data config has take a model's preprocessing.
+ImageFolderDataConfig = signature_schema(ImageFolderDataModule, "ImageFolderDataConfig",
+                                         skip=("data_dir", "channels"), bases=(_ImageFolderChecks,))
+ImageNetSamplesDataConfig = signature_schema(ImageNetSamplesDataModule, "ImageNetSamplesDataConfig",
+                                             skip=("channels", "val_size", "train_size"), bases=(_DataChecks,))
 
 
 class _TrainerChecks:

@@ -16,6 +16,37 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_loader_args(batch_size: int, num_workers: int, val_size: int, eval_subset_size: int,
+                      train_size: int | None) -> None:
+    """The ranges of the arguments every data module takes; ``ValueError`` naming the first one out of range.
+
+    The data modules check their arguments with it, and the commands' schemas with the same
+    function, before any data is read.
+    """
+    for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                            ("val_size", val_size, 0), ("eval_subset_size", eval_subset_size, 0)):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{key}={value!r} is invalid: must be an integer >= {low}")
+    if train_size is not None and (not _is_int(train_size) or train_size < 1):
+        raise ValueError(f"train_size={train_size!r} is invalid: must be an integer >= 1 or null (all training images)")
+
+
+def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | None,
+                        value_range: Sequence[float] | None) -> None:
+    """``mean`` and ``std`` of the same length (one value per channel), ``std`` > 0, ``value_range``
+    ``[low, high]`` with low < high; None: not given. ``ValueError`` naming the argument otherwise."""
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ValueError(f"mean={list(mean)} is invalid: it needs one value per channel, like std={list(std)}")
+    if std is not None and any(not v > 0 for v in std):
+        raise ValueError(f"std={list(std)} is invalid: every value must be > 0")
+    if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
+        raise ValueError(f"value_range={list(value_range)} is invalid: it must be [low, high] with low < high")
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset is not on disk and cannot be downloaded; the message says how to provide it."""
 
@@ -59,11 +90,7 @@ class ImageDataModule(pl.LightningDataModule):
                  val_size: int = 5000, eval_subset_size: int = 256, seed: int = 0,
                  pin_memory: bool = False, train_size: int | None = None) -> None:
         super().__init__()
-        for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                ("val_size", val_size, 0), ("eval_subset_size", eval_subset_size, 0),
-                                ("train_size", 1 if train_size is None else train_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{key} must be an integer >= {low}, got {value!r}")
+        check_loader_args(batch_size, num_workers, val_size, eval_subset_size, train_size)
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule, check_normalisation
 from heatmapbench.data.samples import eval_transform
 
 
@@ -94,6 +94,12 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    """``ValueError`` unless ``val_fraction`` (the part of the training tree held out for validation) is in [0, 1)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} is invalid: must be in [0, 1)")
+
+
 class ImageFolderDataModule(ImageDataModule):
     """An ImageFolder tree for evaluation; for training a second tree, ``train_path``.
 
@@ -104,6 +110,23 @@ class ImageFolderDataModule(ImageDataModule):
     when given, else a seeded part of ``train_path`` held out of training: ``val_size`` images,
     or when that is 0, ``val_fraction`` of them (at least one). Every tree must hold the same
     class folders, since class indices follow the sorted folder names.
+
+    Parameters
+    ----------
+    path
+        The evaluation tree, ``<path>/<class>/<image>``.
+    train_path, val_path
+        A training tree; a validation tree (else ``val_size`` images, or a ``val_fraction`` of the
+        training tree, are held out of training).
+    image_size, resize, mean, std, value_range
+        Preprocessing: shorter side to ``resize``, centre crop ``image_size``, pixels scaled to
+        ``value_range``, then ``(px - mean) / std``.
+    skip_unreadable
+        Leave out files PIL cannot open (listed in the run) instead of failing before any work.
+    channels
+        3: the images are read as RGB.
+
+    The other arguments are :class:`~heatmapbench.data.base.ImageDataModule`'s.
     """
 
     name = "imagefolder"
@@ -120,8 +143,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.skipped: list[str] = []
         if channels != 3:
             raise ValueError(f"imagefolder: images are read as RGB; channels={channels} is not supported")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"imagefolder: data.val_fraction={val_fraction} must be in [0, 1)")
+        check_val_fraction(val_fraction)
+        check_normalisation(mean, std, value_range)
         if val_path and val_size:
             raise ValueError(f"imagefolder: data.val_path={val_path} and data.val_size={val_size} both "
                              "choose the validation images; set one of them")
@@ -136,7 +159,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.transform = eval_transform(image_size, resize, self.mean, self.std, self.value_range)
         for folder in (self.path, self.train_path, self.val_path):
             if folder is not None:
-                self._check(folder)
+                self.check_folder(folder)
         self.classes = self._common_classes()
         self.num_classes = len(self.classes)
 
@@ -159,8 +182,9 @@ class ImageFolderDataModule(ImageDataModule):
         return found[0]
 
     @staticmethod
-    def _check(path: Path) -> None:
-        if not path.is_dir():
+    def check_folder(path: str | Path) -> None:
+        """``DataNotFoundError`` unless ``path`` is a folder (its images are looked at later)."""
+        if not Path(path).is_dir():
             raise DataNotFoundError(
                 f"imagefolder: no folder at {path}. Set data.path to a folder laid out as "
                 "<path>/<class_name>/<image>.jpg (e.g. ILSVRC2012 val sorted into class folders).")

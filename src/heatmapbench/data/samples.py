@@ -17,8 +17,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 
-from heatmapbench.data.base import DataNotFoundError, ImageDataModule
-from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
+from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule, check_normalisation
 
 #: The 1000 ImageNet class names, in index order (torchvision's metadata, no download).
 IMAGENET_CLASSES: tuple[str, ...] = tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
@@ -116,12 +115,9 @@ class ImageNetSamplesDataModule(ImageDataModule):
         folder = Path(data_dir).expanduser() if data_dir else foolbox_data_dir()
         super().__init__(data_dir=str(folder), batch_size=batch_size, val_size=0,
                          eval_subset_size=eval_subset_size, **kwargs)
-        if len(mean) != 3 or len(std) != 3:
+        check_normalisation(mean, std, value_range)
+        if len(mean) != 3:
             raise ValueError(f"imagenet_samples: mean and std need 3 values (RGB), got {mean}, {std}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"imagenet_samples: std must be positive, got {std}")
-        if len(value_range) != 2 or not value_range[0] < value_range[1]:
-            raise ValueError(f"imagenet_samples: value_range must be (low, high) with low < high, got {value_range}")
         if resize < image_size:
             raise ValueError(f"imagenet_samples: resize={resize} must be >= image_size={image_size}")
         self.image_size = int(image_size)

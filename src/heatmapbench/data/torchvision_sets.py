@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from heatmapbench.data.base import DataNotFoundError, ImageDataModule
+from heatmapbench.data.base import DataNotFoundError, ImageDataModule, check_normalisation
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -94,19 +94,15 @@ class _InMemoryDataModule(ImageDataModule):
         self.resize = resize or image_size
         self.image_size = image_size or self.image_size
         self._native_size = image_size is None
+        check_normalisation(mean, std, value_range)
         if mean is not None or std is not None:
             if mean is None or std is None or len(mean) != self.in_channels or len(std) != self.in_channels:
                 raise ValueError(f"{self.name}: data.mean and data.std need {self.in_channels} values each "
                                  f"(one per channel), got {mean} and {std}")
-            if any(v <= 0 for v in std):
-                raise ValueError(f"{self.name}: data.std must be positive, got {std}")
             self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         elif self.in_channels != native_channels:
             self.mean, self.std = self.mean * self.in_channels, self.std * self.in_channels
         if value_range is not None:
-            if len(value_range) != 2 or not value_range[0] < value_range[1]:
-                raise ValueError(f"{self.name}: data.value_range must be [low, high] with low < high, "
-                                 f"got {value_range}")
             self.value_range = (float(value_range[0]), float(value_range[1]))
 
     def images_dataset(self, images: torch.Tensor, labels: torch.Tensor) -> Dataset:
