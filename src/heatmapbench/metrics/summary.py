@@ -138,7 +138,8 @@ def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (xc * yc).sum(axis=1) / den, np.nan)
 
 
-CORRELATIONS = ("pearson", "spearman")
+#: The methods of :func:`correlation_ci`; their one list is :data:`heatmapbench.metrics.names.CORRELATION_METHODS`.
+CORRELATIONS = mn.CORRELATION_METHODS
 
 
 def correlation_ci(x: Sequence[float], y: Sequence[float], method: str = "pearson", *, level: float = 0.95,

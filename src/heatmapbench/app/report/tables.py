@@ -200,7 +200,7 @@ def training_correlation(training: pd.DataFrame) -> pd.DataFrame:
     The per-epoch correlation of one training run (:func:`~heatmapbench.evaluation.correlation.correlations`)
     applied to one row per run instead of one per epoch.
     """
-    columns = ["explainer", "runs", "pearson", "spearman"]
+    columns = ["explainer", "runs", *mn.CORRELATION_METHODS]
     if not len(training):
         return pd.DataFrame(columns=columns)
     wide = training.pivot(index="run_id", columns="explainer", values="aopc")
