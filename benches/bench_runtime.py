@@ -229,7 +229,7 @@ def fusion_gain(all_nets, reps: int) -> None:
         pairs["engine"] = (lambda: region_perturbation(net, xs, heat, **kw).scores,
                            lambda: region_perturbation(net, xs, heat, fuse=False, **kw).scores)
         # LRP is not fused, but its canonical graph runs a "same"-padding convolution as a plain one
-        # with the pad in its padding (accel.fusion.plain_conv_twin); "off" canonizes a copy without that
+        # with the pad in its padding (explain.canonize.layers.plain_conv_twin); "off" canonizes a copy without that
         import heatmapbench.explain.canonize.rewriter as graph_module
 
         as_written = copy.deepcopy(net)

@@ -10,7 +10,7 @@ reassociation (different summation orders inside smaller kernels).
 
 Which operations stay incremental follows from the traced graph (:func:`torch.fx` — the fused
 graph of :func:`heatmapbench.accel.fusion.fused` when there is one, else
-:func:`heatmapbench.explain.canonize.tracing.trace`):
+:func:`heatmapbench.fxgraph.trace` with the layer leaves of :class:`~heatmapbench.fxgraph.LayerTracer`):
 
 =================================================  ==============================================
 operation                                          window arithmetic (per spatial dimension)
@@ -61,6 +61,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+
+from heatmapbench.fxgraph import GraphCache, LayerTracer, any_hooks, conv_call, conv_subclass, trace, zero_pad_amounts
 
 __all__ = ["MODES", "FULL_FRACTION", "CACHE_BYTES", "Unsupported", "IncrementalPlan", "CurveWalker", "plan_for",
            "local_step_reason", "setup", "check_and_probe"]
@@ -181,15 +183,13 @@ def _pair(v: Any) -> tuple[int, int]:
 
 def _pad_of(node: fx.Node, modules: dict) -> tuple[int, int] | None:
     """(top, left) of a 2-D zero padding node (any amounts, also asymmetric), or None."""
-    from heatmapbench.accel.fusion import zero_pad_amounts
-
     pads = zero_pad_amounts(node, modules)
     return None if pads is None or len(pads) != 4 else (pads[2], pads[0])
 
 
 def _stencil_of(node: fx.Node, modules: dict, root: nn.Module, shapes: dict) -> tuple[_Stencil, fx.Node] | str:
     """The stencil of a local spatial operator and its input node; else a string saying why not."""
-    from heatmapbench.accel.fusion import FusedConv, _conv_call
+    from heatmapbench.accel.fusion import FusedConv
 
     m = modules.get(node.target) if node.op == "call_module" else None
     if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d:
@@ -220,7 +220,7 @@ def _stencil_of(node: fx.Node, modules: dict, root: nn.Module, shapes: dict) -> 
             weight, bias = weight_of()
             return F.conv2d(win, weight, bias, stride, 0, dilation, groups)
     elif node.op == "call_function" and node.target is F.conv2d:
-        conv = _conv_call(node, modules, root)
+        conv = conv_call(node, modules, root)
         if conv is None:
             return "a convolution with computed weights"
         _, weight, bias, stride, padding, dilation, groups, src, _, _ = conv
@@ -291,29 +291,12 @@ def _stencil_of(node: fx.Node, modules: dict, root: nn.Module, shapes: dict) -> 
 def _conv_subclass(m: nn.Conv2d) -> tuple | None:
     """(kernel, stride, dilation, groups, left padding) of a convolution subclass whose forward is an
     optional zero pad (any amounts) and one ``F.conv2d`` of its own weight and bias; else None."""
-    from heatmapbench.accel.fusion import _conv_call
-
-    if "forward" in vars(m):
+    parts = conv_subclass(m)
+    if parts is None:
         return None
-    try:
-        graph = fx.Tracer().trace(m)
-    except Exception:  # noqa: BLE001 - not traceable: not incremental
-        return None
-    mods = dict(m.named_modules())
-    ops = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
-    if not 1 <= len(ops) <= 2:
-        return None
-    conv = _conv_call(ops[-1], mods, m)
-    if conv is None or conv[0] is not F.conv2d or conv[1] is not m.weight or conv[2] is not m.bias \
-            or isinstance(conv[4], str):
-        return None
-    _, weight, _, stride, padding, dilation, groups, src, _, _ = conv
-    pad = (0, 0)
-    if len(ops) == 2:
-        pad = _pad_of(ops[0], mods)
-        if pad is None or src is not ops[0] or ops[0].args[0].op != "placeholder":
-            return None
-    elif src.op != "placeholder":
+    (_, weight, _, stride, padding, dilation, groups, _, _, _), pad_node, modules = parts
+    pad = (0, 0) if pad_node is None else _pad_of(pad_node, modules)
+    if pad is None:
         return None
     return (tuple(weight.shape[-2:]), tuple(stride), tuple(dilation), groups,
             tuple(a + b for a, b in zip(_pair(padding), pad)))
@@ -631,39 +614,34 @@ class IncrementalPlan:
 
 
 # ------------------------------------------------------------------------------------------ plans
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLANS = GraphCache()
 
 
 def _graph_of(net: nn.Module) -> fx.GraphModule:
     if isinstance(net, fx.GraphModule):
         return net
-    from heatmapbench.explain.canonize.tracing import trace
-
     try:
-        return trace(net)
+        return trace(net, LayerTracer())
     except ValueError as err:
-        raise Unsupported(f"{type(net).__name__} cannot be traced by torch.fx: {err}") from err
+        raise Unsupported(str(err)) from err  # names the model and the line that stops the trace
 
 
 def plan_for(net: nn.Module, example: Tensor, region_size: int, context: Callable[[], Any]) -> IncrementalPlan:
-    """The cached :class:`IncrementalPlan` of ``net`` for inputs like ``example`` (1, C, H, W)."""
-    from heatmapbench.accel.fusion import _any_hooks, module_fingerprint
-
-    if _any_hooks(net):
+    """The cached :class:`IncrementalPlan` of ``net`` for inputs like ``example`` (1, C, H, W): per
+    model as it is (a replaced module or tensor means a new plan) and per input shape, dtype,
+    device, region size and autocast."""
+    if any_hooks(net):
         raise Unsupported(f"{type(net).__name__} has module hooks, which windows of its layers would trigger")
-    key = (tuple(example.shape[1:]), example.dtype, str(example.device), region_size, torch.is_autocast_enabled(),
-           module_fingerprint(net))
-    plans = _PLANS.setdefault(net, {})
-    plan = plans.get(key)
+    key = (tuple(example.shape[1:]), example.dtype, str(example.device), region_size, torch.is_autocast_enabled())
+    plan = _PLANS.get(net, key)
     if plan is None:
-        if isinstance(plan := plans.get(("error",) + key), Unsupported):
-            raise plan
         try:
             plan = IncrementalPlan(_graph_of(net), example[:1], region_size, context)
         except Unsupported as err:
-            plans[("error",) + key] = err
-            raise
-        plans[key] = plan
+            plan = err
+        _PLANS.put(net, plan, key)
+    if isinstance(plan, Unsupported):
+        raise plan
     return plan
 
 

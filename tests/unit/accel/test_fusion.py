@@ -280,7 +280,7 @@ def test_lrp_runs_same_padding_convolutions_as_plain_ones_with_the_same_relevanc
     nn.Conv2d twin with the pad in its padding and the same Parameters; an asymmetric pad stays."""
     import heatmapbench.explain.canonize.rewriter as graph_module
     from heatmapbench.explain.canonize import canonize
-    from heatmapbench.accel.fusion import plain_conv_twin
+    from heatmapbench.explain.canonize.layers import plain_conv_twin
 
     def build():
         torch.manual_seed(0)

@@ -14,7 +14,7 @@ conv / linear whose only consumer is an eval BatchNorm  :class:`FoldedLinear` (t
                                                         folded affine map; forward = ``bn(conv(x))``)
 a conv subclass that is a symmetric zero pad and one    a plain ``nn.ConvNd`` with the same
 ``F.convNd`` (TF "same" padding, EfficientNet-Lite)     Parameters and the pad in its padding
-                                                        (:func:`heatmapbench.accel.fusion.plain_conv_twin`;
+                                                        (:func:`.layers.plain_conv_twin`;
                                                         the same outputs, one pass fewer per rule)
 BatchNorm fed by anything else                          :class:`BatchNormAffine` (epsilon rule)
 ``a + b``, ``a += b``, ``torch.add``, ``a - b``,        zennit :class:`~zennit.layer.Sum` of the
@@ -46,12 +46,14 @@ anything else that touches the input                   refused, naming op, graph
 The rewritten :class:`torch.fx.GraphModule` references the user's own leaf modules (their current
 parameters, buffers and modes) and adds new modules only where it folds, wraps or makes a function a
 module. :func:`canonize` caches it per model and rebuilds when the model's modules or tensors are
-replaced; folded weights are recomputed from the current parameters on every forward.
+replaced; folded weights are recomputed from the current parameters when they change. The trace,
+the cache and the refolding are :mod:`heatmapbench.fxgraph`'s, shared with inference fusion.
 
 The package in layers, each importing only the ones above it:
 
 * :mod:`.layers`: the modules and functions the rewritten graph calls (folded conv/linear,
-  BatchNorm as an affine layer, sums and reductions, relevance pass-through);
+  BatchNorm as an affine layer, sums and reductions, relevance pass-through, the plain twin of a
+  same-padding convolution);
 * :mod:`.transformers`: normalisation at constant std, products of two activations, softmax, and
   the expansion of fused attention into them;
 * :mod:`.ops`: the table of operations: which traced function or method is a sum, a product, a
@@ -61,7 +63,9 @@ The package in layers, each importing only the ones above it:
 * :mod:`.rewriter`: the pass over the graph that applies the table, and :func:`canonize`.
 """
 
-from heatmapbench.explain.canonize.layers import BatchNormAffine, FoldedLinear, Reduce, fold, pass_relevance, stack_terms
+from heatmapbench.explain.canonize.layers import (
+    BatchNormAffine, FoldedLinear, Reduce, fold, pass_relevance, plain_conv_twin, stack_terms,
+)
 from heatmapbench.explain.canonize.rewriter import GATES, PURPOSES, CanonicalGraph, Refusal, canonize
 from heatmapbench.explain.canonize.tracing import source_line, trace
 from heatmapbench.explain.canonize.transformers import ConstantFactorProduct, NormStdConstant, UniformProduct
@@ -79,6 +83,7 @@ __all__ = [
     "canonize",
     "fold",
     "pass_relevance",
+    "plain_conv_twin",
     "source_line",
     "stack_terms",
     "trace",

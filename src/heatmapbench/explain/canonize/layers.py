@@ -14,9 +14,9 @@ from torch import nn
 from zennit.layer import Sum
 from zennit.types import ConvolutionTranspose
 
-from heatmapbench.accel.fusion import fold_batch_norm
+from heatmapbench.fxgraph import CONV_MODULES, Refolding, conv_subclass, fold_batch_norm, hooked, symmetric_zero_pad
 
-__all__ = ["BatchNormAffine", "FoldedLinear", "Reduce", "fold", "pass_relevance", "stack_terms"]
+__all__ = ["BatchNormAffine", "FoldedLinear", "Reduce", "fold", "pass_relevance", "plain_conv_twin", "stack_terms"]
 
 
 class _PassRelevance(torch.autograd.Function):
@@ -96,8 +96,23 @@ class BatchNormAffine(nn.Module):
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
-class FoldedLinear(nn.Module):
-    """Marker base of the folded conv/linear + BatchNorm classes (see :func:`fold`)."""
+class FoldedLinear(Refolding):
+    """Base of the folded conv/linear + BatchNorm classes (see :func:`fold`): the user's layer and
+    BatchNorm are its fold sources, its ``weight`` and ``bias`` Parameters the folded affine map."""
+
+    def fold_sources(self) -> tuple[torch.Tensor | None, ...]:
+        linear, bn = self._linear, self._batch_norm
+        return (linear.weight, linear.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def refold(self) -> None:
+        """Recompute the folded weight and bias from the current conv and BatchNorm parameters."""
+        linear, bn = self._linear, self._batch_norm
+        with torch.no_grad():
+            # y = (z - mean) / sqrt(var + eps) * gamma + beta, folded into z = W x + b
+            weight, bias = fold_batch_norm(linear.weight, linear.bias, bn,
+                                           out_dim=1 if isinstance(linear, ConvolutionTranspose) else 0)
+            self._folded[0].data = weight
+            self._folded[1].data = bias
 
 
 def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,35 +126,18 @@ def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self._linear_forward(x)
 
 
-def _refresh(self) -> None:
-    """Recompute the folded weight and bias from the current conv and BatchNorm parameters."""
-    linear, bn = self._linear, self._batch_norm
-    sources = [t for t in (linear.weight, linear.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-               if t is not None]
-    state = tuple((t._version, t.data_ptr(), t.dtype) for t in sources)
-    if state == self._folded_state:
-        return  # nothing changed since the last fold (e.g. between two calls in one epoch)
-    object.__setattr__(self, "_folded_state", state)
-    with torch.no_grad():
-        # y = (z - mean) / sqrt(var + eps) * gamma + beta, folded into z = W x + b
-        affine = (bn.weight, bn.bias) if bn.affine else (None, None)
-        weight, bias = fold_batch_norm(linear.weight, linear.bias, bn.running_mean, bn.running_var, *affine, bn.eps,
-                                       out_dim=1 if isinstance(linear, ConvolutionTranspose) else 0)
-        self._folded[0].data = weight
-        self._folded[1].data = bias
-
-
 def fold(linear: nn.Module, batch_norm: nn.Module) -> nn.Module:
     """A module of ``linear``'s class whose ``weight``/``bias`` are the BatchNorm-folded ones.
 
     Its forward is ``batch_norm(linear(x))`` (bit-identical to the model) while its parameters are the
     user's; when a rule replaces ``weight``/``bias`` (Zennit's ``ParamMod``), the layer's own forward
-    runs with the replaced, folded parameters, so every rule sees the exact folded affine map.
+    runs with the replaced, folded parameters, so every rule sees the exact folded affine map. Folded
+    on first use, from the weights of then, and again whenever they change
+    (:class:`heatmapbench.fxgraph.Refolding`).
     """
     cls = type(linear)
     folded_cls = type(f"Folded{cls.__name__}", (cls, FoldedLinear), {
-        "forward": _folded_forward, "refresh": _refresh, "_linear_forward": cls.forward,
-        "__module__": __name__,
+        "forward": _folded_forward, "_linear_forward": cls.forward, "__module__": __name__,
     })
     module = folded_cls.__new__(folded_cls)
     nn.Module.__init__(module)
@@ -155,6 +153,40 @@ def fold(linear: nn.Module, batch_norm: nn.Module) -> nn.Module:
     module._parameters["weight"] = weight
     module._parameters["bias"] = bias
     object.__setattr__(module, "_folded", (weight, bias))
-    object.__setattr__(module, "_folded_state", None)  # folded on first use, from the weights of then
     module.training = False  # not .eval(): that would recurse into the user's shared children
     return module
+
+
+def plain_conv_twin(module: nn.Module) -> nn.Module | None:
+    """A plain ``nn.ConvNd`` computing what the convolution subclass ``module`` computes, or None.
+
+    Only for a subclass whose forward, traced, is exactly a symmetric zero pad (optional) and one
+    ``F.convNd`` of its own ``weight`` and ``bias`` (e.g. EfficientNet-Lite's
+    ``Conv2dStaticSamePadding``; :func:`heatmapbench.fxgraph.conv_subclass`): the twin holds the same
+    ``Parameter`` objects with the pad folded into its padding, so a rule that swaps its weight (LRP)
+    skips the pad pass and its backward. None for anything else, and for a module with hooks (the
+    twin would bypass them).
+    """
+    if any(hooked(m) for m in module.modules()):
+        return None
+    parts = conv_subclass(module)
+    if parts is None:
+        return None
+    (_, _, _, stride, padding, dilation, groups, _, dims, _), pad_node, modules = parts
+    if pad_node is not None:
+        pad = symmetric_zero_pad(pad_node, modules, dims)
+        if pad is None:
+            return None
+        padding = tuple(p + q for p, q in zip(padding, pad))
+    base = next(cls for cls in type(module).__mro__ if cls in CONV_MODULES)
+    twin = base.__new__(base)
+    nn.Module.__init__(twin)
+    for key in ("in_channels", "out_channels", "kernel_size", "transposed", "output_padding"):
+        setattr(twin, key, getattr(module, key))
+    twin.stride, twin.padding, twin.dilation, twin.groups = tuple(stride), tuple(padding), tuple(dilation), groups
+    twin.padding_mode = "zeros"
+    twin._reversed_padding_repeated_twice = [p for p in reversed(twin.padding) for _ in range(2)]
+    twin._parameters["weight"] = module.weight
+    twin._parameters["bias"] = module.bias
+    twin.training = module.training
+    return twin

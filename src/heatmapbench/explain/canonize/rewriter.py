@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +14,15 @@ from torch import fx, nn
 from zennit.layer import Sum
 from zennit.types import BatchNorm, Linear
 
-from heatmapbench.explain.canonize.layers import BatchNormAffine, FoldedLinear, Reduce, fold, pass_relevance, stack_terms
+from heatmapbench.explain.canonize.layers import (
+    BatchNormAffine, Reduce, fold, pass_relevance, plain_conv_twin, stack_terms,
+)
 from heatmapbench.explain.canonize.ops import (
     ACTIVATIONS, ADD, DIV, DROPOUT, GATE_MODULES, INPLACE, INTERPOLATE, MATMUL, MUL, NEG, NON_TENSOR, NORMS,
     RECTIFIERS, REDUCE, ROUTING, ROUTING_MODULES, SUB, _is_stochastic_depth_eval, _op_key, _op_name, _ops,
 )
 from heatmapbench.explain.canonize.tracing import source_line, trace
-from heatmapbench.accel.fusion import get_attr, module_fingerprint, plain_conv_twin
+from heatmapbench.fxgraph import GraphCache, foldable_batch_norm, get_attr, graph_module
 from heatmapbench.explain.canonize.transformers import (
     BatchNormCall, ConstantFactorProduct, NormStdConstant, UniformProduct, expand_attention,
 )
@@ -239,8 +240,7 @@ class _Rewriter:
         self.refuse(node, f"module {node.target!r} ({type(module).__name__}) has no LRP rule")
 
     def foldable(self, bn: nn.Module, bn_node: fx.Node) -> bool:
-        return bool(bn.track_running_stats and bn.running_var is not None and not bn.training
-                    and self.calls[bn_node.target] == 1)
+        return foldable_batch_norm(bn) and self.calls[bn_node.target] == 1
 
     def swap_module(self, node: fx.Node, module: nn.Module) -> fx.Node:
         with self.graph.inserting_after(node):
@@ -476,7 +476,7 @@ def _callable(node: fx.Node) -> Callable:
     return node.target
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE = GraphCache()
 
 
 def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
@@ -511,30 +511,20 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
     if gates not in GATES:
         raise ValueError(f"Unknown gates rule {gates!r}; choose one of {', '.join(GATES)}.")
     key = (purpose, gates)
-    fingerprint = module_fingerprint(model)
-    entries = _CACHE.setdefault(model, {})
-    cached = entries.get(key)
-    if cached is not None and cached[0] == fingerprint and cached[1].specialised_to not in (
+    # cached for the model as it is (its folded weights refold at the next call: a weight changed
+    # through .data, which no version counter records, stays correct); a graph traced for inputs of
+    # another shape (control flow on shapes) is traced again
+    cached = _CACHE.get(model, key)
+    if cached is not None and cached.specialised_to in (
             None, (tuple(example.shape), example.dtype) if example is not None else None):
-        cached = None  # traced for inputs of another shape (control flow on shapes): trace again
-    if cached is not None and cached[0] == fingerprint:
-        for module in cached[1].modules():  # refold on first use: a weight changed through .data
-            if isinstance(module, FoldedLinear):  # (no version counter records that) stays correct
-                object.__setattr__(module, "_folded_state", None)
-        return cached[1]
+        return cached
     if model.training:
         raise ValueError("canonize traces the eval-mode graph: call model.eval() first (explainers do).")
     traced = trace(model, example=example)
     rewriter = _Rewriter(traced, purpose, gates)
     rewriter.run()
     rewriter.prune_refusals()
-    rewriter.graph.eliminate_dead_code()
-    rewriter.graph.lint()
-    root: dict[str, Any] = {}
-    for node in rewriter.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            root[node.target] = rewriter.modules[node.target] if node.op == "call_module" else get_attr(traced, node.target)
-    result = CanonicalGraph(root, rewriter.graph, f"Canonical{type(model).__name__}")
+    result = graph_module(CanonicalGraph, traced, f"Canonical{type(model).__name__}")
     if rewriter.refusals:  # trace again, recording stack traces (slow), to name the source lines
         named = {n.name: n for n in trace(model, record_stack_traces=True, example=example).graph.nodes}
         for refusal in rewriter.refusals:
@@ -542,6 +532,4 @@ def canonize(model: nn.Module, *, purpose: str = "lrp", gates: str = "refuse",
     result.refusals = rewriter.refusals
     result.rules_used = sorted(rewriter.rules_used)
     result.specialised_to = traced.specialised_to
-    result.training = False  # not .eval(): the user's modules keep their modes
-    entries[key] = (fingerprint, result)
-    return result
+    return _CACHE.put(model, result, key)
