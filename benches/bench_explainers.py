@@ -167,38 +167,7 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, reps: int, methods: lis
                   if "zennit_engine" in t else ["", ""])
         print("| " + " | ".join(cells) + " |", flush=True)
     print(f"| (plain input gradient) | {n / t['grad']:.1f} | 1.00 | | | | |")
-    if methods is None:
-        canonization(model, x, target, reps)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
-
-
-def canonization(model: nn.Module, x: torch.Tensor, target: torch.Tensor, reps: int) -> None:
-    """eps-LRP (fast engine) as configured (``canonize=True``) against the same rules on the model
-    rewritten by the module canonizers of :mod:`heatmapbench.explain.canonizers` (BatchNorm folding and
-    residual ``Sum`` modules, the path before canonization from the traced graph), in one round-robin."""
-    from heatmapbench.explain.canonizers import default_canonizers
-
-    configured = get_explainer("lrp_epsilon_0.01")
-    bare = get_explainer("lrp_epsilon_0.01", canonize=False)
-
-    def module_canonized() -> torch.Tensor:
-        instances = [inst for canonizer in default_canonizers() for inst in canonizer.apply(model)]
-        try:
-            return bare(model, x, target)
-        finally:
-            for instance in reversed(instances):
-                instance.remove()
-
-    fns = {"grad": lambda: plain_gradient(model, x, target), "configured": lambda: configured(model, x, target),
-           "modules": module_canonized}
-    t = interleaved(fns, reps)
-    n = x.shape[0]
-    print("\n| eps-LRP 0.01, fast engine | images/s | x plain gradient | / module canonizers |")
-    print("|---|---:|---:|---:|")
-    print(f"| module canonizers (before graph canonization) | {n / t['modules']:.1f} | "
-          f"{t['modules'] / t['grad']:.2f} | 1.00 |")
-    print(f"| as configured (canonize=True) | {n / t['configured']:.1f} | {t['configured'] / t['grad']:.2f} | "
-          f"{t['configured'] / t['modules']:.2f} |")
 
 
 def vit_b_16() -> nn.Module:

@@ -10,7 +10,6 @@ from typing import Any
 
 from .. import registry
 from .base import POOLINGS, Explainer, explaining, pool_channels
-from .canonizers import ExactMergeBatchNorm, MBConvSumCanonizer, default_canonizers
 from .captum_adapter import CaptumExplainer
 from .gradient import DeconvNet, GradientXInput, GuidedBackprop, Sensitivity
 from .lrp import LRP, RULE_TABLES
@@ -21,16 +20,13 @@ __all__ = [
     "RULE_TABLES",
     "CaptumExplainer",
     "DeconvNet",
-    "ExactMergeBatchNorm",
     "Explainer",
     "GradientXInput",
     "GuidedBackprop",
     "LRP",
-    "MBConvSumCanonizer",
     "RandomExplainer",
     "Sensitivity",
     "available_explainers",
-    "default_canonizers",
     "explaining",
     "get_explainer",
     "pool_channels",

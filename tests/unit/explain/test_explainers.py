@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from heatmapbench.explain import LRP, available_explainers, get_explainer
-from heatmapbench.explain.canonizers import ExactMergeBatchNorm, default_canonizers
+from heatmapbench.explain.canonize import FoldedLinear, canonize
 from heatmapbench.models import SmallCNN, VGGSmall
 from heatmapbench.testing import randomize_batch_norm
 from tests.helpers import assert_same_snapshot, snapshot
@@ -528,23 +528,23 @@ def test_without_residual_canonizer_relevance_is_not_conserved():
 
 
 @pytest.mark.parametrize("arch", ["vgg_small", "resnet18", "efficientnet_lite0"])
-def test_batch_norm_canonizer_keeps_output_and_is_reversible(arch):
+def test_lrp_graph_folds_every_batch_norm_and_keeps_the_output_and_the_model(arch):
+    """LRP's canonical graph: every BatchNorm of these nets follows a conv and is folded into it (the
+    folded map is bn(conv(.)), also behind EfficientNet's same-padding convs), the graph computes the
+    model's output, and the model is left as it was."""
     model, shape = arch_model(arch)
     model.eval()
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
     before = snapshot(model)
+    graph = canonize(model)
+    folded = [m for m in graph.modules() if isinstance(m, FoldedLinear)]
+    assert len(folded) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
-        expected = model(x)
-        instances = [inst for c in default_canonizers() for inst in c.apply(model)]
-        merged = [i for i in instances if isinstance(i, ExactMergeBatchNorm)]
-        n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        assert len(merged) == n_bn  # every BatchNorm follows a conv in these nets
-        active = model(x)
-        for instance in reversed(instances):
-            instance.remove()
-        after = model(x)
-    torch.testing.assert_close(active, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(after, expected)
+        torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+        for m in folded:
+            z = torch.randn(1, m.in_channels, 9, 9, generator=torch.Generator().manual_seed(5))
+            m.refresh()
+            torch.testing.assert_close(m._linear_forward(z), m._batch_norm(m._linear(z)), rtol=1e-4, atol=1e-4)
     assert_same_snapshot(before, snapshot(model))
 
 
