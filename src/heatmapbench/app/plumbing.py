@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra.errors import InstantiationException
@@ -18,6 +19,7 @@ from heatmapbench.app.schema import ConfigError, config_error
 from heatmapbench.data import DataNotFoundError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
+from heatmapbench.registry import conf_dir
 from heatmapbench.app.store import StoreError, disk_full
 from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted, end_reason
 
@@ -81,12 +83,41 @@ def check_launcher(argv: list[str]) -> None:
             raise SystemExit(2)
 
 
+def null_groups(argv: list[str], conf: Path | None = None) -> list[str]:
+    """``argv`` with ``<group>=null`` (``sanity=null``, ``explainer=null``) written as Hydra's ``~<group>``.
+
+    Hydra refuses null as a config group's value on the command line ("Config group override must be a
+    string or a list"), also where the root config's default is null and an experiment chose a config
+    (``experiment=sanity_demo sanity=null``). Deleting the group's entry from the defaults list is what
+    null means there: nothing of the group is composed, whatever selected it (a null default is deleted
+    as well). A sweep over null and other choices (``-m sanity=null,mprt``) cannot be written that way:
+    one line, exit 2.
+    """
+    conf = conf_dir() if conf is None else conf
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = bool(sep and key) and key[:1] not in ("+", "~", "-") and "@" not in key and (conf / key).is_dir()
+        choices = [v.strip().lower() for v in value.split(",")]
+        if group and choices == ["null"]:
+            out.append(f"~{key}")
+            continue
+        if group and "null" in choices:
+            print(f"error: {arg} is invalid: Hydra cannot sweep the config group {key} over null; sweep the other "
+                  f"choices, and run the one without {key} as its own command ({key}=null)", file=sys.stderr)
+            raise SystemExit(2)
+        out.append(arg)
+    return out
+
+
 def launchers_checked(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Run :func:`check_launcher` on the command line before Hydra composes the config (a command's ``main``)."""
+    """Before Hydra composes the config of a command's ``main``: :func:`check_launcher` on the command
+    line, and ``<group>=null`` rewritten by :func:`null_groups`."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         check_launcher(sys.argv[1:])
+        sys.argv[1:] = null_groups(sys.argv[1:])
         return main(*args, **kwargs)
 
     return wrapper

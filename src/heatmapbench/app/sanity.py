@@ -26,10 +26,19 @@ ARTIFACT_PATH = "sanity"
 
 
 def sanity_settings(cfg: DictConfig) -> SanitySettings | None:
-    """The ``sanity`` group of ``cfg`` checked (a ConfigError names the key), or None when not selected."""
+    """The ``sanity`` group of ``cfg`` checked (a ConfigError names the key), or None when not selected.
+
+    Under Hydra the group's choice decides: ``sanity=null`` (``~sanity``) after an experiment that
+    selects ``sanity: mprt`` and sets ``sanity.num_images`` leaves that experiment's values in the
+    config, without a choice; the test is off then.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
     from heatmapbench.app.schema import validate
 
     node = cfg.get("sanity")
+    if HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("sanity") is None:
+        return None
     if node is None:
         return None
     validate(cfg, groups=("sanity",))

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from heatmapbench.app import plumbing
+from tests.helpers import compose_config
 
 
 def test_a_missing_launcher_is_one_line_naming_the_extra(monkeypatch, capsys):
@@ -44,3 +45,52 @@ def test_an_installed_launcher_passes_and_the_command_checks_before_hydra(monkey
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: hydra/launcher=submitit_slurm needs hydra-submitit-launcher, which is not installed; install it "
         "with: pip install 'heatmapbench[launchers]'")
+
+
+# -- <group>=null on the command line ------------------------------------------------------------
+DEMO = ["experiment=sanity_demo", "model.net.ckpt_path=/models/last.ckpt"]
+
+
+def test_a_null_config_group_is_removed_from_the_defaults(tmp_path, data_dir):
+    from heatmapbench.app.sanity import sanity_settings
+
+    argv = ["-m", *DEMO, "sanity=null", "ckpt_path=null", "+x=null", "explainer=NULL", "~callbacks"]
+    assert plumbing.null_groups(argv) == ["-m", *DEMO, "~sanity", "ckpt_path=null", "+x=null", "~explainer",
+                                          "~callbacks"]
+    # Hydra alone refuses it after the experiment selected mprt (negative control of the rewrite)
+    with pytest.raises(Exception, match="Config group override must be a string or a list"):
+        compose_config("evaluate", [*DEMO, "sanity=null"], tmp_path, data_dir)
+    assert sanity_settings(compose_config("evaluate", DEMO, tmp_path, data_dir)).num_images == 32
+    off = compose_config("evaluate", plumbing.null_groups([*DEMO, "sanity=null"]), tmp_path, data_dir)
+    assert off.sanity.num_images == 32  # the experiment's own values stay in the config, without a choice
+    assert sanity_settings(off) is None
+    plain = compose_config("evaluate", plumbing.null_groups(["sanity=null"]), tmp_path, data_dir)  # the null default
+    assert plain.get("sanity") is None and sanity_settings(plain) is None
+
+
+def test_a_sweep_over_null_and_a_config_is_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        plumbing.null_groups(["-m", "sanity=null,mprt"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == ("error: sanity=null,mprt is invalid: Hydra cannot sweep the config group sanity "
+                                       "over null; sweep the other choices, and run the one without sanity as its own "
+                                       "command (sanity=null)\n")
+    assert plumbing.null_groups(["-m", "sanity=mprt", "evaluation.orders=null,morf"]) == [
+        "-m", "sanity=mprt", "evaluation.orders=null,morf"]  # values, not groups, stay as they are
+
+
+def test_the_commands_rewrite_the_command_line_before_hydra(monkeypatch, tmp_path):
+    from heatmapbench.app import evaluate, roar, train
+    from heatmapbench.app.report import command
+    from heatmapbench.app.sanity import sanity_settings
+
+    seen = []
+    monkeypatch.setattr(evaluate, "run_evaluate", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr("sys.argv", ["heatmapbench-evaluate", *DEMO, "sanity=null", f"hydra.run.dir={tmp_path}",
+                                     "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    monkeypatch.chdir(tmp_path)
+    evaluate.main()  # the real entry point: Hydra composes what the command line says
+    (cfg,) = seen
+    assert sanity_settings(cfg) is None and list(cfg.evaluation.orders) == ["morf", "lerf"]
+    door = plumbing.launchers_checked(print).__code__  # the wrapper every Hydra command goes through
+    assert all(main.__code__ is door for main in (evaluate.main, train.main, roar.main, command.main))
