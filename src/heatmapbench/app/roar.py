@@ -17,12 +17,23 @@ command (or another job of the sweep) resumes. At the end of every job the paren
 finished retrainings (``roar/roar_accuracy.csv``), the accuracy-against-t figure (Hooker's Fig. 4) and
 the metrics ``roar/<method>/<explainer>``: the mean test accuracy over the fractions and seeds (lower is
 better for ROAR, higher for KAR).
+
+Jobs that run at once (a joblib or SLURM sweep) share the parent: each registers on it as a
+``roar_worker.<host>.<pid>.<id>`` tag, refreshed every minute while it works and set to its own
+outcome when it ends. A job that ends while another still works leaves the parent RUNNING; the last
+one closes it: FINISHED only when every job finished, else FAILED (or KILLED), with an ``end_reason``
+naming the jobs. A job whose tag stopped being refreshed (killed outright) counts as KILLED.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +45,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from heatmapbench.app.plumbing import instantiate_data, instantiate_model, user_errors_exit
+from heatmapbench.app.plumbing import instantiate_data, instantiate_model, launchers_checked, user_errors_exit
 from heatmapbench.app.preflight import check_logger
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.app.store import make_logger, retry_locked, store_lock
 from heatmapbench.app.provenance import run_tags
-from heatmapbench.app.tracking import status_of, tracked_run
+from heatmapbench.app.tracking import end_run, heartbeat, status_of, tracked_run
 from heatmapbench.evaluation.core import build_explainers, build_perturbation
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation.perturbations import PixelSpace
@@ -212,6 +223,103 @@ def roar_metrics(table: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+#: Tag prefix of the jobs working on a parent run: unix seconds while one works, ``<STATUS>: <reason>`` once ended.
+WORKER_TAG = "roar_worker."
+
+
+def worker_states(tags: dict[str, str], now: float, stale_after_s: float) -> dict[str, str]:
+    """Per worker tag of a parent run: ``running``, ``stale`` (no beat for ``stale_after_s``: its process died) or
+    the status it ended with (FINISHED, FAILED, KILLED)."""
+    states = {}
+    for key, value in tags.items():
+        if not key.startswith(WORKER_TAG):
+            continue
+        if value.isdigit():
+            states[key] = "running" if now - int(value) <= stale_after_s else "stale"
+        else:
+            states[key] = value.split(":", 1)[0]
+    return states
+
+
+def parent_outcome(tags: dict[str, str], states: dict[str, str]) -> tuple[str, str | None] | None:
+    """How the parent run ends once its workers are in ``states``: None while one still runs (it stays open),
+    else FINISHED when every worker finished, FAILED when one failed, KILLED when one was interrupted or died;
+    with a reason naming the workers that did not finish (their own reasons from ``tags``)."""
+    if "running" in states.values():
+        return None
+    unfinished = {k: s for k, s in states.items() if s != "FINISHED"}
+    if not unfinished:
+        return "FINISHED", None
+    status = "FAILED" if "FAILED" in unfinished.values() else "KILLED"
+    why = [f"{k[len(WORKER_TAG):]}: " + ("stopped without closing (its heartbeat stopped: SIGKILL, a lost node?)"
+                                          if s == "stale" else tags[k]) for k, s in unfinished.items()]
+    return status, (f"{len(unfinished)} of {len(states)} jobs of this ROAR did not finish; " + "; ".join(why))[:4000]
+
+
+def _worker_key() -> str:
+    host = re.sub(r"[^\w.-]", "_", socket.gethostname()) or "host"
+    return f"{WORKER_TAG}{host}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+def join_parent(logger_cfg: DictConfig, rid: str) -> tuple[Any, str, bool]:
+    """Find the parent run of ``rid`` or create it (tagged at creation), and register this process as one of
+    its workers, under the store's lock, so that jobs that start together find one parent. Returns the
+    parent's logger, this worker's tag and whether this process created the parent.
+
+    A parent none of whose workers still runs starts a new round (a rerun that resumes): the tags of the
+    earlier round's workers, and its ``end_reason``, are dropped.
+    """
+    from mlflow import MlflowClient
+
+    from heatmapbench.app.runs import STALE_AFTER_MIN
+
+    uri, worker = str(logger_cfg.tracking_uri), _worker_key()
+    role = {"roar_id": rid, "roar_role": "parent"}
+    logger = make_logger(logger_cfg, run_name=f"roar {rid}",  # the store prepared; no run yet
+                         tags={**(logger_cfg.get("tags") or {}), **role})
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        exp = retry_locked(client.get_experiment_by_name)(logger_cfg.experiment_name)
+        found = [] if exp is None else retry_locked(client.search_runs)(
+            [exp.experiment_id], f"tags.roar_id = '{rid}' and tags.roar_role = 'parent'")
+        if found:
+            run = min(found, key=lambda r: (r.info.start_time, r.info.run_id))
+            parent = run.info.run_id
+            states = worker_states(run.data.tags, time.time(), STALE_AFTER_MIN * 60)
+            if "running" not in states.values():  # a new round: the last one's workers and end are history
+                for key in [*states, *(["end_reason"] if "end_reason" in run.data.tags else [])]:
+                    retry_locked(client.delete_tag)(parent, key)
+        else:
+            retry_locked(lambda: logger.experiment)()  # creates the experiment and the run, with its tags
+            parent = logger.run_id
+        retry_locked(client.set_tag)(parent, worker, str(int(time.time())))
+    if found:
+        logger = make_logger(logger_cfg, run_id=parent)
+    return logger, worker, not found
+
+
+def shared_end(uri: str, worker: str) -> Any:
+    """``end`` for :func:`tracked_run`: record this worker's outcome on the parent and close the parent only when no
+    other worker of it still runs (:func:`parent_outcome`), under the store's lock."""
+    from heatmapbench.app.runs import STALE_AFTER_MIN
+
+    def end(logger: Any, status: str, reason: str | None) -> None:
+        client, parent = logger.experiment, logger.run_id
+        with store_lock(uri):
+            retry_locked(client.set_tag)(parent, worker, f"{status}: {reason or 'all its retrainings finished'}"[:4000])
+            tags = retry_locked(client.get_run)(parent).data.tags
+            states = worker_states(tags, time.time(), STALE_AFTER_MIN * 60)
+            outcome = parent_outcome(tags, states)
+            if outcome is None:
+                others = sum(s == "running" for k, s in states.items() if k != worker)
+                print(f"parent run {parent} stays open: {others} other job(s) of this ROAR still run; the last one "
+                      "closes it", flush=True)
+                return
+            end_run(logger, *outcome)
+
+    return end
+
+
 def run_roar(cfg: DictConfig) -> dict[str, Any]:
     """Check everything, find or open the parent run, run the missing retrainings, log the table and figure."""
     from heatmapbench.roar.figures import plot_accuracy
@@ -223,37 +331,31 @@ def run_roar(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(settings.cache_dir) / rid
     retrainer = Retrainer(cfg, settings, folder)  # data and explainers: errors before any run exists
     uri = str(cfg.logger.tracking_uri)
-    from mlflow import MlflowClient
-
-    with store_lock(uri):
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(cfg.logger.experiment_name)
-        found = [] if exp is None else retry_locked(client.search_runs)(
-            [exp.experiment_id], f"tags.roar_id = '{rid}' and tags.roar_role = 'parent'")
-    logger = make_logger(cfg.logger, **({"run_id": found[0].info.run_id} if found else {"run_name": f"roar {rid}"}))
+    logger, worker, created = join_parent(cfg.logger, rid)
     tags = {**run_tags(cfg, "roar", settings.all_explainers), "roar_id": rid, "roar_role": "parent"}
     todo = jobs(settings.methods, settings.all_explainers, settings.fractions, settings.seeds)
-    with tracked_run(logger, cfg, extra_tags=tags):
+    with tracked_run(logger, cfg, extra_tags=tags, resumed=not created, end=shared_end(uri, worker)):
         client, parent, exp_id = logger.experiment, logger.run_id, logger.experiment_id
         done = set(results_table(client, exp_id, parent).job)
         print(f"ROAR {rid}: {len(todo)} retrainings, {len(done & {j.key for j in todo})} already finished "
               f"(parent run {parent})", flush=True)
-        for job in todo:
-            if job.key in done:
-                continue
-            child = retry_locked(client.create_run)(exp_id, run_name=job.key, tags={
-                "mlflow.parentRunId": parent, "roar_id": rid, "roar_job": job.key, "task": "roar_retraining",
-                "roar_method": job.method, "roar_explainer": job.explainer, "roar_fraction": f"{job.fraction:g}",
-                "roar_seed": str(job.seed), "model": tags.get("model", ""), "data": tags.get("data", "")}).info.run_id
-            try:
-                metrics = retrainer.run(job)
-                for key, value in metrics.items():
-                    retry_locked(client.log_metric)(child, key, value)
-                retry_locked(client.set_terminated)(child, "FINISHED")
-            except BaseException as err:
-                retry_locked(client.set_terminated)(child, status_of(err))
-                raise
-            print(f"  {job.key}: test/acc {metrics.get(mn.TEST_ACC, float('nan')):.4f}", flush=True)
+        with heartbeat(client, parent, tag=worker):
+            for job in todo:
+                if job.key in done:
+                    continue
+                child = retry_locked(client.create_run)(exp_id, run_name=job.key, tags={
+                    "mlflow.parentRunId": parent, "roar_id": rid, "roar_job": job.key, "task": "roar_retraining",
+                    "roar_method": job.method, "roar_explainer": job.explainer, "roar_fraction": f"{job.fraction:g}",
+                    "roar_seed": str(job.seed), "model": tags.get("model", ""), "data": tags.get("data", "")}).info.run_id
+                try:
+                    metrics = retrainer.run(job)
+                    for key, value in metrics.items():
+                        retry_locked(client.log_metric)(child, key, value)
+                    retry_locked(client.set_terminated)(child, "FINISHED")
+                except BaseException as err:
+                    retry_locked(client.set_terminated)(child, status_of(err))
+                    raise
+                print(f"  {job.key}: test/acc {metrics.get(mn.TEST_ACC, float('nan')):.4f}", flush=True)
         table = results_table(client, exp_id, parent)
         metrics = roar_metrics(table)
         out = Path(cfg.paths.output_dir) / "roar"
@@ -269,6 +371,7 @@ def run_roar(cfg: DictConfig) -> dict[str, Any]:
     return {"run_id": parent, "roar_id": rid, "table": table, **metrics}
 
 
+@launchers_checked
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="roar")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -374,15 +374,15 @@ HEARTBEAT_S = 60.0
 
 
 @contextlib.contextmanager
-def heartbeat(client: Any, run_id: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
-    """While open, set the run's :data:`HEARTBEAT_TAG` to the time now, at once and every ``every_s``
+def heartbeat(client: Any, run_id: str, every_s: float = HEARTBEAT_S, tag: str = HEARTBEAT_TAG) -> Iterator[None]:
+    """While open, set the run's ``tag`` (:data:`HEARTBEAT_TAG`) to the time now, at once and every ``every_s``
     seconds, from a daemon thread (a store that fails a beat is tried again at the next)."""
     stop = threading.Event()
 
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # noqa: BLE001 - a missed beat only ages the tag
-                retry_locked(client.set_tag, attempts=3)(run_id, HEARTBEAT_TAG, str(int(time.time())))
+                retry_locked(client.set_tag, attempts=3)(run_id, tag, str(int(time.time())))
             if stop.wait(every_s):
                 return
 
@@ -396,7 +396,9 @@ def heartbeat(client: Any, run_id: str, every_s: float = HEARTBEAT_S) -> Iterato
 
 
 @contextlib.contextmanager
-def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
+def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None = None, *,
+                resumed: bool | None = None,
+                end: Callable[[Any, str, str | None], None] = end_run) -> Iterator[Any]:
     """Open the logger's MLflow run, log the config, and close it FINISHED, FAILED or KILLED.
 
     From before the run is created until it is closed, SIGINT and SIGTERM raise
@@ -405,11 +407,16 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
     does not hide the original error. When the logger was given the ``run_id`` of an earlier
     run (a resumed training), that run is reopened (status RUNNING) and logged into. While the
     run is open its :data:`HEARTBEAT_TAG` is refreshed every minute (:func:`heartbeat`).
+
+    ``resumed``: whether the run existed before this process (None: whether the logger was given a
+    ``run_id``). ``end(logger, status, reason)`` closes the run (:func:`end_run`); a run shared by
+    several processes passes one that closes it only when the last of them ends.
     """
     with (interrupts_raise() as interrupts, _marked_open(),  # _marked_open: a sweep worker's note for its parent
           space_reserve(str(getattr(logger, "_tracking_uri", "") or "")) as free_reserve):
         try:
-            resumed = getattr(logger, "_run_id", None) is not None
+            if resumed is None:
+                resumed = getattr(logger, "_run_id", None) is not None
             with store_lock(str(getattr(logger, "_tracking_uri", "") or "")):  # store prepared by make_logger
                 retry_locked(lambda: logger.experiment)()  # creates the experiment and the run
             if resumed:
@@ -418,7 +425,7 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             with heartbeat(logger.experiment, logger.run_id):
                 yield logger
             interrupts.check()  # a signal whose exception was lost ends the run KILLED all the same
-            end_run(logger, "FINISHED")
+            end(logger, "FINISHED", None)
             interrupts.check()  # also one lost while the run was being closed
         except BaseException as err:
             interrupts.closing = True  # signals are ignored from here on: closing is not to be cut short
@@ -427,7 +434,7 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
                 free_reserve()  # room for the store to record FAILED
             try:
                 with temporary_environ(quick):  # the server already failed: one short try to mark the run
-                    end_run(logger, status_of(err), end_reason(err))
+                    end(logger, status_of(err), end_reason(err))
             except Exception as close_err:  # noqa: BLE001 - the original error matters more
                 print(f"warning: could not mark the MLflow run {status_of(err)}: {end_reason(close_err)}",
                       file=sys.stderr, flush=True)
