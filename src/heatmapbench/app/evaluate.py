@@ -266,20 +266,25 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         files = write_evaluation(evaluation, folder, tuple(getattr(datamodule, "classes", ())),
                                  title=settings_title(settings, perturbation, len(subset)),
                                  statistics=statistics, reliability=reliability)
-        files["metrics"] = write_metrics(metrics, folder / "metrics.json")
         print("\n" + files["summary_md"].read_text() + "\n" + files["reliability_md"].read_text())
         print(f"results: {folder}", flush=True)
-        with results_kept_in(folder):
-            retry_locked(logger.log_metrics)(metrics)
-            for path in files.values():
-                retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
-        if sanity is not None:
-            checks = run_sanity(sanity, net, subset, explainers, device, folder / "sanity",
-                                n_boot=settings.n_boot, seed=settings.seed)
-            metrics.update(checks.metrics)
-            print("\n" + checks.markdown, flush=True)
+        checks = None
+        try:
             with results_kept_in(folder):
+                retry_locked(logger.log_metrics)(metrics)
+                for path in files.values():
+                    retry_locked(logger.experiment.log_artifact)(logger.run_id, str(path), "evaluation")
+            if sanity is not None:
+                checks = run_sanity(sanity, net, subset, explainers, device, folder / "sanity",
+                                    n_boot=settings.n_boot, seed=settings.seed)
+                metrics.update(checks.metrics)
+                print("\n" + checks.markdown, flush=True)
+        finally:  # once, with every metric measured (the evaluation's alone where logging or the sanity test failed)
+            metrics_file = write_metrics(metrics, folder / "metrics.json")
+        with results_kept_in(folder):
+            if checks is not None:
                 log_sanity(logger, checks)
+            retry_locked(logger.experiment.log_artifact)(logger.run_id, str(metrics_file), "evaluation")
     print(f"{len(subset)} images in {seconds:.1f} s; MLflow run {logger.run_id} "
           f"(experiment {cfg.logger.experiment_name!r}, {cfg.logger.tracking_uri})", flush=True)
     return {"run_id": logger.run_id, **metrics}

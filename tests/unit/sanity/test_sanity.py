@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +174,12 @@ def test_evaluate_with_sanity_logs_metrics_and_artifacts(tmp_path, data_dir):
     files = {f.path for f in client.list_artifacts(run.info.run_id, "sanity")}
     assert {"sanity/mprt_summary.csv", "sanity/mprt_per_image.csv", "sanity/mprt_cascading.png",
             "sanity/mprt_cascading_heatmaps.png", "sanity/mprt_independent.png"} <= files
+    # metrics.json, in the output folder and as the run's artifact, holds everything logged, sanity metrics included
+    written = json.loads((Path(cfg.paths.output_dir) / "evaluation" / "metrics.json").read_text())
+    assert any(key.startswith("sanity/") for key in written) and mn.sanity_metric("mprt", explainers[0]) in written
+    assert {k: v for k, v in written.items() if v is not None} == {k: v for k, v in m.items() if v == v}  # NaN: null
+    logged = Path(client.download_artifacts(run.info.run_id, "evaluation/metrics.json", str(tmp_path)))
+    assert json.loads(logged.read_text()) == written
 
 
 def test_bad_sanity_config_fails_before_any_run(tmp_path, data_dir):
