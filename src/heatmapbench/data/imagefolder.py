@@ -125,8 +125,8 @@ class ImageFolderDataModule(ImageDataModule):
         Leave out files PIL cannot open (listed in the run) instead of failing before any work.
     channels
         3: the images are read as RGB.
-
-    The other arguments are :class:`~heatmapbench.data.base.ImageDataModule`'s.
+    **kwargs
+        The other arguments of :class:`~heatmapbench.data.base.ImageDataModule`.
     """
 
     name = "imagefolder"
