@@ -232,6 +232,16 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _built(value: Any) -> Any:
+    """An override given as a config node (a mapping with ``_target_``, e.g. ``method={"_target_":
+    "captum.attr.InputXGradient", "_partial_": True}``) built as Hydra builds it; other values as given."""
+    if isinstance(value, (dict, DictConfig)) and "_target_" in value:
+        from hydra.utils import instantiate
+
+        return instantiate(value, _convert_="all")
+    return value
+
+
 def build(group: str, name: str, **overrides: Any) -> Any:
     """The object ``name`` stands for in ``group``, with ``overrides`` of its parameters applied."""
     if group not in GROUPS:
@@ -246,7 +256,7 @@ def build(group: str, name: str, **overrides: Any) -> Any:
     preset = catalogue(group).get(name)
     if preset is None:
         raise _unknown(group, name)
-    return preset.func(**_merged(preset.keywords, overrides))
+    return preset.func(**_merged(preset.keywords, {key: _built(value) for key, value in overrides.items()}))
 
 
 def resolve(group: str, spec: Any, kind: type, **overrides: Any) -> Any:
