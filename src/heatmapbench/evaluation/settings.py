@@ -68,9 +68,10 @@ class EvaluationSettings:
         forwards (:mod:`heatmapbench.perturbation.incremental`: each step recomputes only what
         its new region reaches; the same numbers up to float reassociation). ``on`` fails where
         the model or perturbation does not allow them; ``auto`` uses them per model where a
-        one-time timing probe measures them faster, so its choice, and the last bits of the
-        numbers, may differ between runs and between processes (use ``on`` or ``off`` where runs
-        must agree bit for bit). The run's ``incremental`` tag and the progress line say what ran.
+        one-time timing probe measures them faster (rank 0's verdict in every process of a run),
+        so its choice, and the last bits of the numbers, may differ between runs (use ``on`` or
+        ``off`` where runs must agree bit for bit). The run's ``incremental`` tag and the progress
+        line say what ran.
     """
 
     explainers: list[str] = field(default_factory=lambda: list(DEFAULT_EXPLAINERS))

@@ -45,12 +45,15 @@ pixel at each step (its linear system couples the regions), so it is refused.
 
 Every plan is checked once against full forwards (steps 1-3 of the first images), and a
 mismatch beyond float reassociation is an error (``on``) or a warning and full forwards
-(``auto``); never a different curve.
+(``auto``); never a different curve. ``auto`` decides once per model by a timing probe; in a
+run of several processes every process takes rank 0's verdict (:func:`shared_verdict`), so they
+all walk their curves alike.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import time
 import warnings
@@ -65,7 +68,7 @@ from torch import Tensor, fx, nn
 from heatmapbench.fxgraph import GraphCache, LayerTracer, any_hooks, conv_call, conv_subclass, trace, zero_pad_amounts
 
 __all__ = ["MODES", "FULL_FRACTION", "CACHE_BYTES", "Unsupported", "IncrementalPlan", "CurveWalker", "plan_for",
-           "local_step_reason", "setup", "check_and_probe"]
+           "local_step_reason", "setup", "check_and_probe", "shared_verdict"]
 
 MODES = ("auto", "on", "off")
 #: A layer whose window would cover more than this fraction of its map runs in full, and so does
@@ -764,6 +767,33 @@ def setup(mode: str, net: nn.Module, x: Tensor, perturbation, state: Tensor, pix
 
 
 _DECISIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: How many verdicts this process has asked rank 0 for (part of each one's key in the store).
+_VERDICTS = itertools.count()
+
+
+def shared_verdict(signature: str, mine: bool) -> tuple[bool, str]:
+    """Rank 0's ``mine`` on every process of an initialised :mod:`torch.distributed` group (else ``mine``),
+    and a note for the run's description (empty in one process).
+
+    ``auto`` decides by a timing probe, which can come out differently on different processes of one
+    evaluation (load, clocks, devices); every process must walk its curves the same way, or N
+    processes would not give the numbers of one. The verdict goes through the group's key-value
+    store, not a collective: rank 0 posts it and the others wait for it, so a process that scores no
+    batch (and never asks) keeps nobody waiting. The processes ask in the same order (the same model,
+    settings and explainers); the key holds the count of verdicts asked so far and ``signature``,
+    so a process that asked about something else waits on a key rank 0 never sets until the group's
+    timeout, an error, rather than taking another decision's verdict.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return mine, ""
+    store = dist.distributed_c10d._get_default_store()
+    key = f"heatmapbench/incremental/{next(_VERDICTS)}/{signature}"
+    if dist.get_rank() == 0:
+        store.set(key, "1" if mine else "0")
+        return mine, f", shared with {dist.get_world_size() - 1} other processes"
+    return store.get(key) == b"1", ", rank 0's verdict"
 
 
 def check_and_probe(plan: IncrementalPlan, mode: str, walker: CurveWalker, state: Tensor, pixel_step: Tensor,
@@ -775,16 +805,18 @@ def check_and_probe(plan: IncrementalPlan, mode: str, walker: CurveWalker, state
     full forwards after a warm-up one).
 
     Returns (plan or None, what ran). A mismatch beyond float reassociation raises under ``on``
-    and warns and runs full forwards under ``auto``.
+    and warns and runs full forwards under ``auto``. Decided once per plan (model and input shape),
+    mode and engine batch size, whatever the number of images (a smaller last batch does not probe
+    again); in a run of several processes ``auto`` takes rank 0's verdict (:func:`shared_verdict`).
     """
     x = walker.x
     b = x.shape[0]
     n = min(b, walker.group)
-    key = (mode, n, bs, min(4, walker.steps), x.dtype)
+    k = min(4, walker.steps)
+    key = (mode, bs, k, x.dtype)
     decided = _DECISIONS.setdefault(plan, {})
     if key in decided:
         return decided[key]
-    k = min(4, walker.steps)
     scores = torch.zeros(k + 1, b, device=x.device, dtype=score_dtype)
     stamps: list[float] = []
     progress, walker.progress = walker.progress, lambda _: stamps.append(time.perf_counter())
@@ -805,18 +837,21 @@ def check_and_probe(plan: IncrementalPlan, mode: str, walker: CurveWalker, state
         1e-4 if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled() else 2e-2
     err = float((got - want).abs().max())
     tol = rel * (float(want.abs().max()) + 0.1)
+    msg = (f"incremental forwards differ from full forwards by {err:.3g} (> {tol:.3g}) on "
+           f"{type(plan.gm).__name__}; please report this model")
+    if not err <= tol and mode == "on":
+        raise RuntimeError(msg)
+    speed = t_full * (k - 1) * n / max(stamps[-1] - stamps[0], 1e-9) if k >= 2 else float("nan")
+    faster, note = True, ""
+    if mode == "auto":  # every process asks, also where its own check failed, so that all ask alike
+        signature = f"{tuple(x.shape[1:])}-{x.dtype}-{plan.region_size}-{bs}-{k}"
+        faster, note = shared_verdict(signature, k >= 2 and (stamps[-1] - stamps[0]) / ((k - 1) * n) * 1.1 < t_full)
     if not err <= tol:
-        msg = (f"incremental forwards differ from full forwards by {err:.3g} (> {tol:.3g}) on "
-               f"{type(plan.gm).__name__}; please report this model")
-        if mode == "on":
-            raise RuntimeError(msg)
         warnings.warn(f"heatmapbench: {msg}; running full forwards", RuntimeWarning, stacklevel=3)
         result = (None, "full (the one-time check failed)")
-    elif mode == "auto" and (k < 2 or not (stamps[-1] - stamps[0]) / ((k - 1) * n) * 1.1 < t_full):
-        speed = t_full * (k - 1) * n / max(stamps[-1] - stamps[0], 1e-9) if k >= 2 else float("nan")
-        result = (None, f"full (probe: incremental {speed:.2f}x)")
+    elif not faster:
+        result = (None, f"full (probe: incremental {speed:.2f}x{note})")
     else:
-        speed = t_full * (k - 1) * n / max(stamps[-1] - stamps[0], 1e-9) if k >= 2 else float("nan")
-        result = (plan, f"incremental ({plan.summary()}; probe {speed:.2f}x)")
+        result = (plan, f"incremental ({plan.summary()}; probe {speed:.2f}x{note})")
     decided[key] = result
     return result

@@ -244,3 +244,74 @@ def test_config_switch():
     assert EvaluationSettings(incremental="auto").engine_kwargs()["incremental"] == "auto"
     with pytest.raises(ValueError, match="incremental='yes' is invalid"):
         EvaluationSettings(incremental="yes")
+
+
+# -- auto: one verdict per model, rank 0's in a run of several processes --------------------------------
+class _Clock:
+    """``time.perf_counter`` of the probe: the incremental steps' stamps, then the full forwards' start and end."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = iter(values)
+
+    def perf_counter(self) -> float:
+        return next(self.values)
+
+
+FAST = (0.0, 1e-3, 2e-3, 3e-3, 3e-3, 100.0)  # incremental steps far faster than the full forwards
+SLOW = (0.0, 1.0, 2.0, 3.0, 3.0, 3.0 + 1e-6)  # ... far slower
+
+
+def _auto(clock: tuple[float, ...], images: int = 2):
+    net = vgg_style()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(images, 3, 24, 24, generator=g, dtype=torch.float64)
+    hm = torch.randn(images, 24, 24, generator=g, dtype=torch.float64)
+    real, inc.time = inc.time, _Clock(*clock)
+    try:
+        first = region_perturbation(net, x, hm, region_size=3, steps=4, repeats=1, incremental="auto")
+        # a smaller batch of the same model (a last batch) reuses the verdict: no probe (the clock is spent)
+        again = region_perturbation(net, x[:1], hm[:1], region_size=3, steps=4, repeats=1, incremental="auto")
+    finally:
+        inc.time = real
+    assert again.settings["incremental"] == first.settings["incremental"]
+    return first
+
+
+def test_auto_follows_its_probe_once_per_model():
+    assert _auto(FAST).settings["incremental"].startswith("incremental (")
+    assert _auto(SLOW).settings["incremental"].startswith("full (probe: incremental 0.00x)")
+
+
+def _two_ranks(rank: int, init: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))  # a verdict never posted fails, not hangs
+    try:
+        # the probe comes out differently on the two processes, one way and then the other
+        runs = [_auto(SLOW if rank == 0 else FAST), _auto(FAST if rank == 0 else SLOW)]
+        torch.save([(r.settings["incremental"], r.scores) for r in runs], f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_auto_takes_rank_zeros_verdict_in_every_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    (ran0, scores0), (ran1, scores1) = zero[0], one[0]
+    assert ran0.startswith("full (probe") and ran0.endswith(", shared with 1 other processes)")
+    assert ran1.startswith("full (probe") and ran1.endswith(", rank 0's verdict)")  # its own probe said faster
+    assert torch.equal(scores0, scores1)
+    (ran0, scores0), (ran1, scores1) = zero[1], one[1]
+    assert ran0.startswith("incremental (") and ran1.startswith("incremental (") and ran1.endswith("verdict)")
+    assert torch.equal(scores0, scores1)
+
+
+def test_shared_verdict_is_the_local_one_without_a_process_group():
+    assert inc.shared_verdict("anything", True) == (True, "")
+    assert inc.shared_verdict("anything", False) == (False, "")
