@@ -186,6 +186,7 @@ def test_single_class_training_is_one_line(train_cfg, odd_images):
     (["evaluation.orders=[morf,morf]"], r"^evaluation.orders=\[morf,morf\] is invalid: morf appears more than once"),
     (["gallery_size=-1"], r"^gallery_size=-1 is invalid: must be an integer >= 0"),
     (["explainer=lrp_epsilon_0.01", "explainer.epsilon=-1"], r"^explainer.epsilon=-1 is invalid: .*epsilon >= 0$"),
+    (["explainer=cp_lrp", "explainer.gamma=-1"], r"^explainer.gamma=-1 is invalid: the gamma rule needs gamma >= 0"),
 ])
 def test_evaluation_settings_are_checked_with_cli_phrased_errors(eval_cfg, overrides, message):
     from heatmapbench.app.schema import ConfigError

@@ -1,7 +1,7 @@
 """LRP rules as single autograd functions: one forward and one backward pass, no re-forward per layer.
 
 Drop-in replacements of Zennit's rule hooks (same names and parameters: :class:`Epsilon`,
-:class:`Norm`, :class:`AlphaBeta`, :class:`ZPlus`, :class:`Flat`, :class:`Pass`), for use in a Zennit
+:class:`Norm`, :class:`AlphaBeta`, :class:`ZPlus`, :class:`Gamma`, :class:`Flat`, :class:`Pass`), for use in a Zennit
 composite. Zennit's rules store every layer's input in the forward pass and, in the backward pass,
 re-run the layer once per term of the rule (four times for alpha-beta) and differentiate those
 forwards. Here the forward pass computes what the rule needs beside the layer's own output, and one
@@ -18,6 +18,13 @@ For a linear layer ``z = W x + b`` (paper Sec. 2, Bach et al. 2015):
   when ``x`` has negative entries, on ``x+`` and ``x-`` stacked along the batch); the backward of
   that one call with the signal ``[a s+, -b s-]`` (crossed for ``x-``) is the whole rule. ``ZPlus``
   is alpha = 1, beta = 0 and stacks ``W+`` only when ``x >= 0``.
+* gamma (generalised, Montavon et al. 2019; Andéol et al. 2021): with ``W^ = W + g W+`` and
+  ``Wv = W + g W-``, a unit with ``z > 0`` redistributes over ``zu = W^ x+ + Wv x- + b + g b+`` and one
+  with ``z < 0`` over ``zd = Wv x+ + W^ x- + b + g b-``:
+  ``R_x = x+ * (W^^T su + Wv^T sd) + x- * (Wv^T su + W^^T sd)``, ``su = [z > 0] R / (zu + eps)``,
+  ``sd = [z < 0] R / (zd - eps)``. ``g = 0`` is the epsilon rule. The layer runs once more, as for
+  alpha-beta, with ``[[W^, Wv]; [Wv, W^]]`` on ``x+`` and ``x-`` side by side along its input
+  features (stacked along the batch for grouped convolutions).
 * flat: ``R_x = 1^T (R / stab(1 1))``: the layer once more with unit weights on a unit input.
 
 Nonlinearities (``Pass``) route the relevance arriving at their output to their input unchanged.
@@ -32,7 +39,7 @@ from torch import nn
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 from zennit.types import ConvolutionTranspose
 
-__all__ = ["AlphaBeta", "Epsilon", "Flat", "Norm", "Pass", "Uniform", "ZPlus"]
+__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "Uniform", "ZPlus"]
 
 
 def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,7 +150,10 @@ class _Redistribute(torch.autograd.Function):
     every slot of ``zz`` in ``slots`` receives ``R / (scale * sum(zz[slots]) + offset)``, which is
     ``coefficient * R / (z + bias + eps sign z)`` with ``scale = 1 / coefficient`` and ``offset =
     (bias + eps sign z) / coefficient``; the sign of each ``z`` is known in advance (``z+ >= 0``,
-    ``z- <= 0``, the flat rule's ``z >= 0``), so the stabiliser is a constant.
+    ``z- <= 0``, the flat rule's ``z >= 0``), so the stabiliser is a constant. A term may end with
+    a mask ``(B, G, O / G, ...)``: units outside it receive nothing (the gamma rule's ``z > 0`` and
+    ``z < 0`` units). The rows of ``R`` (``B``, tokens of a linear layer included) are those of the
+    masks and slots.
     """
 
     @staticmethod
@@ -155,15 +165,17 @@ class _Redistribute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (zz,) = ctx.saved_tensors
-        grad = grad.reshape(grad.shape[0], zz.shape[1], *zz.shape[3:])  # (B, G, O / G, ...)
+        grad = grad.reshape(-1, zz.shape[1], *zz.shape[3:])  # (B, G, O / G, ...)
         out = torch.empty_like(zz)
-        for slots, offset, scale in ctx.terms:
+        for slots, offset, scale, *mask in ctx.terms:
             z = zz[slots[0]]
             for slot in slots[1:]:
                 z = z + zz[slot]
             first = out[slots[0]]
             torch.add(offset, z, alpha=scale, out=first)  # the denominator, scale * z + offset, in place
             torch.div(grad, first, out=first)  # no temporary: large ones cost fresh pages on every call
+            if mask:
+                first.masked_fill_(~mask[0], 0.0)  # (a denominator near 0 outside the mask is never used)
             for slot in slots[1:]:
                 out[slot].copy_(first)
         return out, None, None
@@ -386,6 +398,45 @@ class ZPlus(AlphaBeta):
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer)
+
+
+class Gamma(_BypassRule):
+    """The generalised gamma rule (Montavon et al. 2019; Andéol et al. 2021), Zennit's ``Gamma``: the
+    positive contributions to a positive output (the negative ones to a negative output) weighted
+    ``1 + gamma``, the others 1; ``stabilizer`` is the eps of the denominators. Linear layers of any
+    input rank (transformer tokens) and convolutions of any groups."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        super().__init__()
+        if not gamma >= 0:
+            raise ValueError(f"gamma={gamma} is invalid: the gamma rule needs gamma >= 0")
+        self.gamma, self.stabilizer = float(gamma), float(stabilizer)
+
+    def relevance(self, module, x, y):
+        g, eps = self.gamma, self.stabilizer
+        if isinstance(module, nn.Linear) and x.dim() != 2:  # (..., D) tokens: rows of a 2-D layer
+            x = x.reshape(-1, x.shape[-1])
+        weight = module.weight.detach()
+        up, down = weight + g * weight.clamp(min=0), weight + g * weight.clamp(max=0)  # W + g W+, W + g W-
+        if getattr(module, "groups", 1) == 1 and not isinstance(module, ConvolutionTranspose):
+            # x+ and x- side by side along the input features: [[W^, Wv]; [Wv, W^]] gives zu and zd directly
+            zz, groups = _parts_call(module, [torch.cat([up, down], dim=1), torch.cat([down, up], dim=1)],
+                                     _SignSplitChannels.apply(x))
+            rise, fall = [(slice(None), slice(None), 0)], [(slice(None), slice(None), 1)]
+        else:  # x+ and x- stacked along the batch: zu = W^ x+ + Wv x-, zd = Wv x+ + W^ x-
+            top, bottom = slice(None, x.shape[0]), slice(x.shape[0], None)
+            zz, groups = _parts_call(module, [up, down], _SignSplit.apply(x))
+            rise = [(top, slice(None), 0), (bottom, slice(None), 1)]
+            fall = [(top, slice(None), 1), (bottom, slice(None), 0)]
+        b_up = b_down = None
+        if getattr(module, "bias", None) is not None:
+            bias = module.bias.detach()
+            b_up, b_down = bias + g * bias.clamp(min=0), bias + g * bias.clamp(max=0)
+        b_up, b_down = _grouped_bias(b_up, b_down, groups, zz.dim() - 4)
+        z = y.reshape(-1, groups, *zz.shape[3:])  # the layer's own output decides the unit's side
+        # zu >= z > 0 and zd <= z < 0 where they are used: stab(zu) = zu + eps, stab(zd) = zd - eps
+        terms = [(rise, _offset(b_up, eps, 1.0), 1.0, z > 0), (fall, _offset(b_down, -eps, 1.0), 1.0, z < 0)]
+        return _Redistribute.apply(zz, [y], terms)
 
 
 class Flat(_BypassRule):

@@ -47,10 +47,10 @@ EXPLAINERS: dict[str, partial] = {
     # CP-LRP (Ali et al. 2022), as LXT 2.1 explains vision transformers: attention weights and other
     # sigmoid/softmax-type factors held constant, LayerNorm at constant std, GELU/SiLU by the identity
     # rule, eps-rule on conv/linear layers.
-    "cp_lrp": partial(LRP, composite="epsilon", epsilon=0.01, gates="constant", pooling="sum"),
+    "cp_lrp": partial(LRP, composite="epsilon", epsilon=0.01, gamma=0.0, gates="constant", pooling="sum"),
     # AttnLRP (Achtibat et al. 2024): uniform rule on the q.k and attention.v products (and on any
     # other product of two activations), the softmax rule, otherwise as cp_lrp.
-    "attnlrp": partial(LRP, composite="epsilon", epsilon=0.01, gates="uniform", pooling="sum"),
+    "attnlrp": partial(LRP, composite="epsilon", epsilon=0.01, gamma=0.0, gates="uniform", pooling="sum"),
     # Any Captum attribution class (default: Captum's Saliency); override method.
     "captum": partial(CaptumExplainer, method="captum.attr.Saliency", attribute_kwargs={}, pooling="l2"),
     # Sundararajan et al. 2017 via Captum; baseline 0 in model space, n_steps Gauss-Legendre points.

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from zennit import rules as zennit_rules
 
 from heatmapbench.explain import LRP, available_explainers, get_explainer
 from heatmapbench.explain.canonize import FoldedLinear, canonize
@@ -295,7 +296,7 @@ def test_lrp_epsilon_equals_captum_lrp(eps, engine):
 
 
 def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    return z + eps * torch.where(z >= 0, 1.0, -1.0)  # Zennit: sign(0) = +1
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)  # Zennit: sign(0) = +1; eps not rounded to float32
 
 
 def _dense(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,6 +323,12 @@ def _rule_reference(rule: str, x: torch.Tensor, layer: nn.Module, relevance: tor
             zp, zn = z.clamp(min=0), z.clamp(max=0)
             q = (p["alpha"] * zp / _stab(zp.sum(1) + bias.clamp(min=0), p["stabilizer"])[:, None]
                  - p["beta"] * zn / _stab(zn.sum(1) + bias.clamp(max=0), p["stabilizer"])[:, None])
+        elif rule == "gamma":  # generalised: contributions of the output's sign weighted 1 + gamma
+            g, zj = p["gamma"], z.sum(1) + bias
+            up, down = z + g * z.clamp(min=0), z + g * z.clamp(max=0)
+            q_up = up / _stab(up.sum(1) + bias + g * bias.clamp(min=0), p["epsilon"])[:, None]
+            q_down = down / _stab(down.sum(1) + bias + g * bias.clamp(max=0), p["epsilon"])[:, None]
+            q = torch.where((zj > 0)[:, None], q_up, torch.where((zj < 0)[:, None], q_down, 0.0))
         elif rule == "flat":  # unit weights on the layer's connections, no bias
             ones = copy.deepcopy(layer)
             with torch.no_grad():
@@ -373,8 +380,9 @@ def _network_reference(model: TwoConvNet, x: torch.Tensor, target: torch.Tensor,
         ({"composite": "alpha_beta", "alpha": 2.0, "beta": 1.0}, ["alpha_beta"] * 3),
         ({"composite": "alpha_beta", "alpha": 1.0, "beta": 0.0}, ["alpha_beta"] * 3),
         ({"composite": "epsilon_plus_flat", "epsilon": 0.01}, ["flat", "alpha_beta", "epsilon"]),  # z+ = alpha 1 beta 0
+        ({"composite": "epsilon", "epsilon": 0.01, "gamma": 0.25}, ["gamma"] * 3),
     ],
-    ids=["alpha2_beta1", "alpha1_beta0", "epsilon_plus_flat"],
+    ids=["alpha2_beta1", "alpha1_beta0", "epsilon_plus_flat", "gamma"],
 )
 def test_lrp_rules_equal_matrix_reference(table, rules, engine):
     """alpha-beta and eps+flat against float64 matrix-form references (in the style of Zennit's test_rules.py)."""
@@ -389,6 +397,7 @@ def test_lrp_rules_equal_matrix_reference(table, rules, engine):
         "alpha_beta": {"alpha": table.get("alpha", 1.0), "beta": table.get("beta", 0.0), "stabilizer": stabilizer},
         "epsilon": {"epsilon": table.get("epsilon", 0.0)},
         "flat": {"stabilizer": stabilizer},
+        "gamma": {"gamma": table.get("gamma", 0.0), "epsilon": table.get("epsilon", 0.0)},
     }
     reference = _network_reference(model, x, target, [(r, params[r]) for r in rules])
     got = LRP(engine=engine, stabilizer=stabilizer, **table)(model, x, target)
@@ -397,6 +406,9 @@ def test_lrp_rules_equal_matrix_reference(table, rules, engine):
     if table["composite"] == "alpha_beta":
         other = {"alpha": 3.0, "beta": 2.0} if table["beta"] == 1.0 else {"alpha": 2.0, "beta": 1.0}
         assert not torch.allclose(LRP(engine=engine, composite="alpha_beta", **other)(model, x, target),
+                                  reference.float(), rtol=1e-3)
+    if "gamma" in table:  # negative control: gamma changes the heatmap (0 is the epsilon rule)
+        assert not torch.allclose(LRP(engine=engine, composite="epsilon", epsilon=0.01)(model, x, target),
                                   reference.float(), rtol=1e-3)
 
 
@@ -477,6 +489,7 @@ FAST_TABLES = [
     {"composite": "alpha_beta", "alpha": 2.0, "beta": 1.0},
     {"composite": "alpha_beta", "alpha": 1.0, "beta": 0.0},
     {"composite": "epsilon_plus_flat"},
+    {"composite": "epsilon", "epsilon": 0.01, "gamma": 0.25},
 ]
 
 
@@ -639,3 +652,56 @@ def test_smoothgrad_is_seeded():
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
     b = explainer("smoothgrad")(model, x, target)
     assert torch.equal(a, b)
+
+
+
+def _layer_relevance(rule, layer: nn.Module, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """R_x of one layer under a rule hook (ours or Zennit's): the output relevance seeds the backward."""
+    handles = rule.copy().register(layer)
+    try:
+        x = x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(layer(x), x, relevance)
+    finally:
+        handles.remove()
+    return got
+
+
+GAMMA_LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), (6,)),
+    "linear_tokens": (lambda: nn.Linear(6, 5), (4, 6)),  # (B, T, D), as in a transformer
+    "conv": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 6, 6)),
+    "grouped_conv": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
+    "depthwise_conv": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (4, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(GAMMA_LAYERS))
+def test_gamma_rule_equals_zennits_gamma_and_a_matrix_reference(name):
+    """The generalised gamma rule of one layer, float64, inputs and biases of both signs: ours (fast_lrp.Gamma)
+    against Zennit's Gamma hook and against the rule in matrix form; gamma = 0 is the epsilon rule."""
+    from heatmapbench.explain import fast_lrp
+
+    make, shape = GAMMA_LAYERS[name]
+    torch.manual_seed(0)
+    layer = make().double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    relevance = torch.randn(out.shape, generator=g, dtype=torch.float64) * out  # relevance where the unit is
+    ours = _layer_relevance(fast_lrp.Gamma(gamma=0.25, stabilizer=0.01), layer, x, relevance)
+    theirs = _layer_relevance(zennit_rules.Gamma(gamma=0.25, stabilizer=0.01), layer, x, relevance)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    reference = _rule_reference("gamma", x, layer, relevance, gamma=0.25, epsilon=0.01)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    epsilon = _layer_relevance(fast_lrp.Epsilon(epsilon=0.01), layer, x, relevance)
+    torch.testing.assert_close(_layer_relevance(fast_lrp.Gamma(gamma=0.0, stabilizer=0.01), layer, x, relevance),
+                               epsilon, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ours, epsilon, rtol=1e-3)  # gamma changes the relevance
+
+
+def test_gamma_is_checked():
+    with pytest.raises(ValueError, match=r"^gamma=-0.5 is invalid: the gamma rule needs gamma >= 0"):
+        LRP(gamma=-0.5)
+    with pytest.raises(ValueError, match="gamma=0.25 is invalid with composite='alpha_beta'"):
+        LRP(composite="alpha_beta", gamma=0.25)

@@ -346,7 +346,8 @@ def test_what_remains_unsupported_is_refused_naming_the_line(what, message):
 def test_cp_lrp_and_attnlrp_are_registered_with_eps_0_01():
     for name, gates in (("cp_lrp", "constant"), ("attnlrp", "uniform")):
         explainer = get_explainer(name)
-        assert (explainer.epsilon, explainer.gates, explainer.pooling) == (0.01, gates, "sum")
+        assert (explainer.epsilon, explainer.gates, explainer.pooling, explainer.gamma) == (0.01, gates, "sum", 0.0)
+        assert get_explainer(name, gamma=0.25).gamma == 0.25
     model = prepared(small_torchvision_vit())
     x, target = inputs()
     heatmap = get_explainer("cp_lrp")(model, x.float().double(), target)
@@ -367,3 +368,33 @@ def test_a_batch_norm_with_an_activation_inside_is_not_folded_as_affine():
         score = model(x)[0, 1]
     relevance = ours(model, x, target, "constant").sum()
     torch.testing.assert_close(relevance, score, rtol=1e-9, atol=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the optional gamma rule on the linear layers of cp_lrp and attnlrp
+
+
+@pytest.mark.parametrize("name", ["torchvision_vit", "hf_vit_sdpa"])
+def test_gamma_rule_equals_zennits_gamma_on_the_linear_layers_of_vits(name):
+    """cp_lrp and attnlrp with gamma: our one-pass gamma rule against Zennit's Gamma hooks on the same
+    linear layers (token inputs (B, T, D), the patch convolution), the other rules shared; float64."""
+    model = prepared(MODELS[name]())
+    x, target = inputs()
+    for gates in ("constant", "uniform"):
+        with explaining(model):
+            ours = LRP(epsilon=0.01, gamma=0.25, gates=gates).attribute(model, x.clone(), target)
+            theirs = LRP(epsilon=0.01, gamma=0.25, gates=gates, engine="zennit").attribute(model, x.clone(), target)
+            plain = LRP(epsilon=0.01, gates=gates).attribute(model, x.clone(), target)
+        assert relative_error(ours, theirs) <= 1e-12, (gates, relative_error(ours, theirs))
+        assert relative_error(ours, plain) > 1e-2  # gamma changes the heatmap: the comparison has teeth
+
+
+@pytest.mark.parametrize("name", ["torchvision_vit", "timm_vit", "hf_vit_sdpa"])
+def test_cp_lrp_with_gamma_conserves_relevance_on_bias_free_vits(name):
+    model = bias_free(prepared(MODELS[name]()))
+    x, target = inputs()
+    with torch.no_grad():
+        score = model(x)[torch.arange(len(x)), target]
+    with explaining(model):
+        relevance = LRP(epsilon=TINY, stabilizer=TINY, gamma=0.25, gates="constant").attribute(model, x.clone(), target)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), score, rtol=1e-9, atol=0.0)
