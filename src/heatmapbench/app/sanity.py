@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from heatmapbench.evaluation.markdown import format_ci, format_number
 from heatmapbench.metrics import names as mn
 from heatmapbench.sanity.mprt import MPRTResult, model_randomisation
 from heatmapbench.app.schema import SanitySettings
@@ -141,9 +142,9 @@ def sanity_markdown(summary: pd.DataFrame) -> str:
     for (name, mode, measure), part in summary.groupby(["explainer", "mode", "measure"], sort=False):
         if mode == "cascading":
             last = part.loc[part.depth.idxmax()]
-            rows.append((name, measure, f"{last['mean']:.3f} [{last.lo:.3f}, {last.hi:.3f}]", mode))
+            rows.append((name, measure, format_ci(last["mean"], last.lo, last.hi, ".3f"), mode))
         else:
-            rows.append((name, measure, f"{part['mean'].mean():.3f} (mean over {len(part)} layers)", mode))
+            rows.append((name, measure, f"{format_number(part['mean'].mean(), '.3f')} (mean over {len(part)} layers)", mode))
     table = pd.DataFrame(rows, columns=["explainer", "measure", "similarity", "mode"])
     wide = table.pivot_table(index=["explainer", "measure"], columns="mode", values="similarity", aggfunc="first")
     lines = ["## Model randomisation (Adebayo et al. 2018): similarity to the trained model's heatmap",
