@@ -66,7 +66,9 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class RoarSettings:
-    """The ``roar`` node, checked before any work (see ``conf/roar.yaml``)."""
+    """The ``roar`` node, checked before any work. ``conf/roar.yaml``'s ``roar:`` block restates these defaults
+    for the command and its reference page; a test keeps the two equal (``explainers`` and ``cache_dir`` differ on
+    purpose)."""
 
     explainers: list[str]
     baseline: str | None = "random"

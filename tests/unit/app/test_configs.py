@@ -269,3 +269,22 @@ def test_perturbation_and_callback_schemas_are_their_signatures(train_cfg, name)
     assert cfg.callbacks.aopc.every_n_epochs == 2 and cfg.callbacks.aopc.gallery_size == aopc["gallery_size"].default
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         train_cfg(f"perturbation={name}", "perturbation.nosie=0.1")  # a typo
+
+
+def test_roar_yaml_and_roar_settings_declare_the_same_defaults():
+    """``conf/roar.yaml``'s ``roar:`` block (what the command and the reference page show) and
+    ``RoarSettings`` (the Python API) cannot drift: same keys, same defaults. Two keys differ on purpose:
+    ``explainers`` is required in Python and chosen by the YAML, ``cache_dir`` is rooted at
+    ``paths.root_dir`` there."""
+    from dataclasses import MISSING, fields
+
+    from heatmapbench.app.roar import RoarSettings
+
+    block = yaml.safe_load((conf_dir() / "roar.yaml").read_text())["roar"]
+    declared = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(RoarSettings) if f.default is not MISSING or f.default_factory is not MISSING}
+    assert set(block) == {f.name for f in fields(RoarSettings)}
+    on_purpose = {"explainers", "cache_dir"}
+    assert {k: block[k] for k in declared if k not in on_purpose} == {k: v for k, v in declared.items()
+                                                                     if k not in on_purpose}
+    assert set(declared) | {"explainers"} == set(block) and block["cache_dir"].endswith(declared["cache_dir"] + "/cache")
