@@ -146,8 +146,8 @@ class ImageFolderDataModule(ImageDataModule):
         check_val_fraction(val_fraction)
         check_normalisation(mean, std, value_range)
         if val_path and val_size:
-            raise ValueError(f"imagefolder: data.val_path={val_path} and data.val_size={val_size} both "
-                             "choose the validation images; set one of them")
+            raise ValueError(f"val_path={val_path} is invalid with val_size={val_size}: both choose the "
+                             "validation images (imagefolder); set one of them")
         self.path = Path(path)
         self.train_path = Path(train_path) if train_path else None
         self.val_path = Path(val_path) if val_path else None

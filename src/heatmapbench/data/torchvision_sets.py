@@ -84,21 +84,21 @@ class _InMemoryDataModule(ImageDataModule):
         super().__init__(data_dir=data_dir, **kwargs)
         native_channels = self.in_channels
         if channels is not None and channels not in (native_channels, 3):
-            raise ValueError(f"{self.name}: data.channels={channels} is invalid: the images have "
+            raise ValueError(f"channels={channels} is invalid: the {self.name} images have "
                              f"{native_channels} channel(s); use {native_channels} or 3 (repeated grey)")
         self.in_channels = channels or native_channels
         if resize is not None and image_size is None:
-            raise ValueError(f"{self.name}: data.resize={resize} needs data.image_size (the crop)")
+            raise ValueError(f"resize={resize} is invalid without image_size (the crop of {self.name} images)")
         if image_size is not None and (resize or image_size) < image_size:
-            raise ValueError(f"{self.name}: data.resize={resize} must be >= data.image_size={image_size}")
+            raise ValueError(f"resize={resize} is invalid: must be >= image_size={image_size} ({self.name})")
         self.resize = resize or image_size
         self.image_size = image_size or self.image_size
         self._native_size = image_size is None
         check_normalisation(mean, std, value_range)
         if mean is not None or std is not None:
             if mean is None or std is None or len(mean) != self.in_channels or len(std) != self.in_channels:
-                raise ValueError(f"{self.name}: data.mean and data.std need {self.in_channels} values each "
-                                 f"(one per channel), got {mean} and {std}")
+                raise ValueError(f"mean={mean} is invalid: mean and std need {self.in_channels} values each "
+                                 f"(one per channel of the {self.name} images), got std={std}")
             self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         elif self.in_channels != native_channels:
             self.mean, self.std = self.mean * self.in_channels, self.std * self.in_channels

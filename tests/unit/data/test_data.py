@@ -8,7 +8,7 @@ from PIL import Image
 
 from heatmapbench.data import (DataNotFoundError, FashionMNISTDataModule, ImageFolderDataModule,
                                MNISTDataModule)
-from tests.helpers import needs_fmnist
+from tests.helpers import make_images, needs_fmnist
 
 
 @needs_fmnist
@@ -58,6 +58,31 @@ def test_missing_data_names_dataset_paths_and_fix(tmp_path, monkeypatch):
 def test_bad_batch_size_is_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"^batch_size=0 is invalid: must be an integer >= 1"):  # plain: the library's own argument
         FashionMNISTDataModule(str(tmp_path), batch_size=0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"channels": 2}, r"channels=2 is invalid: the fashion_mnist images have 1 channel"),
+    ({"resize": 40}, r"resize=40 is invalid without image_size"),
+    ({"image_size": 32, "resize": 20}, r"resize=20 is invalid: must be >= image_size=32"),
+    ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, r"mean=\[0.5, 0.5\] is invalid: mean and std need 1 values each"),
+])
+def test_data_errors_name_the_argument_and_the_command_adds_the_group(tmp_path, kwargs, message):
+    from omegaconf import OmegaConf
+
+    from heatmapbench.app.plumbing import instantiate_data
+    from heatmapbench.app.schema import ConfigError
+
+    with pytest.raises(ValueError, match="^" + message):  # the library's own argument
+        FashionMNISTDataModule(str(tmp_path), **kwargs)
+    cfg = OmegaConf.create({"_target_": "heatmapbench.data.FashionMNISTDataModule", "data_dir": str(tmp_path), **kwargs})
+    with pytest.raises(ConfigError, match="^data." + message):  # the command's key
+        instantiate_data(cfg)
+
+
+def test_imagefolder_val_path_and_val_size_are_one_choice(tmp_path):
+    root = make_images(tmp_path / "images")
+    with pytest.raises(ValueError, match=r"^val_path=.* is invalid with val_size=3: both choose"):
+        ImageFolderDataModule(str(root), val_path=str(root), val_size=3)
 
 
 def test_imagefolder_reads_class_folders(tmp_path):
