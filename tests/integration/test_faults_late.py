@@ -455,6 +455,69 @@ def test_a_signal_whose_exception_a_finalizer_loses_while_a_run_is_logged_still_
     assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM received"
 
 
+def test_a_signal_while_the_run_is_closed_finished_is_raised_after_the_close(eval_cfg, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.store.tracking.dbmodels.models import SqlRun
+
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.app.tracking import RunInterrupted
+
+    real_close, real_entity, armed = MlflowClient.set_terminated, SqlRun.to_mlflow_entity, []
+
+    def set_terminated(self, *args, **kwargs):
+        armed.append("closing")
+        return real_close(self, *args, **kwargs)
+
+    def to_mlflow_entity(self):  # read inside update_run_info's session, after its UPDATE: a write open
+        if armed == ["closing"]:
+            armed.append("signalled")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        return real_entity(self)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", set_terminated)
+    monkeypatch.setattr(SqlRun, "to_mlflow_entity", to_mlflow_entity)
+    cfg = eval_cfg()
+    start = time.monotonic()
+    with pytest.raises(RunInterrupted, match="^SIGTERM received$"):
+        run_evaluate(cfg)
+    assert "signalled" in armed and time.monotonic() - start < 60
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert run.info.status == "FINISHED"  # it was complete; the process stops all the same
+
+
+def test_a_signal_inside_the_store_client_is_raised_once_the_call_is_done(eval_cfg, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from heatmapbench.app.evaluate import run_evaluate
+    from heatmapbench.app.tracking import RunInterrupted
+
+    real, fired = SqlAlchemyStore._log_metrics, []
+
+    def log_metrics(self, run_id, metrics):  # called by the store's log_batch: inside its client code
+        if not fired and any(m.key == "eval/images" for m in metrics):
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the handler runs here; raised here, the metrics were never written
+        return real(self, run_id, metrics)
+
+    monkeypatch.setattr(SqlAlchemyStore, "_log_metrics", log_metrics)
+    cfg = eval_cfg()
+    with pytest.raises(RunInterrupted, match="^SIGTERM received$"):
+        run_evaluate(cfg)
+    (run,) = runs(Path(cfg.paths.mlruns_dir).parent)
+    assert fired and run.info.status == "KILLED"
+    assert "eval/images" in run.data.metrics  # the store call the signal landed in completed
+
+
 def test_stale_running_runs_are_listed_closed_and_counted_by_the_report(tmp_path, capsys):
     import time
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import _thread
 import threading
 import time
 from pathlib import Path
@@ -186,6 +187,9 @@ class Interrupts:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.closing = False
+        #: A signal that arrived while the run was being closed: the run ends as it was, then this is raised.
+        self.late: int | None = None
+        self.deferred = False  # the signal arrived inside the store client: raised a moment later
 
     def check(self) -> None:
         """Raise :class:`RunInterrupted` if a signal arrived whose exception never got here.
@@ -196,6 +200,19 @@ class Interrupts:
         """
         if self.signum is not None and not self.closing:
             raise RunInterrupted(self.signum)
+
+
+#: Modules whose code a signal's exception must not interrupt (see :func:`interrupts_raise`).
+_STORE_CLIENT = ("mlflow.", "sqlalchemy.", "sqlite3")
+
+
+def _in_store_client(frame: Any) -> bool:
+    """Whether ``frame`` or a caller of it runs the MLflow store's client code."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_STORE_CLIENT):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
@@ -214,10 +231,20 @@ def interrupts_raise() -> Iterator[Interrupts]:
     previous = {s: signal.getsignal(s) for s in signums}
 
     def handler(signum: int, frame: Any) -> None:
-        if state.closing or state.signum is not None:
+        if state.closing:
+            state.late = state.late or signum
+            return
+        if state.signum is not None and not (state.deferred and signum == state.signum):
             return
         state.signum = signum
         _note_stop(signum)
+        if _in_store_client(frame):
+            # raised inside the store's client, the exception can leave a database transaction open (a
+            # sqlite store then stays locked for the writes that close the run): raise it just after
+            state.deferred = True
+            threading.Timer(0.05, lambda: None if state.closing else _thread.interrupt_main(signum)).start()
+            return
+        state.deferred = False
         raise RunInterrupted(signum)
 
     for s in signums:
@@ -425,8 +452,8 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
             with heartbeat(logger.experiment, logger.run_id):
                 yield logger
             interrupts.check()  # a signal whose exception was lost ends the run KILLED all the same
+            interrupts.closing = True  # a signal now is raised once the run is closed (FINISHED: it is complete)
             end(logger, "FINISHED", None)
-            interrupts.check()  # also one lost while the run was being closed
         except BaseException as err:
             interrupts.closing = True  # signals are ignored from here on: closing is not to be cut short
             quick = HTTP_LAST_TRY if isinstance(err, LoggingFailedError) else {}
@@ -439,3 +466,5 @@ def tracked_run(logger: Any, cfg: DictConfig, extra_tags: dict[str, str] | None 
                 print(f"warning: could not mark the MLflow run {status_of(err)}: {end_reason(close_err)}",
                       file=sys.stderr, flush=True)
             raise
+        if interrupts.late is not None:  # a signal while the run was closed FINISHED: stop now
+            raise RunInterrupted(interrupts.late)
