@@ -364,20 +364,32 @@ def _keys(node: Any, prefix: str = "") -> Iterator[str]:
 
 
 def root_section(root: str) -> list[str]:
+    """The command's own keys; a block typed by a schema (``roar_schema@roar``) as composed, with its defaults."""
+    from hydra import compose as hydra_compose
+    from omegaconf import OmegaConf
+
     path = CONF / f"{root}.yaml"
     header, comments = yaml_comments(path)
     data = yaml.safe_load(path.read_text()) or {}
+    typed = {entry.partition("@")[2]: entry.partition("@")[0] for entry in defaults_of(path) if "@" in entry}
+    composed = OmegaConf.to_container(hydra_compose(config_name=root), resolve=False) if typed else {}
     lines = [f"### `heatmapbench-{root}`", "", header, "",
              "| key | default | meaning |", "|---|---|---|"]
-    for key, value in data.items():
+    for key in [*data, *(k for k in typed if k not in data)]:
+        value = composed[key] if key in typed else data[key]
         if key in ("defaults",) or isinstance(value, dict) and key in group_roots()[root]:
             continue
         if isinstance(value, dict) and value:  # a block of the command's own (e.g. roar:): key by key
+            schema = schema_meanings().get(typed.get(key, ""), {})
             for sub, inner in flatten(value, key):
-                lines.append(f"| `{sub}` | {show(inner)} | {cell(markdown(comments.get(sub, '')))} |")
+                text = comments.get(sub) or schema.get(sub.removeprefix(f"{key}."), "")
+                lines.append(f"| `{sub}` | {show(inner)} | {cell(markdown(text))} |")
             continue
         lines.append(f"| `{key}` | {show(value)} | {cell(comments.get(key, ''))} |")
     groups = [g for g in group_roots()[root] if g not in SKIP_GROUPS]
+    for key, name in typed.items():
+        lines += ["", f"`{key}` is typed by the schema `{name}` (`heatmapbench.app.schema`): a mistyped key or a value "
+                  "out of range fails before any work starts."]
     lines += ["", "Groups: " + ", ".join(f"[`{g}`](#{g})" for g in groups) + ".", ""]
     return lines
 

@@ -34,7 +34,6 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,62 +46,21 @@ from torch.utils.data import DataLoader
 
 from heatmapbench.app.plumbing import instantiate_data, instantiate_model, launchers_checked, user_errors_exit
 from heatmapbench.app.preflight import check_logger
-from heatmapbench.app.schema import ConfigError, validate
+from heatmapbench.app.schema import RoarSettings, validate
 from heatmapbench.app.store import make_logger, retry_locked, store_lock
 from heatmapbench.app.provenance import run_tags
 from heatmapbench.app.tracking import end_run, heartbeat, status_of, tracked_run
 from heatmapbench.evaluation.core import build_explainers, build_perturbation
 from heatmapbench.metrics import names as mn
 from heatmapbench.perturbation.perturbations import PixelSpace
-from heatmapbench.registry import available, conf_dir
-from heatmapbench.roar import METHODS, Job, dataset_heatmaps, jobs, remove, retrain
+from heatmapbench.registry import conf_dir
+from heatmapbench.roar import Job, dataset_heatmaps, jobs, remove, retrain
 from heatmapbench.roar.retrain import UNMODIFIED
 
 #: The parent run's table and figure (read by the report's metric agreement).
 TABLE = "roar_accuracy.csv"
 FIGURE = "roar_accuracy.png"
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class RoarSettings:
-    """The ``roar`` node, checked before any work. ``conf/roar.yaml``'s ``roar:`` block restates these defaults
-    for the command and its reference page; a test keeps the two equal (``explainers`` and ``cache_dir`` differ on
-    purpose)."""
-
-    explainers: list[str]
-    baseline: str | None = "random"
-    methods: list[str] = field(default_factory=lambda: ["roar", "kar"])
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    fill: str = "train_mean"
-    heatmap_batch_size: int = 256
-    explained_seed: int = 0
-    roar_id: str | None = None
-    cache_dir: str = "outputs/roar"
-
-    def __post_init__(self) -> None:
-        known = available("explainer")
-        names = list(self.explainers) + ([self.baseline] if self.baseline else [])
-        unknown = [n for n in names if n not in known]
-        if unknown or not self.explainers:
-            raise ConfigError(f"roar.explainers={list(self.explainers)} is invalid: name known explainers "
-                              f"({', '.join(known)}); unknown: {unknown}")
-        if not self.methods or any(m not in METHODS for m in self.methods):
-            raise ConfigError(f"roar.methods={list(self.methods)} is invalid: choose from {list(METHODS)}")
-        if not self.fractions or any(not 0 < t <= 1 for t in self.fractions):
-            raise ConfigError(f"roar.fractions={list(self.fractions)} is invalid: fractions in (0, 1]")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"roar.seeds={list(self.seeds)} is invalid: one or more distinct seeds")
-        if self.fill != "train_mean" and self.fill not in available("perturbation"):
-            raise ConfigError(f"roar.fill={self.fill!r} is invalid: train_mean (Hooker et al.) or a perturbation: "
-                              f"{', '.join(available('perturbation'))}")
-        if self.heatmap_batch_size < 1:
-            raise ConfigError(f"roar.heatmap_batch_size={self.heatmap_batch_size} is invalid: must be >= 1")
-
-    @property
-    def all_explainers(self) -> list[str]:
-        return list(dict.fromkeys(list(self.explainers) + ([self.baseline] if self.baseline else [])))
 
 
 def roar_id(cfg: DictConfig, settings: RoarSettings) -> str:
@@ -326,7 +284,7 @@ def run_roar(cfg: DictConfig) -> dict[str, Any]:
     """Check everything, find or open the parent run, run the missing retrainings, log the table and figure."""
     from heatmapbench.roar.figures import plot_accuracy
 
-    validate(cfg, groups=("paths", "data", "trainer", "logger"))
+    validate(cfg, groups=("paths", "data", "trainer", "logger", "roar"))  # roar: RoarSettings' checks
     settings = RoarSettings(**OmegaConf.to_container(cfg.roar, resolve=True))
     check_logger(cfg.logger)
     rid = roar_id(cfg, settings)

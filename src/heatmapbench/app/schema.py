@@ -9,6 +9,8 @@ dataclass), before any data is read or any MLflow run exists.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
+import difflib
 import functools
 import inspect
 import re
@@ -27,7 +29,8 @@ from heatmapbench.data.base import DataNotFoundError, check_loader_args, check_n
 from heatmapbench.data.imagefolder import check_val_fraction
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.perturbation.presets import PERTURBATIONS
-from heatmapbench.registry import class_path, project_root
+from heatmapbench.registry import available, class_path, project_root
+from heatmapbench.roar.removal import METHODS as ROAR_METHODS
 from heatmapbench.sanity.randomisation import MODES as RANDOMISATION_MODES
 from heatmapbench.sanity.similarity import SIMILARITIES
 
@@ -283,9 +286,77 @@ class SanitySettings:
             raise ConfigError(f"sanity.gallery_size={self.gallery_size} is invalid: must be >= 0")
 
 
+@dataclass
+class RoarSettings:
+    """The ``roar`` node of ``heatmapbench-roar`` (ROAR and KAR, Hooker et al. 2019), checked before any work.
 
-#: group -> (schema name, dataclass)
+    The one source of these defaults: ``conf/roar.yaml`` lists this schema as ``roar_schema@roar`` and
+    sets only ``explainers`` (required here) and ``cache_dir`` (rooted at ``paths.root_dir`` there).
+
+    Parameters
+    ----------
+    explainers
+        The explainers whose heatmaps decide what is removed (names of the explainer catalogue).
+    baseline
+        The random ranking every explainer is compared with (an explainer name; null: none).
+    methods
+        ``roar`` (remove the top-t locations of each heatmap) and/or ``kar`` (keep them: remove the bottom-t).
+    fractions
+        The fractions t of the locations removed, each in (0, 1].
+    seeds
+        Each retraining runs once per seed (model init, data order); >= 2 show the spread.
+    fill
+        ``train_mean``: the per-channel mean of the training images (Hooker et al.); or a perturbation
+        of the engine: uniform, mean, constant, blur, road (noisy linear imputation).
+    heatmap_batch_size
+        Images per explainer call when the heatmaps of the whole data set are computed.
+    explained_seed
+        Seed of the explained model when ckpt_path is null (its retraining is also the unmodified one
+        of this seed).
+    roar_id
+        Parent run id tag; null: a hash of model, data, trainer, fill and explained weights.
+    cache_dir
+        Explained model and heatmaps per roar_id, kept for resuming.
+    """
+
+    explainers: list[str]
+    baseline: Optional[str] = "random"
+    methods: list[str] = field(default_factory=lambda: ["roar", "kar"])
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    fill: str = "train_mean"
+    heatmap_batch_size: int = 256
+    explained_seed: int = 0
+    roar_id: Optional[str] = None
+    cache_dir: str = "outputs/roar"
+
+    def __post_init__(self) -> None:
+        known = available("explainer")
+        names = list(self.explainers) + ([self.baseline] if self.baseline else [])
+        unknown = [n for n in names if n not in known]
+        if unknown or not self.explainers:
+            raise ConfigError(f"roar.explainers={list(self.explainers)} is invalid: name known explainers "
+                              f"({', '.join(known)}); unknown: {unknown}")
+        if not self.methods or any(m not in ROAR_METHODS for m in self.methods):
+            raise ConfigError(f"roar.methods={list(self.methods)} is invalid: choose from {list(ROAR_METHODS)}")
+        if not self.fractions or any(not 0 < t <= 1 for t in self.fractions):
+            raise ConfigError(f"roar.fractions={list(self.fractions)} is invalid: fractions in (0, 1]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"roar.seeds={list(self.seeds)} is invalid: one or more distinct seeds")
+        if self.fill != "train_mean" and self.fill not in available("perturbation"):
+            raise ConfigError(f"roar.fill={self.fill!r} is invalid: train_mean (Hooker et al.) or a perturbation: "
+                              f"{', '.join(available('perturbation'))}")
+        if self.heatmap_batch_size < 1:
+            raise ConfigError(f"roar.heatmap_batch_size={self.heatmap_batch_size} is invalid: must be >= 1")
+
+    @property
+    def all_explainers(self) -> list[str]:
+        return list(dict.fromkeys(list(self.explainers) + ([self.baseline] if self.baseline else [])))
+
+
+#: group -> (schema name, dataclass); the group "" holds the root configs' own blocks (``roar_schema@roar``)
 SCHEMAS: dict[str, dict[str, type]] = {
+    "": {"roar_schema": RoarSettings},
     "paths": {"paths_schema": PathsConfig},
     "data": {"torchvision_data_schema": TorchvisionDataConfig,
              "imagefolder_data_schema": ImageFolderDataConfig,
@@ -307,7 +378,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
-            cs.store(group=group, name=name, node=node)
+            cs.store(group=group or None, name=name, node=node)
 
 
 def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger", "evaluation")) -> None:
@@ -318,6 +389,13 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "train
             continue
         if OmegaConf.get_type(node) is dict:
             continue  # a user's own config without a schema: nothing to check here
+        keys = [f.name for f in dataclasses.fields(OmegaConf.get_type(node))]
+        extra = [k for k in node.keys() if k not in keys]  # added with +group.key=..., which Hydra lets through
+        if extra:
+            close = difflib.get_close_matches(str(extra[0]), keys, n=1)
+            hint = f"did you mean {group}.{close[0]}? " if close else ""
+            raise ConfigError(f"{group}.{extra[0]} is not a setting of {group}: {hint}its keys are "
+                              f"{', '.join(k for k in keys if k != '_target_')}")
         missing = sorted(k for k in node.keys() if OmegaConf.is_missing(node, k))
         if missing:
             raise ConfigError(f"{group}.{missing[0]} is required but not set; pass {group}.{missing[0]}=...")

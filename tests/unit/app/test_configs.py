@@ -110,7 +110,7 @@ def test_experiments_compose(train_cfg, tmp_path, data_dir, name):
         from heatmapbench.app.roar import RoarSettings
 
         cfg = compose_config("roar", [f"experiment={name}"], tmp_path, data_dir)
-        validate(cfg, groups=("paths", "data", "trainer", "logger"))
+        validate(cfg, groups=("paths", "data", "trainer", "logger", "roar"))
         settings = RoarSettings(**resolved_config(cfg)["roar"])
         assert settings.methods == ["roar", "kar"] and len(settings.seeds) >= 2 and settings.baseline == "random"
     elif name.startswith("sanity"):  # heatmapbench-evaluate with the randomisation test
@@ -240,6 +240,8 @@ def test_no_config_file_restates_a_default():
     restated = {f"{path.parent.name}/{path.name}": keys for group in conf.iterdir()
                 if group.is_dir() and group.name not in UNTYPED for path in sorted(group.glob("*.yaml"))
                 if (keys := restated_defaults(conf, group.name, path))}
+    restated.update({path.name: keys for path in sorted(conf.glob("*.yaml"))  # root configs: roar_schema@roar
+                     if (keys := restated_defaults(conf, "", path))})
     assert not restated, f"keys that restate their schema's or base file's default: {restated}"
 
 
@@ -252,6 +254,10 @@ def test_the_restated_default_check_sees_one(tmp_path):
     path = tmp_path / "callbacks" / "aopc.yaml"
     path.write_text("defaults:\n  - aopc_schema@aopc\n\naopc:\n  gallery_size: 6\n  figures: every\n")
     assert restated_defaults(tmp_path, "callbacks", path) == ["aopc.gallery_size"]
+    path = tmp_path / "roar.yaml"
+    path.write_text("defaults:\n  - roar_schema@roar\n  - _self_\n  - data: fashion_mnist\n\nseed: 0\n"
+                    "roar:\n  explainers: [random]\n  seeds: [0, 1]\n  fill: road\n")
+    assert restated_defaults(tmp_path, "", path) == ["roar.seeds"]
 
 
 @pytest.mark.parametrize("name", available("perturbation"))
@@ -271,20 +277,33 @@ def test_perturbation_and_callback_schemas_are_their_signatures(train_cfg, name)
         train_cfg(f"perturbation={name}", "perturbation.nosie=0.1")  # a typo
 
 
-def test_roar_yaml_and_roar_settings_declare_the_same_defaults():
-    """``conf/roar.yaml``'s ``roar:`` block (what the command and the reference page show) and
-    ``RoarSettings`` (the Python API) cannot drift: same keys, same defaults. Two keys differ on purpose:
-    ``explainers`` is required in Python and chosen by the YAML, ``cache_dir`` is rooted at
-    ``paths.root_dir`` there."""
+def test_roar_block_is_roar_settings_and_what_roar_yaml_sets(tmp_path, data_dir):
+    """The composed ``roar`` node is ``RoarSettings``' defaults (the one source; ``conf/roar.yaml`` lists it as
+    ``roar_schema@roar``) with the two keys roar.yaml sets: ``explainers`` (required in Python) and ``cache_dir``
+    (rooted at ``paths.root_dir``). Overrides reach it, typed; a typo fails at composition, one added with ``+``
+    in one line before any work."""
     from dataclasses import MISSING, fields
 
-    from heatmapbench.app.roar import RoarSettings
+    from heatmapbench.app.schema import RoarSettings
 
-    block = yaml.safe_load((conf_dir() / "roar.yaml").read_text())["roar"]
+    cfg = compose_config("roar", [], tmp_path, data_dir)
+    assert OmegaConf.get_type(cfg.roar) is RoarSettings
+    block = resolved_config(cfg)["roar"]
     declared = {f.name: f.default if f.default is not MISSING else f.default_factory()
                 for f in fields(RoarSettings) if f.default is not MISSING or f.default_factory is not MISSING}
-    assert set(block) == {f.name for f in fields(RoarSettings)}
-    on_purpose = {"explainers", "cache_dir"}
-    assert {k: block[k] for k in declared if k not in on_purpose} == {k: v for k, v in declared.items()
-                                                                     if k not in on_purpose}
-    assert set(declared) | {"explainers"} == set(block) and block["cache_dir"].endswith(declared["cache_dir"] + "/cache")
+    set_by_yaml = {"explainers": ["sensitivity_l2", "guided_backprop", "lrp_epsilon_0.01"],
+                   "cache_dir": f"{cfg.paths.root_dir}/outputs/roar/cache"}
+    assert block == {**declared, **set_by_yaml} and set(block) == {f.name for f in fields(RoarSettings)}
+    assert RoarSettings(**block).all_explainers == [*set_by_yaml["explainers"], "random"]
+
+    cfg = compose_config("roar", ["roar.fractions=[1]", "roar.seeds=[0]"], tmp_path, data_dir)
+    assert cfg.roar.fractions == [1.0] and isinstance(cfg.roar.fractions[0], float) and cfg.roar.seeds == [0]
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="fractoins"):
+        compose_config("roar", ["roar.fractoins=[0.5]"], tmp_path, data_dir)
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config("roar", ["roar.seeds=[one]"], tmp_path, data_dir)
+    cfg = compose_config("roar", ["+roar.fractoins=[0.5]"], tmp_path, data_dir)
+    with pytest.raises(ConfigError, match=r"^roar.fractoins is not a setting of roar: did you mean roar.fractions\?"):
+        validate(cfg, groups=("roar",))
+    with pytest.raises(ConfigError, match=r"^roar.seeds=\[0, 0\] is invalid"):
+        validate(compose_config("roar", ["roar.seeds=[0,0]"], tmp_path, data_dir), groups=("roar",))
