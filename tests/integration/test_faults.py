@@ -4,6 +4,7 @@ stores, the exit status and the store's state asserted (nothing left RUNNING, a 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -15,7 +16,8 @@ import torch
 from mlflow import MlflowClient
 
 from heatmapbench.metrics import names as mn
-from tests.helpers import EVAL, TRAIN, finish, make_images, needs_fmnist, no_runs, runs, start, store, wait_for_running
+from tests.helpers import (EVAL, TRAIN, finish, make_images, needs_fmnist, no_runs, run_main, runs, start, store,
+                           wait_for_running)
 
 
 # -- signals and exceptions end the run, with the right exit status ---------------------------
@@ -233,13 +235,36 @@ def broken_images(tmp_path) -> Path:
     return root
 
 
-def test_an_unreadable_image_fails_before_any_work_naming_it(eval_cfg, broken_images):
-    from heatmapbench.data import DataNotFoundError
-    from heatmapbench.app.evaluate import run_evaluate
+def _one_error_line(err: str) -> str:
+    """The one line a user error prints (``error: ...``); no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
 
+
+def test_an_unreadable_image_fails_before_any_work_naming_it(eval_cfg, broken_images):
     cfg = eval_cfg(f"data.path={broken_images}")
-    with pytest.raises(DataNotFoundError, match=r"cannot read the image .*class1/9.png; .*data.skip_unreadable=true"):
-        run_evaluate(cfg)
+    code, err = run_main("evaluate", cfg)  # the command's main, as the CLI runs it
+    line = _one_error_line(err)
+    assert code == 2 and re.search(r"cannot read the image .*class1/9.png; .*pass data.skip_unreadable=true to", line)
+    assert no_runs(cfg)
+
+
+@pytest.mark.parametrize("case", ["imagefolder without train_path", "fashion_mnist files missing"])
+def test_train_data_errors_are_one_line_naming_data_keys(train_cfg, images, tmp_path, monkeypatch, case):
+    """Errors found while the training data is read: one line naming the ``data.`` keys, exit 2, no run."""
+    from heatmapbench.data import FashionMNISTDataModule
+
+    if case == "imagefolder without train_path":
+        cfg = train_cfg("data=imagefolder", f"data.path={images}")
+        head, fix = "error: imagefolder: training needs data.train_path, a class-folder tree", "(data.path holds"
+    else:
+        monkeypatch.setattr(FashionMNISTDataModule, "offline_sources", ())
+        cfg = train_cfg(f"data.data_dir={tmp_path / 'empty'}")
+        head, fix = "error: fashion_mnist: dataset files not found.", "pass data.download=true (needs internet)"
+    code, err = run_main("train", cfg)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(head) and fix in line, line
     assert no_runs(cfg)
 
 

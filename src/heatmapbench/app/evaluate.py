@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
-from heatmapbench.app.plumbing import (apply_explainer_shortcut, instantiate_callbacks, instantiate_data,
+from heatmapbench.app.plumbing import (apply_explainer_shortcut, data_keys, instantiate_callbacks, instantiate_data,
                                       instantiate_model, instantiate_node, launchers_checked, selected_explainer,
                                       user_errors_exit)
 from heatmapbench.app.schema import ConfigError, config_error, validate
@@ -90,9 +90,10 @@ def build_inputs(cfg: DictConfig):
     net = net.to(device).eval()
     apply_model_preprocessing(cfg, net)
     datamodule = instantiate_data(cfg.data)
-    if hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
-    datamodule.setup("test")
+    with data_keys():  # reading the data (files found, images scanned): an error names the data.* keys
+        if hasattr(datamodule, "prepare_data"):
+            datamodule.prepare_data()
+        datamodule.setup("test")
     dataset = datamodule.test_set
     n = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
     if n == 0:

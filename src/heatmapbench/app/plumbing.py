@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 from omegaconf import open_dict
 
 from heatmapbench.app.schema import ConfigError, config_error
-from heatmapbench.data import DataNotFoundError
+from heatmapbench.data import DataError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
 from heatmapbench.registry import conf_dir
@@ -24,7 +25,7 @@ from heatmapbench.app.store import StoreError, disk_full
 from heatmapbench.app.tracking import LoggingFailedError, RunInterrupted, end_reason
 
 #: Errors that are the user's input, not a bug: printed as one clear line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataNotFoundError, WeightsNotFoundError,
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, WeightsNotFoundError,
                                                  CheckpointError, MissingExtraError, ModelConfigError)
 
 
@@ -137,10 +138,22 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
+@contextlib.contextmanager
+def data_keys() -> Iterator[None]:
+    """Where a command builds or reads its data: a data module's error naming its arguments
+    (``pass download=True``) is raised naming the ``data`` config keys (``data.download=true``)."""
+    try:
+        yield
+    except DataError as err:
+        raise err.in_group("data") from None
+
+
 def instantiate_data(cfg: DictConfig) -> Any:
     """Instantiate the ``data`` node; a data error raised while building it reaches the user as one line
-    (:func:`instantiate_node`), not as a traceback after the error's own text."""
-    return instantiate_node(cfg, "data")
+    naming the ``data.`` keys (:func:`instantiate_node`, :func:`data_keys`), not as a traceback after the
+    error's own text."""
+    with data_keys():
+        return instantiate_node(cfg, "data")
 
 
 def instantiate_model(cfg: DictConfig) -> Any:

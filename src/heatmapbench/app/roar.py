@@ -44,7 +44,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from heatmapbench.app.plumbing import instantiate_data, instantiate_model, launchers_checked, user_errors_exit
+from heatmapbench.app.plumbing import (data_keys, instantiate_data, instantiate_model, launchers_checked,
+                                       user_errors_exit)
 from heatmapbench.app.preflight import check_logger
 from heatmapbench.app.schema import RoarSettings, validate
 from heatmapbench.app.store import make_logger, retry_locked, store_lock
@@ -89,8 +90,9 @@ class Retrainer:
     def __init__(self, cfg: DictConfig, settings: RoarSettings, folder: Path) -> None:
         self.cfg, self.settings, self.folder = cfg, settings, folder
         datamodule = instantiate_data(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
+        with data_keys():  # reading the data: an error names the data.* keys
+            datamodule.prepare_data()
+            datamodule.setup("fit")
         self.data = {"train": _tensors(datamodule.train_set), "test": _tensors(datamodule.test_set)}
         self.data["val"] = _tensors(datamodule.val_set) if len(datamodule.val_set) else None
         self.batch_size = int(datamodule.batch_size)

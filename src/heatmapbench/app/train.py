@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import adapt_num_classes, apply_model_preprocessing, describe_preprocessing
 from heatmapbench.callbacks import AOPCCallback
-from heatmapbench.app.plumbing import (instantiate_callbacks, instantiate_data, instantiate_model, launchers_checked,
-                                       user_errors_exit)
+from heatmapbench.app.plumbing import (data_keys, instantiate_callbacks, instantiate_data, instantiate_model,
+                                       launchers_checked, user_errors_exit)
 from heatmapbench.app.schema import ConfigError, validate
 from heatmapbench.evaluation.markdown import correlation_markdown
 from heatmapbench.models.zoo import preprocessing_of
@@ -37,7 +37,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = training_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # read safely, before anything
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model, datamodule, notes = build_model_and_data(cfg)
-    datamodule.prepare_data()
+    with data_keys():  # files found or downloaded: an error names the data.* keys
+        datamodule.prepare_data()
     callbacks = callbacks_the_trainer_allows(instantiate_callbacks(cfg.get("callbacks")), cfg.trainer)
     _check_model_and_data(model, datamodule, callbacks)
     check_optimizer(model)
@@ -96,7 +97,8 @@ def _check_model_and_data(model: pl.LightningModule, datamodule: Any, callbacks:
     """One training image through the net, the AOPC callback's regions against the image size."""
     if not hasattr(datamodule, "train_set"):
         return  # not a heatmapbench data module: Lightning will say what is wrong
-    datamodule.setup("fit")
+    with data_keys():  # the training images read and scanned (a training tree is needed): errors name data.* keys
+        datamodule.setup("fit")
     x = datamodule.train_set[0][0].unsqueeze(0)  # (1, C, H, W)
     net = getattr(model, "net", model)
     check_model_fits_data(net, x, getattr(datamodule, "num_classes", None), exact=True)

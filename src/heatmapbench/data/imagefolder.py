@@ -4,7 +4,7 @@ Every file is checked when the folder is scanned, before any work: its header is
 mode must be one that converts to RGB without losing its meaning (:func:`read_rgb`), and it is
 decoded in full, since damage inside a file (a JPEG corrupt in the middle, whose header and end
 are whole) shows only when it is decoded. A truncated or undecodable image is named there (or left
-out with ``data.skip_unreadable=true``), not found mid-run. Cost: one decode per image, JPEGs at
+out with ``skip_unreadable=True``), not found mid-run. Cost: one decode per image, JPEGs at
 1/8 scale (libjpeg still reads and entropy-decodes the whole compressed stream, where damage is
 found, but skips most of the inverse DCT), on several threads; ``benches/bench_image_scan.py``
 measures it against the header-only check.
@@ -23,7 +23,8 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD, DataNotFoundError, ImageDataModule, check_normalisation
+from heatmapbench.data.base import (IMAGENET_MEAN, IMAGENET_STD, DataArgumentError, DataNotFoundError, ImageDataModule,
+                                    check_normalisation)
 from heatmapbench.data.samples import eval_transform
 
 
@@ -157,9 +158,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.std = tuple(std)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.transform = eval_transform(image_size, resize, self.mean, self.std, self.value_range)
-        for folder in (self.path, self.train_path, self.val_path):
+        for argument, folder in (("path", self.path), ("train_path", self.train_path), ("val_path", self.val_path)):
             if folder is not None:
-                self.check_folder(folder)
+                self.check_folder(folder, argument)
         self.classes = self._common_classes()
         self.num_classes = len(self.classes)
 
@@ -182,12 +183,12 @@ class ImageFolderDataModule(ImageDataModule):
         return found[0]
 
     @staticmethod
-    def check_folder(path: str | Path) -> None:
-        """``DataNotFoundError`` unless ``path`` is a folder (its images are looked at later)."""
+    def check_folder(path: str | Path, argument: str = "path") -> None:
+        """``DataNotFoundError`` naming ``argument`` unless ``path`` is a folder (its images are looked at later)."""
         if not Path(path).is_dir():
             raise DataNotFoundError(
-                f"imagefolder: no folder at {path}. Set data.path to a folder laid out as "
-                "<path>/<class_name>/<image>.jpg (e.g. ILSVRC2012 val sorted into class folders).")
+                "imagefolder: no folder at {folder}. Set {%s} to a folder laid out as <folder>/<class_name>/"
+                "<image>.jpg (e.g. ILSVRC2012 val sorted into class folders)." % argument, {argument: None}, folder=path)
 
     def load_split(self, train: bool) -> Dataset:
         root = self.train_path if (train and self.train_path is not None) else self.path
@@ -232,9 +233,10 @@ class ImageFolderDataModule(ImageDataModule):
         names = [str(Path(f).relative_to(root)) for f in bad]
         if not self.skip_unreadable:
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise DataNotFoundError(f"imagefolder: cannot read the image {bad[0]}{more}; remove or fix it, or pass "
-                                    "data.skip_unreadable=true to leave unreadable files out (they are listed in the "
-                                    f"run). {Path(bad[0]).name}: {reasons[0][:200]}")
+            raise DataNotFoundError("imagefolder: cannot read the image {file}{more}; remove or fix it, or pass "
+                                    "{skip_unreadable} to leave unreadable files out (they are listed in the run). "
+                                    "{name}: {reason}", {"skip_unreadable": True}, file=bad[0], more=more,
+                                    name=Path(bad[0]).name, reason=reasons[0][:200])
         keep = [(f, t) for f, t in ds.samples if f not in set(bad)]
         if not keep:
             raise DataNotFoundError(f"imagefolder: none of the {len(bad)} files under {root} is a readable image")
@@ -246,7 +248,8 @@ class ImageFolderDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate") and self.train_path is None:
-            raise ValueError("imagefolder: training needs data.train_path (a second class-folder tree)")
+            raise DataArgumentError("imagefolder: training needs {train_path}, a class-folder tree of training "
+                                    "images ({path} holds the test images)", {"train_path": None, "path": None})
         if self.train_set is None and stage in (None, "fit", "validate") and self.train_path is not None:
             full = self.load_split(train=True)
             if self.val_path is not None:

@@ -67,8 +67,8 @@ def foolbox_data_dir() -> Path:
             return folder
     raise DataNotFoundError(
         "imagenet_samples: the sample images come from the foolbox wheel's data/ folder, but "
-        f"foolbox is not installed. {_HOW_TO_GET}, or set data.data_dir to a folder of "
-        "imagenet_<index>_<label>.jpg files.")
+        "foolbox is not installed. {how}, or pass {data_dir}, a folder of imagenet_<index>_<label>.jpg files.",
+        {"data_dir": None}, how=_HOW_TO_GET)
 
 
 def sample_files(folder: Path) -> list[tuple[Path, int]]:
@@ -132,12 +132,13 @@ class ImageNetSamplesDataModule(ImageDataModule):
     @staticmethod
     def _find(folder: Path) -> list[tuple[Path, int]]:
         if not folder.is_dir():
-            raise DataNotFoundError(f"imagenet_samples: no folder at {folder}. Leave data.data_dir unset "
-                                    f"to use foolbox's samples ({_HOW_TO_GET}).")
+            raise DataNotFoundError("imagenet_samples: no folder at {folder}. Leave {data_dir} unset to use "
+                                    "foolbox's samples ({how}).", {"data_dir": None}, folder=folder, how=_HOW_TO_GET)
         files = sample_files(folder)
         if not files:
-            raise DataNotFoundError(f"imagenet_samples: no imagenet_<index>_<label>.jpg files in {folder}. "
-                                    f"Leave data.data_dir unset to use foolbox's samples ({_HOW_TO_GET}).")
+            raise DataNotFoundError("imagenet_samples: no imagenet_<index>_<label>.jpg files in {folder}. Leave "
+                                    "{data_dir} unset to use foolbox's samples ({how}).", {"data_dir": None},
+                                    folder=folder, how=_HOW_TO_GET)
         return files
 
     def load_split(self, train: bool) -> Dataset:

@@ -155,10 +155,9 @@ class _TorchvisionDataModule(_InMemoryDataModule):
             return
         tried = [str(self.raw_folder)] + [str(s) for s in self.offline_sources]
         raise DataNotFoundError(
-            f"{self.name}: dataset files not found. Paths tried: {', '.join(tried)}. "
-            f"To provide it: run with data.download=true (needs internet){self.how_to_get}, "
-            f"or place the four IDX files in {self.raw_folder}."
-        )
+            "{name}: dataset files not found. Paths tried: {tried}. To provide it: pass {download} (needs "
+            "internet){how_to_get}, or place the four IDX files in {raw}.", {"download": True},
+            name=self.name, tried=", ".join(tried), how_to_get=self.how_to_get, raw=self.raw_folder)
 
     def load_split(self, train: bool) -> Dataset:
         self.prepare_data()
@@ -213,9 +212,9 @@ class CIFAR10DataModule(_InMemoryDataModule):
                 torchvision.datasets.CIFAR10(str(self.data_dir), train=train, download=True)
             return
         raise DataNotFoundError(
-            f"cifar10: dataset files not found. Path tried: {folder}. To provide it: run with "
-            f"data.download=true (needs internet), or unpack cifar-10-python.tar.gz into {self.data_dir}."
-        )
+            "cifar10: dataset files not found. Path tried: {folder}. To provide it: pass {download} (needs "
+            "internet), or unpack cifar-10-python.tar.gz into {data_dir}.", {"download": True},
+            folder=folder, data_dir=self.data_dir)
 
     def load_split(self, train: bool) -> Dataset:
         self.prepare_data()

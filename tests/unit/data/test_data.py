@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
 from PIL import Image
 
-from heatmapbench.data import (DataNotFoundError, FashionMNISTDataModule, ImageFolderDataModule,
-                               MNISTDataModule)
+from heatmapbench.data import (CIFAR10DataModule, DataError, DataNotFoundError, FashionMNISTDataModule,
+                               ImageFolderDataModule, ImageNetSamplesDataModule, MNISTDataModule)
 from tests.helpers import make_images, needs_fmnist
 
 
@@ -50,7 +54,7 @@ def test_missing_data_names_dataset_paths_and_fix(tmp_path, monkeypatch):
         dm.prepare_data()
     text = str(err.value)
     assert "fashion_mnist" in text and str(tmp_path / "data") in text and str(tmp_path / "debian") in text
-    assert "data.download=true" in text and "dataset-fashion-mnist" in text
+    assert "pass download=True" in text and "dataset-fashion-mnist" in text
     with pytest.raises(DataNotFoundError, match="mnist"):
         MNISTDataModule(str(tmp_path / "data")).prepare_data()
 
@@ -79,6 +83,62 @@ def test_data_errors_name_the_argument_and_the_command_adds_the_group(tmp_path, 
         instantiate_data(cfg)
 
 
+def _read_errors(tmp_path: Path) -> dict[str, tuple[Callable[[], object], dict[str, str]]]:
+    """Data read or looked for, each wrong in one way: what raises, and how the library and the commands
+    spell each argument its message names."""
+    images = make_images(tmp_path / "images", per_class=2, size=8)
+    broken = make_images(tmp_path / "broken", per_class=2, size=8)
+    (broken / "class1" / "9.png").write_bytes(b"not an image")
+    empty, nowhere = tmp_path / "empty", tmp_path / "nowhere"
+    empty.mkdir()
+    small = {"image_size": 8, "resize": 8}
+    return {
+        "mnist files": (lambda: MNISTDataModule(str(empty)).prepare_data(), {"download=True": "data.download=true"}),
+        "cifar10 files": (lambda: CIFAR10DataModule(str(empty)).prepare_data(), {"download=True": "data.download=true"}),
+        "unreadable image": (lambda: ImageFolderDataModule(str(broken), **small).setup("test"),
+                             {"skip_unreadable=True": "data.skip_unreadable=true"}),
+        "no path folder": (lambda: ImageFolderDataModule(str(nowhere)), {"Set path": "Set data.path"}),
+        "no train_path folder": (lambda: ImageFolderDataModule(str(images), train_path=str(nowhere)),
+                                 {"Set train_path": "Set data.train_path"}),
+        "training without train_path": (lambda: ImageFolderDataModule(str(images), **small).setup("fit"),
+                                        {"needs train_path": "needs data.train_path", "(path": "(data.path"}),
+        "val_size of every image": (
+            lambda: ImageFolderDataModule(str(images), train_path=str(images), val_size=6, **small).setup("fit"),
+            {"val_size=6 is invalid": "data.val_size=6 is invalid"}),
+        "no samples": (lambda: ImageNetSamplesDataModule(str(empty)), {"Leave data_dir": "Leave data.data_dir"}),
+    }
+
+
+@pytest.mark.parametrize("case", ["mnist files", "cifar10 files", "unreadable image", "no path folder",
+                                  "no train_path folder", "training without train_path", "val_size of every image",
+                                  "no samples"])
+def test_data_read_errors_name_arguments_and_the_commands_name_data_keys(tmp_path, case):
+    """The library's message names the module's arguments, never a config key; a command reads the same
+    message with the ``data.`` keys (``data_keys`` wraps its data reading), and nothing else changed."""
+    import pickle
+
+    make, spelled = _read_errors(tmp_path)[case]
+    with pytest.raises(DataError) as lib:
+        make()
+    text = str(lib.value)
+    assert all(python in text for python in spelled) and not re.search(r"\bdata\.[a-z]", text), text
+
+    from heatmapbench.app.plumbing import data_keys
+
+    with pytest.raises(type(lib.value)) as cli, data_keys():
+        make()
+    expected = text
+    for python, key in spelled.items():
+        expected = expected.replace(python, key)
+    assert str(cli.value) == expected != text
+    assert str(pickle.loads(pickle.dumps(lib.value)).in_group("data")) == expected  # a sweep's worker pickles it
+
+
+def test_training_without_train_path_is_still_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match=r"^imagefolder: training needs train_path, a class-folder tree"):
+        ImageFolderDataModule(str(make_images(tmp_path / "images")), image_size=8, resize=8).setup("fit")
+
+
 def test_imagefolder_val_path_and_val_size_are_one_choice(tmp_path):
     root = make_images(tmp_path / "images")
     with pytest.raises(ValueError, match=r"^val_path=.* is invalid with val_size=3: both choose"):
@@ -98,5 +158,5 @@ def test_imagefolder_reads_class_folders(tmp_path):
     px = dm.denormalize(x)
     red = px[y == 0][:, 0].mean() if (y == 0).any() else px[y == 1][:, 2].mean()
     assert red.item() == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(DataNotFoundError, match="data.path"):
+    with pytest.raises(DataNotFoundError, match="Set path to a folder"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
