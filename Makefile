@@ -12,7 +12,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 help:
 	@echo "make demo   set up .venv, get Fashion-MNIST, train the small CNN with AOPC tracking"
 	@echo "make test   set up .venv, get Fashion-MNIST, run the test suite"
-	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT) (prints the Model-training view's links)"
+	@echo "make ui     serve the MLflow UI for mlruns/ on http://127.0.0.1:$(PORT) (saves the answer-first chart view, prints the links)"
 	@echo "make lint   check the code with ruff (the rules are listed and explained in pyproject.toml)"
 	@echo "make bench  run the benchmarks in benches/ (installs the peers first)"
 	@echo "make docs   build the documentation site into site/ (strict: a broken link fails); docs-serve serves it"

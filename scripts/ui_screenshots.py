@@ -69,7 +69,7 @@ def shoot(base: str, store: str, experiment: str, out: Path, chromium: str) -> l
     from mlflow import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    from heatmapbench.app.ui import artifact_url, run_url
+    from heatmapbench.app.ui import artifact_url, publish_views, run_url, view_url
 
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
@@ -101,11 +101,16 @@ def shoot(base: str, store: str, experiment: str, out: Path, chromium: str) -> l
         page.wait_for_url("**workflowType=machine_learning**")
         page.get_by_text(run.run_name[:20]).first.wait_for()
         save("2_model_training_runs")
-        # 3. The run's Model metrics tab, filtered to AOPC relative to random.
+        # 3. The runs as charts in the answer-first view make ui saves (AOPC relative to random, accuracy first).
+        publish_views(store)
+        page.goto(view_url(base, exp.experiment_id))
+        page.get_by_placeholder("Search metric charts").wait_for()
+        save("3_answer_first_view")
+        # 4. The run's Model metrics tab, filtered to AOPC relative to random.
         page.goto(run_url(base, exp.experiment_id, run.run_id).replace("?", "/model-metrics?"))
         page.get_by_placeholder("Search metric charts").fill("aopc_rel/")
-        save("3_model_metrics")
-        # 4. A chart's ⋮ menu → Configure: the "Edit chart" dialog; the accuracy added beside AOPC.
+        save("4_model_metrics")
+        # 5. A chart's ⋮ menu → Configure: the "Edit chart" dialog; the accuracy added beside AOPC.
         page.get_by_placeholder("Search metric charts").fill("aopc_rel/lrp_epsilon_0.01")
         page.wait_for_timeout(1000)
         page.locator("[data-testid='experiment-view-compare-runs-card-menu']").first.click()
@@ -116,12 +121,12 @@ def shoot(base: str, store: str, experiment: str, out: Path, chromium: str) -> l
         page.keyboard.type("eval/accuracy")
         page.keyboard.press("Enter")
         page.keyboard.press("Escape") if page.get_by_role("listbox").count() else None
-        save("4_edit_chart")
+        save("5_edit_chart")
         page.keyboard.press("Escape")
-        # 5. The key figure in the Artifacts tab.
+        # 6. The key figure in the Artifacts tab.
         page.goto(artifact_url(base, exp.experiment_id, run.run_id, "aopc/accuracy_vs_aopc.png"))
         page.get_by_text("accuracy_vs_aopc.png").first.wait_for()
-        save("5_key_figure")
+        save("6_key_figure")
         browser.close()
     return shots
 

@@ -1,11 +1,16 @@
-"""Check, in headless Chromium, that MLflow's UI orders a run's Model metrics tab as ``make ui`` says.
+"""Check, in headless Chromium, that MLflow's UI shows sections in the order ``make ui`` says.
 
-``heatmapbench.app.ui.chart_sections`` mirrors the rule of MLflow 3's UI (sections by metric-name
-prefix, sorted, names without ``/`` last), and ``make ui`` prints where ``aopc_rel`` and ``val`` sit
-by it. This script logs a run with heatmapbench's metric names (and one upper-case prefix, which sorts
-first by code point) into a temporary store, serves it with ``mlflow ui``, opens the run's Model
-metrics tab, reads the section headers in page order and compares. Exit status 1 when MLflow's order
-differs (then update ``chart_sections``).
+Two checks on a temporary store with heatmapbench's metric names (and one upper-case prefix, which sorts
+first by code point), served with ``mlflow ui``:
+
+- a run's *Model metrics* tab: ``heatmapbench.app.ui.chart_sections`` mirrors MLflow 3's rule (sections
+  by metric-name prefix, sorted, names without ``/`` last), and ``make ui`` prints where ``aopc_rel`` and
+  ``val`` sit by it;
+- the answer-first chart view ``make ui`` saves on each experiment (``publish_views``): opened with its
+  link, the runs' charts must show ``answer_first_sections`` in order, the answer's sections open and
+  the others closed, and the view must be listed by name under *Views*.
+
+Exit status 1 when MLflow's UI differs (then update ``heatmapbench.app.ui``).
 
     pip install -e '.[screenshots]'             # Playwright; the browser is the system's chromium
     python scripts/ui_sections.py
@@ -29,6 +34,9 @@ MEASURES = ("aopc", "aopc_lo", "aopc_hi", "aopc_rel", "aopc_rel_lo", "aopc_rel_h
 KEYS = ([f"{m}/{e}" for e in EXPLAINERS for m in MEASURES] + [f"corr_pearson/aopc_rel/{e}" for e in EXPLAINERS]
         + ["eval/accuracy", "eval/images", "eval/random_ordering/aopc", "eval/random_ordering/corr_pearson/aopc",
            "val/acc", "val/loss", "train/loss", "epoch", "Zeta/x"])
+#: A chart's title is its metric's name after the section's: one of each section, to tell open from closed.
+PROBES = {"aopc_rel": "aopc_rel/lrp_epsilon_0.01", "val": "val/acc", "aopc": "aopc/lrp_epsilon_0.01",
+          "Zeta": "Zeta/x"}
 
 
 def sections_in_page(text: str) -> list[str]:
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    from heatmapbench.app.ui import chart_sections, run_url
+    from heatmapbench.app.ui import VIEW_NAME, answer_first_sections, chart_sections, publish_views, run_url, view_url
 
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/mlflow.db"
@@ -57,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             for key in KEYS:
                 client.log_metric(run, key, 0.1 * step, step=step)
         client.set_terminated(run)
+        publish_views(store)
         port = free_port()
         server = serve(store, Path(tmp) / "artifacts", port)
+        base = f"http://127.0.0.1:{port}"
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
@@ -66,19 +76,41 @@ def main(argv: list[str] | None = None) -> int:
                 context.add_init_script(QUIET)
                 page = context.new_page()
                 page.set_default_timeout(180_000)
-                page.goto(run_url(f"http://127.0.0.1:{port}", eid, run).replace("?", "/model-metrics?"))
+                page.goto(run_url(base, eid, run).replace("?", "/model-metrics?"))
                 page.get_by_placeholder("Search metric charts").wait_for()
                 page.wait_for_timeout(8000)
                 seen = sections_in_page(page.inner_text("body"))
+                page.goto(view_url(base, eid))
+                page.get_by_placeholder("Search metric charts").wait_for()
+                page.wait_for_timeout(8000)
+                body = page.inner_text("body")
+                view_seen = sections_in_page(body)
+                titles = {line.strip() for line in body.splitlines()}
+                open_seen = {section for section, title in PROBES.items() if title in titles}
+                page.get_by_test_id("saved-views-trigger").click(force=True)
+                page.wait_for_timeout(2000)
+                listed = VIEW_NAME in page.inner_text("body")
                 browser.close()
         finally:
             server.terminate()
             server.wait(timeout=60)
     expected = chart_sections(KEYS)
-    print("MLflow shows: ", ", ".join(seen))
-    print("chart_sections:", ", ".join(expected))
+    print("Model metrics tab, MLflow shows: ", ", ".join(seen))
+    print("chart_sections:                  ", ", ".join(expected))
+    wanted = answer_first_sections(KEYS)
+    print("answer-first view, MLflow shows: ", ", ".join(view_seen))
+    print("answer_first_sections:           ", ", ".join(name for name, _ in wanted))
+    wanted_open = {name for name, is_open in wanted if is_open} & set(PROBES)
+    print(f"open sections among {sorted(PROBES)}: {sorted(open_seen)} (expected {sorted(wanted_open)}); "
+          f"listed under Views: {listed}")
+    failed = False
     if seen != expected:
         print("error: MLflow's UI orders the Model metrics tab otherwise; update heatmapbench.app.ui.chart_sections")
+        failed = True
+    if view_seen != [name for name, _ in wanted] or open_seen != wanted_open or not listed:
+        print("error: MLflow's UI shows the answer-first view otherwise; update heatmapbench.app.ui.answer_first_view")
+        failed = True
+    if failed:
         return 1
     print("same order")
     return 0

@@ -7,6 +7,11 @@ left sidebar once, which the UI remembers in the browser. A page reached by clic
 the GenAI view. ``make ui`` prints, before serving the store, a link to each experiment, to its
 newest run and to that run's key figure, all in the model-training view, and says how to keep it.
 
+MLflow orders chart sections by metric name, which puts raw ``aopc`` before ``aopc_rel`` and ``val`` near
+the end. So before the links ``make ui`` saves on each experiment a chart view that leads with the answer
+(:func:`publish_views`): an experiment tag that MLflow 3.17's UI lists under *Views* and opens from the
+first links printed (:func:`view_url`).
+
     python -m heatmapbench.app.ui --tracking-uri sqlite:///$PWD/mlruns/mlflow.db --port 5000
 """
 
@@ -18,7 +23,7 @@ import sys
 from typing import Iterable
 from urllib.parse import quote
 
-from heatmapbench.app.store import store_exists
+from heatmapbench.app.store import one_line, retry_locked, store_exists
 
 #: The query parameter MLflow 3's UI reads to pick the "Model training" view (not "GenAI apps & agents").
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -51,8 +56,23 @@ KEEP_VIEW = ("These links open MLflow's Model training view. To keep it, click '
 
 #: The name MLflow 3's UI gives the section of metrics whose names have no ``/``.
 MODEL_METRICS = "Model metrics"
-#: The sections a reader should see first: the unconfounded measure and the accuracy it moves with.
-ANSWER_SECTIONS = ("aopc_rel", "val")
+#: The name MLflow 3's UI gives the section of ``system/`` metrics.
+SYSTEM_METRICS = "System metrics"
+#: The sections a reader should see first, in this order: AOPC relative to the random ordering, the
+#: validation accuracy it moves with (with a point at step 0, before training), the accuracy the AOPC
+#: callback compared with, the other unconfounded comparisons of an evaluation (ABPC, how often an
+#: explainer beats the random ordering), ROAR's and KAR's retrained accuracies, and the model-randomisation
+#: test's similarity.
+ANSWER_SECTIONS = ("aopc_rel", "val", "eval", "abpc", "beats_random", "roar", "kar", "sanity/mprt")
+
+#: The chart view ``make ui`` keeps on every experiment: the experiment tag ``mlflow.sharedViewState.<key>``,
+#: which MLflow 3's UI opens for ``?viewStateShareKey=<key>`` (its own *Share* button writes such tags).
+VIEW_KEY = "heatmapbench-answer-first"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+#: The view's name in the UI's *Views* list (MLflow 3.17 lists every such tag whose value is a named envelope).
+VIEW_NAME = "Answer first (heatmapbench)"
+#: MLflow's limit on an experiment tag's value.
+_MAX_TAG_VALUE = 20_000
 
 
 def chart_sections(metric_keys: Iterable[str]) -> list[str]:
@@ -69,10 +89,115 @@ def chart_sections(metric_keys: Iterable[str]) -> list[str]:
     return sorted(s for s in sections if s != MODEL_METRICS) + ([MODEL_METRICS] if MODEL_METRICS in sections else [])
 
 
+def section_of(key: str) -> str:
+    """The chart section MLflow 3's UI puts a metric in: its name up to the last ``/``."""
+    if key.startswith("system/"):
+        return SYSTEM_METRICS
+    return key.rsplit("/", 1)[0] if "/" in key else MODEL_METRICS
+
+
+def answer_first_sections(metric_keys: Iterable[str]) -> list[tuple[str, bool]]:
+    """``(section, open)`` in the order the answer-first view shows them: :data:`ANSWER_SECTIONS` first and
+    open, then every other section in MLflow's own order (:func:`chart_sections`), closed; *System metrics*
+    last."""
+    keys = list(metric_keys)
+    present = {section_of(k) for k in keys}
+    first = [s for s in ANSWER_SECTIONS if s in present]
+    rest = [s for s in chart_sections(keys) if s not in first]
+    system = [SYSTEM_METRICS] if SYSTEM_METRICS in present else []
+    return [(s, True) for s in first] + [(s, False) for s in rest + system]
+
+
+def answer_first_view(metric_keys: Iterable[str]) -> dict:
+    """The shared view state (the JSON of an ``mlflow.sharedViewState.<key>`` experiment tag) that opens an
+    experiment's chart view on :func:`answer_first_sections`.
+
+    Only the sections are given, with ``isAccordionReordered`` so the UI keeps their order; the charts
+    are left empty, and the UI adds one per metric into its section (``updateChartAndSectionConfigs`` in
+    MLflow 3.17's bundle), as it does for a metric first logged while the page is open. Charts of
+    metrics the runs shown do not have are hidden.
+    """
+    sections = [{"uuid": f"hb-{i}", "name": name, "display": is_open, "isReordered": False}
+                for i, (name, is_open) in enumerate(answer_first_sections(metric_keys))]
+    return {"compareRunCharts": [], "compareRunSections": sections, "isAccordionReordered": True,
+            "hideEmptyCharts": True}
+
+
+def view_tag_value(metric_keys: Iterable[str], created_at: int, updated_at: int) -> str:
+    """The value of :data:`VIEW_TAG`: the envelope MLflow 3.17's *Save view* writes (``name``, ``createdAt``,
+    ``updatedAt`` in ms, ``state`` the view as a JSON string), so the view is listed by name under *Views*.
+    Closed sections are dropped from the end while the value exceeds MLflow's tag limit (the UI adds a
+    section it is not given after the others)."""
+    view = answer_first_view(metric_keys)
+    while True:
+        value = json.dumps({"name": VIEW_NAME, "createdAt": created_at, "updatedAt": updated_at,
+                            "state": json.dumps(view, separators=(",", ":"))}, separators=(",", ":"))
+        closed = [i for i, section in enumerate(view["compareRunSections"]) if not section["display"]]
+        if len(value) <= _MAX_TAG_VALUE or not closed:
+            return value
+        del view["compareRunSections"][closed[-1]]
+
+
+def _view_state(value: str | None) -> dict | None:
+    try:
+        return json.loads(json.loads(value)["state"]) if value else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def publish_views(tracking_uri: str, max_runs: int = 10_000) -> list[tuple[str, str]]:
+    """Write (or refresh) the answer-first view on every experiment of the store that has runs, from the
+    metric names its runs (at most ``max_runs`` each) have logged; ``(experiment name, id)`` of each.
+
+    A view whose sections are unchanged is left as it is; one the user saved under another name is never
+    touched. Raises what the store raises (MlflowException, OSError) when it cannot be written.
+    """
+    if not store_exists(tracking_uri):
+        return []
+    import time
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    done = []
+    for experiment in _experiments(client):
+        keys: set[str] = set()
+        token = None
+        seen = 0
+        while seen < max_runs:
+            page = client.search_runs([experiment.experiment_id], max_results=min(1000, max_runs - seen),
+                                      page_token=token)
+            for run in page:
+                keys.update(run.data.metrics)
+            seen += len(page)
+            token = page.token
+            if not token:
+                break
+        if not seen:
+            continue
+        old = experiment.tags.get(VIEW_TAG)
+        now = int(time.time() * 1000)
+        try:
+            created = int(json.loads(old)["createdAt"]) if old else now
+        except (ValueError, KeyError, TypeError):
+            created = now
+        value = view_tag_value(keys, created, now)
+        if old is None or _view_state(old) != _view_state(value):
+            retry_locked(client.set_experiment_tag)(experiment.experiment_id, VIEW_TAG, value)
+        done.append((experiment.name, experiment.experiment_id))
+    return done
+
+
+def view_url(base: str, experiment_id: str) -> str:
+    """An experiment's runs in the chart view, opened on the answer-first view (:data:`VIEW_KEY`)."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            f"&compareRunsMode=CHART&{TRAINING_VIEW}")
+
+
 def answer_hint(metric_keys: Iterable[str]) -> str | None:
-    """One line on where :data:`ANSWER_SECTIONS` sit in a run's Model metrics tab and how to see them first."""
+    """One line on where ``aopc_rel`` and ``val`` sit in a run's own Model metrics tab and how to see them first."""
     sections = chart_sections(metric_keys)
-    found = [(s, sections.index(s) + 1) for s in ANSWER_SECTIONS if s in sections]
+    found = [(s, sections.index(s) + 1) for s in ANSWER_SECTIONS[:2] if s in sections]
     if not found:
         return None
     where = ", ".join(f"{s} is section {i} of {len(sections)}" for s, i in found)
@@ -164,8 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     if not links:
         print(f"No runs in {args.tracking_uri} yet (make demo first). The UI: {base}/#/experiments?{TRAINING_VIEW}")
         return 0
-    print("MLflow UI, Model training view (open once the server below is up):")
     width = max(len(label) for label, _ in links)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        views = publish_views(args.tracking_uri)
+    except (MlflowException, OSError) as err:  # the store refused the tag: the links below still work
+        views = []
+        print(f"note: could not save the answer-first chart view ({one_line(err)}); the links below open "
+              "MLflow's default layout")
+    if views:
+        print("Start here: each experiment's runs as charts, AOPC relative to random and accuracy first "
+              f"(the view '{VIEW_NAME}' under Views):")
+        for name, eid in views:
+            print(f"  {name:<{width}}  {view_url(base, eid)}")
+    print("MLflow UI, Model training view (open once the server below is up):")
     for label, url in links:
         print(f"  {label:<{width}}  {url}")
     newest = newest_run_urls(args.tracking_uri, base)
