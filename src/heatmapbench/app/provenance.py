@@ -101,12 +101,24 @@ def _short_override(override: str) -> str:
     return f"{key.split('.')[-1]}{sep}{value}" if sep else override
 
 
+#: Overrides that say how a command displays, not what it ran: left out of run names.
+_DISPLAY_OVERRIDES = ("progress=",)
+
+
+def _name_order(overrides: list[str]) -> list[str]:
+    """The overrides a run name shows, most telling first: display settings dropped, ``experiment=``
+    last (an experiment config names its MLflow experiment too, so within it every run shares it)."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(_DISPLAY_OVERRIDES)]
+    return sorted(kept, key=lambda o: o.lstrip("+~").startswith("experiment="))
+
+
 def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[str, str]]:
     """A unique, meaningful run name and, inside a sweep (``-m``), the sweep's tags.
 
-    The name reads ``<task> <model>/<data> <overrides> [#<job>] <4 hex>``: what ran, what was changed
-    (at most 40 characters, so that the name fits the runs table and chart legends), and a random
-    suffix that keeps reruns apart (the start time is a column of its own). Every job of one sweep
+    The name reads ``<task> <model>/<data> <overrides> [#<job>] <4 hex>``: what ran (the data module's
+    name without ``DataModule``), what was changed (at most 40 characters, so that the name fits the runs
+    table and chart legends; ``experiment=`` last and display settings left out, see :func:`_name_order`),
+    and a random suffix that keeps reruns apart (the start time is a column of its own). Every job of one sweep
     gets the same ``sweep_id`` (its sweep directory) plus its job number and overrides, so the
     runs can be filtered together in the UI and in ``report``.
     """
@@ -126,8 +138,9 @@ def run_identity(cfg: DictConfig, task: str | None = None) -> tuple[str, dict[st
             sweep_dir = Path(str(hc.sweep.dir))
             sweep = {"sweep_id": f"{sweep_dir.parent.parent.name}/{sweep_dir.name}",
                      "sweep_job": str(hc.job.num), "sweep_overrides": " ".join(overrides) or "(none)"}
-    parts = [tags_["task"], "/".join(tags_[k] for k in ("model", "data") if k in tags_)]
-    shown = " ".join(_short_override(o) for o in overrides)
+    what = [tags_[k] for k in ("model", "data") if k in tags_]
+    parts = [tags_["task"], "/".join(w.removesuffix("DataModule") or w for w in what)]
+    shown = " ".join(_short_override(o) for o in _name_order(overrides))
     if shown:
         parts.append(shown if len(shown) <= 40 else shown[:39] + "…")
     if sweep:
@@ -169,8 +182,10 @@ def readable_params(cfg: DictConfig) -> dict[str, str]:
     def walk(node: Any, key: str) -> None:
         if isinstance(node, DictConfig):
             if node.get("_target_") and key and key != "trainer":
-                # the perturbation as its tag spells it (``uniform``): one name per concept in the UI
-                out[key] = _class_name(node).lower() if key == "perturbation" else _class_name(node)
+                # the model and the perturbation as their tags spell them (``SmallCNN``, not the Lightning
+                # module's class; ``uniform``): one name per concept in the UI
+                out[key] = (_class_name(node).lower() if key == "perturbation" else _model_label(node)
+                            if key == "model" else _class_name(node))
             for child in node.keys():
                 name = f"{key}.{child}" if key else str(child)
                 if child in _HYDRA_KEYS or OmegaConf.is_interpolation(node, child):

@@ -16,7 +16,10 @@ def test_train_params_are_readable(tmp_path, data_dir):
     assert not [v for v in params.values() if os.path.isabs(v)], params
     assert params["ckpt_path"] == "…/checkpoints/last.ckpt"
     assert params["model.net"] == "SmallCNN" and params["data"] == "FashionMNISTDataModule"
-    assert params["perturbation"] == "uniform" == run_tags(cfg, "train")["perturbation"]  # one name per concept
+    tags = run_tags(cfg, "train")
+    assert {k: params[k] for k in ("model", "data", "perturbation")} == {  # one name per concept
+        k: tags[k] for k in ("model", "data", "perturbation")} == {
+        "model": "SmallCNN", "data": "FashionMNISTDataModule", "perturbation": "uniform"}
     assert "None" not in params.values() and "task_name" not in params  # the tag task says it
     assert params["trainer.max_epochs"] == "2" and params["model.optimizer.lr"] == "0.01"
     assert params["evaluation.region_size"] == str(cfg.evaluation.region_size)
@@ -35,7 +38,9 @@ def test_names_are_unique_and_say_what_ran_and_tags_match(tmp_path, data_dir):
     (a, sweep), (b, _) = run_identity(cfg, "train"), run_identity(cfg, "train")
     assert run_identity(compose_config("train", ["model.optimizer.lr=0.01"], tmp_path, data_dir), "train")[0].split()[2] == "lr=0.01"
     assert a != b and sweep == {}
-    assert a.startswith("train SmallCNN/FashionMNISTDataModule experiment=demo max_epochs=2 ")
+    assert a.startswith("train SmallCNN/FashionMNIST max_epochs=2 experiment=demo ")
+    quiet = compose_config("train", ["experiment=demo", "progress=false", "model.optimizer.lr=0.01"], tmp_path, data_dir)
+    assert run_identity(quiet, "train")[0].startswith("train SmallCNN/FashionMNIST lr=0.01 experiment=demo ")
     train = run_tags(cfg, "train", ["random"])
     ev = compose_config("evaluate", ["model=small_cnn", "data=fashion_mnist"], tmp_path, data_dir)
     evaluate = run_tags(ev, "evaluate", ["random"])
