@@ -28,6 +28,8 @@ from heatmapbench.data import FashionMNISTDataModule, ImageFolderDataModule, Ima
 from heatmapbench.data.base import DataError, DataNotFoundError, check_loader_args, check_normalisation
 from heatmapbench.data.imagefolder import check_val_fraction
 from heatmapbench.evaluation.settings import EvaluationSettings
+from heatmapbench.models import ClassifierModule
+from heatmapbench.models.classifier import FINE_TUNING
 from heatmapbench.perturbation.presets import PERTURBATIONS
 from heatmapbench.registry import available, class_path, project_root
 from heatmapbench.roar.removal import METHODS as ROAR_METHODS
@@ -364,6 +366,10 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "data": {"torchvision_data_schema": TorchvisionDataConfig,
              "imagefolder_data_schema": ImageFolderDataConfig,
              "imagenet_samples_data_schema": ImageNetSamplesDataConfig},
+    # ClassifierModule's arguments (net, optimizer, scheduler: any node; the network's keys are its builder's); the
+    # fine-tuning ones only for pretrained nets: ClassifierModule refuses them for a net that names no head
+    "model": {"classifier_schema": signature_schema(ClassifierModule, "ClassifierModuleConfig", skip=FINE_TUNING),
+              "finetune_classifier_schema": signature_schema(ClassifierModule, "FineTuneClassifierModuleConfig")},
     "trainer": {"trainer_schema": TrainerConfig},
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
     "evaluation": {"evaluation_schema": EvaluationSettings},

@@ -25,6 +25,8 @@ from heatmapbench.models.zoo import head_of
 
 #: What ``backbone_bn`` may be: how the backbone's BatchNorm layers train once it is unfrozen.
 BACKBONE_BN = ("train", "eval", "frozen")
+#: The fine-tuning arguments: they need a network whose head is named (a pretrained zoo, timm or Hugging Face net).
+FINE_TUNING = ("freeze_backbone_epochs", "backbone_lr_factor", "backbone_bn")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -80,7 +82,7 @@ class ClassifierModule(pl.LightningModule):
                                  "outputs (net.num_classes); set num_classes=<classes>")
         head = head_of(net)
         if head is None and (freeze_backbone_epochs or backbone_lr_factor != 1.0 or backbone_bn != "train"):
-            raise ValueError(f"freeze_backbone_epochs / backbone_lr_factor / backbone_bn need a "
+            raise ValueError(f"{' / '.join(FINE_TUNING)} need a "
                              f"network whose head is known (a zoo model); {type(net).__name__} names none")
         # plain data only, so checkpoints load with weights_only=True (the optimiser partials
         # are in the run's config, which RunRecord writes into the checkpoint)

@@ -254,6 +254,16 @@ def test_the_restated_default_check_sees_one(tmp_path):
     path = tmp_path / "callbacks" / "aopc.yaml"
     path.write_text("defaults:\n  - aopc_schema@aopc\n\naopc:\n  gallery_size: 6\n  figures: every\n")
     assert restated_defaults(tmp_path, "callbacks", path) == ["aopc.gallery_size"]
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "small_cnn.yaml"  # the file as it was before the model schemas
+    path.write_text("defaults:\n  - classifier_schema\n\n_target_: heatmapbench.models.ClassifierModule\n"
+                    "num_classes: 10\nnet:\n  _target_: heatmapbench.models.SmallCNN\n"
+                    "optimizer:\n  _target_: torch.optim.Adam\n  lr: 0.001\nscheduler: null\n")
+    assert restated_defaults(tmp_path, "model", path) == ["scheduler"]
+    path = tmp_path / "model" / "_imagenet.yaml"
+    path.write_text("defaults:\n  - finetune_classifier_schema\n\nnum_classes: 1000\nfreeze_backbone_epochs: 0\n"
+                    "backbone_lr_factor: 0.1\nbackbone_bn: train\n")
+    assert restated_defaults(tmp_path, "model", path) == ["backbone_bn", "freeze_backbone_epochs"]
     path = tmp_path / "roar.yaml"
     path.write_text("defaults:\n  - roar_schema@roar\n  - _self_\n  - data: fashion_mnist\n\nseed: 0\n"
                     "roar:\n  explainers: [random]\n  seeds: [0, 1]\n  fill: road\n")
@@ -275,6 +285,34 @@ def test_perturbation_and_callback_schemas_are_their_signatures(train_cfg, name)
     assert cfg.callbacks.aopc.every_n_epochs == 2 and cfg.callbacks.aopc.gallery_size == aopc["gallery_size"].default
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         train_cfg(f"perturbation={name}", "perturbation.nosie=0.1")  # a typo
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_schemas_are_classifier_modules_signature(train_cfg, name):
+    """Every model option is typed by a schema read from ``ClassifierModule``'s signature: the pretrained nets
+    (whose head is named) with the fine-tuning arguments, the others without (ClassifierModule refuses them there).
+    A key the YAML does not set keeps the signature's default; a typo fails at composition."""
+    import inspect
+
+    from heatmapbench.models import ClassifierModule
+    from heatmapbench.models.classifier import FINE_TUNING
+
+    cfg = train_cfg(f"model={name}")
+    params = inspect.signature(ClassifierModule).parameters
+    pretrained = name not in ("small_cnn", "small_vit", "vgg_small", "checkpoint")
+    schema = "finetune_classifier_schema" if pretrained else "classifier_schema"
+    assert OmegaConf.get_type(cfg.model) is SCHEMAS["model"][schema]
+    assert set(cfg.model) - {"_target_"} == set(params) - (set() if pretrained else set(FINE_TUNING))
+    assert cfg.model._target_ == "heatmapbench.models.ClassifierModule"
+    for key in FINE_TUNING if pretrained else ():
+        assert cfg.model[key] == params[key].default
+    if name != "vgg_small":  # the one with a scheduler
+        assert cfg.model.scheduler is params["scheduler"].default
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="freeze_backbone_epoch"):
+        train_cfg(f"model={name}", "model.freeze_backbone_epoch=1")  # a typo
+    if pretrained:
+        with pytest.raises((ConfigCompositionException, ValidationError), match="freeze_backbone_epochs"):
+            train_cfg(f"model={name}", "model.freeze_backbone_epochs=one")
 
 
 def test_roar_block_is_roar_settings_and_what_roar_yaml_sets(tmp_path, data_dir):
