@@ -268,6 +268,57 @@ def test_train_data_errors_are_one_line_naming_data_keys(train_cfg, images, tmp_
     assert no_runs(cfg)
 
 
+#: Models built wrongly in one way each, through a command: its overrides, and what its one error line
+#: says (the library's message with the config keys in place of the builder's arguments).
+MODEL_ERRORS = {
+    "ckpt_path of no file": ("evaluate", ["ckpt_path={tmp}/none.ckpt"],
+                             r"checkpoint: no file at \S+none.ckpt \(ckpt_path\); point it at a .ckpt file"),
+    "model=checkpoint of another head width": (
+        "evaluate", ["model=checkpoint", "model.net.ckpt_path={ten}", "model.num_classes=3", "model.net.net.in_channels=3",
+                     "+model.net.net.image_size=32"],
+        r"model.net.ckpt_path=\S+ten.ckpt has a 10-way head but the net is built with model.num_classes=3: fine-tune "
+        r"a fresh 3-way head on the checkpoint's other weights \(heatmapbench-train head=adapt\), or use 10 outputs"),
+    "train head=keep on a checkpoint of another head width": (
+        "train", ["model=checkpoint", "model.net.ckpt_path={ten}", "model.num_classes=3", "model.net.net.in_channels=3",
+                  "+model.net.net.image_size=32", "head=keep", "data.train_path={images}"],
+        r"model.net.ckpt_path=\S+ten.ckpt has a 10-way head .*\(heatmapbench-train head=adapt\)"),
+    "torchvision weights not cached": ("evaluate", ["model=vgg16"],
+                                       r"vgg16: pretrained IMAGENET1K_V1 weights not found at "),
+    "timm name unknown": ("evaluate", ["model=timm", "model.net.name=nope_netx"],
+                          r"model.net.name=nope_netx is not a timm model; timm.list_models"),
+    "imagenet_samples resize": ("evaluate", ["data=imagenet_samples", "preprocessing_from_model=false",
+                                             "data.resize=100", "data.image_size=200"],
+                                r"data.resize=100 is invalid: must be >= image_size=200 \(imagenet_samples\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_ERRORS))
+def test_model_errors_are_one_line_naming_config_keys(tmp_path, data_dir, images, monkeypatch, case):
+    """A model (or data) argument refused by the library, through the command's main: one line naming
+    the config keys that set it, exit 2, no run."""
+    from heatmapbench.models import SmallCNN
+    from tests.helpers import SHRUNK_TRAIN, compose_config
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub"))  # no cached torchvision weights
+    torch.save({"state_dict": {f"net.{k}": v for k, v in SmallCNN(in_channels=3, num_classes=10, image_size=32)
+                               .state_dict().items()}}, tmp_path / "ten.ckpt")
+    command, overrides, message = MODEL_ERRORS[case]
+    overrides = [o.format(tmp=tmp_path, ten=tmp_path / "ten.ckpt", images=images) for o in overrides]
+    base = SHRUNK_TRAIN + TRAIN if command == "train" else [o for o in EVAL if not o.startswith(("model", "+model"))]
+    if not any(o.startswith("data=") for o in overrides):
+        base = [o for o in base if not o.startswith("data=")] + ["data=imagefolder", f"data.path={images}",
+                                                                 "data.image_size=32", "data.resize=32"]
+    cfg = compose_config(command, base + overrides, tmp_path, data_dir)
+    code, err = run_main(command, cfg)
+    line = _one_error_line(err)
+    assert code == 2 and re.match(f"error: {message}", line), err[-2000:]
+    assert no_runs(cfg)
+    if case == "torchvision weights not cached":  # the fixes, on the lines after it
+        assert all(fix in err for fix in ("pass model.net.allow_download=true (needs internet",
+                                          "pass model.net.weights_path=/path/to/state_dict.pth;",
+                                          "or model.net.weights=null for a randomly initialised network")), err
+
+
 def test_skip_unreadable_leaves_them_out_and_lists_them_in_the_run(eval_cfg, broken_images, tmp_path):
     import mlflow
 

@@ -330,13 +330,15 @@ def test_a_server_that_is_not_mlflow_is_one_line():
     ("no weights", r"vgg16: pretrained IMAGENET1K_V1 weights not found"),
     ("wrong weights", r"^model: vgg16: the weights in .*wrong.pth do not fit the network: 32 keys missing "
                       r"\(features.0.weight, .*\); 1 keys unexpected \(a\)$"),
-    ("checkpoint of another model", r"^ckpt_path=.*small.ckpt: .* do not fit .*keys missing"),
+    ("checkpoint of another model", r"^checkpoint ckpt_path=\S+small.ckpt: its weights do not fit model \(VGG\), "
+                                    r"which must be the architecture trained: .*keys missing"),
 ])
 def test_evaluate_builds_models_through_one_line_errors(tmp_path, data_dir, images, monkeypatch, case, message):
     import torch
 
     from heatmapbench.app.evaluate import build_inputs
     from heatmapbench.models import SmallCNN
+    from heatmapbench.models.errors import CheckpointError
     from heatmapbench.models.zoo import WeightsNotFoundError
     from heatmapbench.app.schema import ConfigError
 
@@ -349,7 +351,7 @@ def test_evaluate_builds_models_through_one_line_errors(tmp_path, data_dir, imag
 
     cfg = compose_config("evaluate", [*overrides[case], "data=imagefolder", f"data.path={images}", "device=cpu"],
                          tmp_path, data_dir)
-    with pytest.raises((ConfigError, WeightsNotFoundError), match=message):
+    with pytest.raises((ConfigError, WeightsNotFoundError, CheckpointError), match=message):
         build_inputs(cfg)
 
 

@@ -366,11 +366,13 @@ def test_a_checkpoint_of_another_width_gets_a_fresh_head_or_a_clear_error(tmp_pa
     for key, value in net.state_dict().items():  # the head as freshly built, everything else the checkpoint's
         assert torch.equal(value, built[key] if key.startswith("10.") else trained[key]), key
     assert sum(k.startswith("10.") for k in built) == 2 and len(built) == 8
-    with pytest.raises(CheckpointError, match="has a 2-way head but the model is built with 10 outputs"):
+    with pytest.raises(CheckpointError, match=r"has a 2-way head but the net is built with num_classes=10: fine-tune a "
+                                              r"fresh 10-way head on the checkpoint's other weights \(adapt_head=True\)"):
         zoo.from_checkpoint(str(path), SmallCNN(num_classes=10))
     # through heatmapbench-train's config: head=adapt (default) replaces, head=keep refuses
     model, _, notes = build_model_and_data(train_cfg("model=checkpoint", f"model.net.ckpt_path={path}"))
     assert model.net[10].out_features == 10
     assert "the checkpoint's 2-way head replaced by a fresh 10-way one" in notes["head"]
-    with pytest.raises(CheckpointError, match="head=adapt to fine-tune a fresh 10-way head"):
+    with pytest.raises(CheckpointError, match=r"^model.net.ckpt_path=\S+two.ckpt has a 2-way head but the net is built "
+                                              r"with model.num_classes=10: .* \(heatmapbench-train head=adapt\)"):
         build_model_and_data(train_cfg("model=checkpoint", f"model.net.ckpt_path={path}", "head=keep"))

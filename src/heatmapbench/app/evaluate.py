@@ -24,9 +24,9 @@ from torch.utils.data import Subset
 
 from heatmapbench.metrics import names as mn
 from heatmapbench.app.adapt_model import apply_model_preprocessing
-from heatmapbench.app.plumbing import (apply_explainer_shortcut, data_keys, instantiate_callbacks, instantiate_data,
-                                      instantiate_model, instantiate_node, launchers_checked, selected_explainer,
-                                      user_errors_exit)
+from heatmapbench.app.plumbing import (CHECKPOINT_KEYS, apply_explainer_shortcut, config_keys, data_keys,
+                                      instantiate_callbacks, instantiate_data, instantiate_model, instantiate_node,
+                                      launchers_checked, selected_explainer, user_errors_exit)
 from heatmapbench.app.schema import ConfigError, config_error, validate
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.evaluation import Evaluation, build_explainers, build_perturbation
@@ -82,7 +82,8 @@ def build_inputs(cfg: DictConfig):
     net = getattr(module, "net", module)
     if cfg.get("ckpt_path"):
         try:
-            from_checkpoint(cfg.ckpt_path, net)
+            with config_keys("model.net", **CHECKPOINT_KEYS):  # errors name ckpt_path, model, not from_checkpoint's
+                from_checkpoint(cfg.ckpt_path, net)
         except CheckpointError:
             raise
         except ValueError as err:  # a file of another network, or not one of heatmapbench-train

@@ -18,6 +18,7 @@ from omegaconf import open_dict
 
 from heatmapbench.app.schema import ConfigError, config_error
 from heatmapbench.data import DataError
+from heatmapbench.errors import ArgumentError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
 from heatmapbench.models.zoo import MissingExtraError, WeightsNotFoundError
 from heatmapbench.registry import conf_dir
@@ -126,11 +127,15 @@ def launchers_checked(main: Callable[..., Any]) -> Callable[..., Any]:
 
 def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """Instantiate a config node whose class checks its arguments: a ``ValueError`` of the class
-    (``epsilon=-1 is invalid: ...``) becomes one line naming the key (``explainer.epsilon=-1 ...``)."""
+    (``epsilon=-1 is invalid: ...``) becomes one line naming the key (``explainer.epsilon=-1 ...``), and an
+    :class:`~heatmapbench.errors.ArgumentError` names the keys of the node that raised it
+    (``pass model.net.weights_path=...``)."""
     try:
         return instantiate(cfg, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
+        if isinstance(cause, ArgumentError):  # named as the keys of the node that failed (model.net)
+            raise as_config_keys(cause, str(err).partition("full_key: ")[2].strip() or key) from None
         if isinstance(cause, USER_ERRORS):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
@@ -138,14 +143,42 @@ def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
+#: Library arguments that the configs set from another key, as the key a user sets (``<node>.<argument>``:
+#: key); the others are named as ``<node>.<argument>`` (``model.net.ckpt_path``). A key written with its
+#: value is used as it is.
+ARGUMENT_KEYS = {
+    "model.net.num_classes": "model.num_classes",  # every model config: net.num_classes: ${..num_classes}
+    "model.net.adapt_head": "heatmapbench-train head=adapt",  # train's head policy sets it (adapt_num_classes)
+}
+
+
+#: ``from_checkpoint(cfg.ckpt_path, <the model's net>)`` in evaluate and roar: its arguments as the root key
+#: ``ckpt_path`` and the model config that builds the net.
+CHECKPOINT_KEYS = {"ckpt_path": "ckpt_path", "net": "model"}
+
+
+def as_config_keys(err: ArgumentError, node: str, **keys: str) -> ArgumentError:
+    """``err`` (a library's error naming its arguments) naming the keys of config ``node`` instead
+    (``pass download=True``: ``pass data.download=true``); ``keys``: an argument the command passed
+    from another key (``ckpt_path="ckpt_path"``), else :data:`ARGUMENT_KEYS` or ``<node>.<argument>``."""
+    known = {name: ARGUMENT_KEYS[f"{node}.{name}"] for name in err.arguments if f"{node}.{name}" in ARGUMENT_KEYS}
+    return err.in_group(node, {**known, **keys})
+
+
 @contextlib.contextmanager
-def data_keys() -> Iterator[None]:
-    """Where a command builds or reads its data: a data module's error naming its arguments
-    (``pass download=True``) is raised naming the ``data`` config keys (``data.download=true``)."""
+def config_keys(node: str, **keys: str) -> Iterator[None]:
+    """Where a command passes config ``node``'s values to the library: an error naming its arguments
+    is raised naming the node's keys (:func:`as_config_keys`)."""
     try:
         yield
-    except DataError as err:
-        raise err.in_group("data") from None
+    except ArgumentError as err:
+        raise as_config_keys(err, node, **keys) from None
+
+
+def data_keys() -> contextlib.AbstractContextManager[None]:
+    """Where a command builds or reads its data: a data module's error naming its arguments
+    (``pass download=True``) is raised naming the ``data`` config keys (``data.download=true``)."""
+    return config_keys("data")
 
 
 def instantiate_data(cfg: DictConfig) -> Any:

@@ -44,8 +44,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from heatmapbench.app.plumbing import (data_keys, instantiate_data, instantiate_model, launchers_checked,
-                                       user_errors_exit)
+from heatmapbench.app.plumbing import (CHECKPOINT_KEYS, config_keys, data_keys, instantiate_data, instantiate_model,
+                                       launchers_checked, user_errors_exit)
 from heatmapbench.app.preflight import check_logger
 from heatmapbench.app.schema import RoarSettings, validate
 from heatmapbench.app.store import make_logger, retry_locked, store_lock
@@ -134,7 +134,8 @@ class Retrainer:
             if self.cfg.get("ckpt_path"):
                 from heatmapbench.models.zoo import from_checkpoint
 
-                from_checkpoint(self.cfg.ckpt_path, module.net)
+                with config_keys("model.net", **CHECKPOINT_KEYS):
+                    from_checkpoint(self.cfg.ckpt_path, module.net)
             else:
                 path = self.folder / "explained_model.pt"
                 if not path.is_file():

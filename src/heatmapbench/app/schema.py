@@ -25,8 +25,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from heatmapbench.callbacks import AOPCCallback
 from heatmapbench.data import FashionMNISTDataModule, ImageFolderDataModule, ImageNetSamplesDataModule
-from heatmapbench.data.base import DataError, DataNotFoundError, check_loader_args, check_normalisation
+from heatmapbench.data.base import DataNotFoundError, check_loader_args, check_normalisation
 from heatmapbench.data.imagefolder import check_val_fraction
+from heatmapbench.errors import ArgumentError
 from heatmapbench.evaluation.settings import EvaluationSettings
 from heatmapbench.models import ClassifierModule
 from heatmapbench.models.classifier import FINE_TUNING
@@ -44,9 +45,10 @@ class ConfigError(ValueError):
 def config_error(key: str, err: Exception) -> ConfigError:
     """A library's error about one of its arguments (``epsilon=-1 is invalid: ...``) as the config key
     that set it (``explainer.epsilon=-1 is invalid: ...``); other messages follow ``<key>: ``, one that
-    already names the key is kept as it is, and a data module's (:class:`~heatmapbench.data.DataError`)
-    names the keys wherever it names an argument (``pass data.download=true``)."""
-    if isinstance(err, DataError):  # the message names its arguments: as the keys
+    already names the key is kept as it is, and one that carries its arguments
+    (:class:`~heatmapbench.errors.ArgumentError`) names the keys wherever it names an argument
+    (``pass data.download=true``)."""
+    if isinstance(err, ArgumentError):  # the message names its arguments: as the keys
         return ConfigError(str(err.in_group(key)))
     text = " ".join(str(err).split())
     if text.startswith((f"{key}.", f"{key}:")):

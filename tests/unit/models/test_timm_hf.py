@@ -148,7 +148,7 @@ def test_timm_weights_from_timms_caches_and_its_download(timm_file, empty_caches
     ref, folder = timm_file
     hf_cache, torch_hub = empty_caches
     x = _x()
-    with pytest.raises(WeightsNotFoundError, match="allow_download=true") as info:
+    with pytest.raises(WeightsNotFoundError, match="pass allow_download=True") as info:
         timm_model("test_vit")
     assert "timm/test_vit.r160_in1k" in str(info.value) and not hf_cache.exists()
     # the Hugging Face hub cache, laid out as huggingface_hub writes it
