@@ -35,6 +35,14 @@ from heatmapbench.registry import conf_dir
 
 
 REPO = Path(__file__).resolve().parents[1]
+#: The package's source folder (the one under test).
+PACKAGE = Path(heatmapbench.__file__).resolve().parent
+
+
+def is_shim(source: str) -> bool:
+    """A module's source is a deprecation shim (it only forwards an old path for one release)."""
+    return "from heatmapbench._moved import moved" in source or (
+        source.lstrip().startswith('"""``python -m heatmapbench.') and "keeps working" in source)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

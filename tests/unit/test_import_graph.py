@@ -10,20 +10,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import heatmapbench
+from tests.helpers import PACKAGE, is_shim
 
-PACKAGE = Path(heatmapbench.__file__).resolve().parent
 APP = "heatmapbench.app"
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def is_shim(source: str) -> bool:
-    return "from heatmapbench._moved import moved" in source or (
-        source.lstrip().startswith('"""``python -m heatmapbench.') and "keeps working" in source)
 
 
 def package_sources() -> dict[str, str]:

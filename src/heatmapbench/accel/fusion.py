@@ -34,7 +34,7 @@ Fusion is a speed-up only, never a change of numbers: a model that cannot be tra
 module hooks (the fused graph would bypass them) or that is in training mode is used as it is,
 and every new graph is checked once against the model on an example input (a mismatch beyond
 float reassociation warns and uses the model). ``with fusion(False):`` switches it off
-(``evaluation.fuse=false`` in the configs).
+(:attr:`~heatmapbench.evaluation.settings.EvaluationSettings.fuse` does so for an evaluation).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class AOPCCallback(pl.Callback):
     every_n_epochs
         Evaluate after every n-th validation epoch (epoch 0, before training, always).
     subset_size
-        Images of the data module's ``eval_subset()``; ``None`` takes ``data.eval_subset_size``.
+        Images of the data module's ``eval_subset()``; ``None`` takes the data module's ``eval_subset_size``.
     log_abpc, log_complexity
         Also log ``abpc/<explainer>`` (runs LeRF too) and ``complexity_png/<explainer>``.
     artifacts

@@ -47,6 +47,7 @@ def build_explainers(explainers: ExplainerSpec) -> dict[str, Explainer]:
     ``name`` (pass a mapping to choose, e.g. two LRP variants). Unknown names fail at once,
     listing the known ones.
     """
+    given = explainers
     if isinstance(explainers, (str, Explainer)):
         explainers = [explainers]
     if isinstance(explainers, Mapping):
@@ -54,7 +55,8 @@ def build_explainers(explainers: ExplainerSpec) -> dict[str, Explainer]:
     else:
         items = [(e if isinstance(e, str) else getattr(e, "name", type(e).__name__), e) for e in explainers]
     if not items:
-        raise ValueError("no explainers configured: set evaluation.explainers=[...] or explainer=<name>")
+        raise ValueError(f"explainers={given!r} is invalid: name at least one explainer (a registered name or an "
+                         "Explainer)")
     labels = [label for label, _ in items]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
@@ -105,7 +107,7 @@ class Evaluation:
         (N,) f(x⁽⁰⁾), the unperturbed score of the target class (logit or probability).
     forwards
         How the engine ran the curves' forwards: ``incremental (…)`` or ``full (why)``
-        (``evaluation.incremental``).
+        (:attr:`EvaluationSettings.incremental`).
     """
 
     steps: int

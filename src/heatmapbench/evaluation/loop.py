@@ -92,7 +92,7 @@ class EvaluationModule(pl.LightningModule):
         ours = self.trainer.strategy.broadcast(float(mine), src=0)
         if not self.trainer.strategy.reduce_boolean_decision(float(mine) == ours, all=True):
             raise RuntimeError("the processes of this evaluation hold different model weights; load the same "
-                               "weights in every process (ckpt_path, model.net.weights_path, or the same seed)")
+                               "weights in every process (the same checkpoint or weights file, or the same seed)")
 
     def on_predict_start(self) -> None:
         total = sum(engine_forwards(self.settings, len(b), len(self.explainers), self.device.type) for b in self._mine)

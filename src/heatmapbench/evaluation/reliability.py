@@ -122,7 +122,8 @@ def score_matrix(table: pd.DataFrame, order: str) -> pd.DataFrame:
     def wide(o: str, column: str) -> pd.DataFrame:
         part = table[table.order == o]
         if not len(part):
-            raise ValueError(f"the per-image table has no {o!r} rows (evaluation.orders must include {o})")
+            raise ValueError(f"the per-image table has no {o!r} rows: order={order!r} needs the {o} curves (score "
+                             f"with {o} among the orders)")
         return part.pivot(index="image", columns="explainer", values=column)  # duplicates raise
 
     if order == "morf":

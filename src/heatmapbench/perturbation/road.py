@@ -225,7 +225,7 @@ def road_impute(x: Tensor, removed: Tensor, *, tol: float = 1e-6, max_iter: int 
         worst = float((rr / bb).max().sqrt())
         warnings.warn(f"ROAD imputation: conjugate gradients stopped at max_iter={max_iter} with a relative "
                       f"residual of {worst:.2g} > tol={tol:g} (images {n}, size {h}x{w}); raise "
-                      "perturbation.max_iter or tol", RuntimeWarning, stacklevel=2)
+                      "max_iter or tol", RuntimeWarning, stacklevel=2)
     out = v.view(n, c, h, e)[:, :, :, :w]
     return torch.where(removed, out, x)
 

@@ -181,8 +181,8 @@ def test_per_image_table_and_files(tmp_path, monkeypatch):
     assert score_matrix(table, "abpc").loc[0, "a"] == 3.0 - 0.5
     with pytest.raises(ValueError, match="order='x' is invalid"):
         score_matrix(table, "x")
-    with pytest.raises(ValueError, match="no 'lerf' rows"):
-        score_matrix(table[table.order == "morf"], "lerf")
+    with pytest.raises(ValueError, match=r"no 'lerf' rows: order='abpc' needs the lerf curves \(score with lerf among"):
+        score_matrix(table[table.order == "morf"], "abpc")
 
     path = write_table(table, tmp_path)
     assert path.name == "per_image.parquet"

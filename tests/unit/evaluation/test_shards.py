@@ -88,3 +88,14 @@ def test_one_join_for_batches_in_memory_and_from_shards():
     other.curves.pop("sensitivity_l2")
     with pytest.raises(ValueError, match="different settings"):
         Evaluation.concat([parts[0], other])
+
+
+@pytest.mark.parametrize("given", [[], {}])
+def test_no_explainers_names_the_argument_and_the_command_the_key(given):
+    """The library names its argument; a command that passed ``evaluation.explainers`` reads that key."""
+    from heatmapbench.app.schema import config_error
+
+    with pytest.raises(ValueError) as err:
+        build_explainers(given)
+    assert str(err.value) == f"explainers={given!r} is invalid: name at least one explainer (a registered name or an Explainer)"
+    assert str(config_error("evaluation", err.value)).startswith(f"evaluation.explainers={given!r} is invalid: name at")

@@ -35,7 +35,8 @@ def test_road_impute_matches_direct_sparse_solve_rgb(frac):
 def test_road_impute_warns_when_max_iter_stops_it_before_tol():
     x = torch.rand(2, 3, 32, 32)
     m = random_mask(2, 32, 32, 0.5, seed=3)
-    with pytest.warns(RuntimeWarning, match=r"stopped at max_iter=3 with a relative residual of .* > tol=1e-06"):
+    with pytest.warns(RuntimeWarning, match=r"stopped at max_iter=3 with a relative residual of .* > tol=1e-06 "
+                                            r"\(images 2, size 32x32\); raise max_iter or tol$"):
         road_impute(x, m, max_iter=3)
     import warnings
 
