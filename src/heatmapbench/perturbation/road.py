@@ -482,7 +482,7 @@ class Road(Perturbation):
             raise ValueError(f"Road needs tol > 0, got {tol}")
         if compile and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cxx):
             raise ValueError("Road(compile=True) needs a C++ compiler for torch.compile (none of $CXX, g++, c++, "
-                             "clang++ found): install one or leave compile=false")
+                             "clang++ found): install one or leave compile=False")
         self.noise = float(noise)
         self.tol = float(tol)
         self.max_iter = max_iter

@@ -333,3 +333,11 @@ def test_blur_matches_scipy():
     want = np.stack([[scipy.ndimage.gaussian_filter(x[i, c].numpy(), 3.0, mode="nearest", truncate=3.0)
                       for c in range(3)] for i in range(2)])
     np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+
+
+def test_road_compile_without_a_compiler_names_its_argument_as_python_spells_it(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match=r"^Road\(compile=True\) needs a C\+\+ compiler .*: install one or leave "
+                                         r"compile=False$"):
+        Road(compile=True)
