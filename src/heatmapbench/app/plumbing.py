@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import functools
 import importlib.util
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from omegaconf import open_dict
 
@@ -41,6 +45,7 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _composed()
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
@@ -112,15 +117,92 @@ def null_groups(argv: list[str], conf: Path | None = None) -> list[str]:
     return out
 
 
+#: Hydra's documented switch that makes it raise what fails, instead of printing it over several lines.
+FULL_ERROR = "HYDRA_FULL_ERROR"
+#: While a command's config is composed: the user's own value of :data:`FULL_ERROR` (None: unset).
+_composing: dict[str, str | None] = {}
+
+
+def _composed() -> None:
+    """The config is composed (the command's function runs): :data:`FULL_ERROR` back to the user's value,
+    so Hydra reports a failure of the run itself as it always does."""
+    if "user" in _composing:
+        user = _composing.pop("user")
+        if user is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = user
+
+
+def composition_error(err: BaseException) -> str:
+    """One line for a config that Hydra could not compose from the command line: a key that is not a
+    setting (with the nearest one), a value of the wrong type, an unknown config choice (with the choices),
+    an override that does not parse."""
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, name = str(err.missing_cfg_file).rpartition("/")
+        choices = [o for o in err.options if not o.startswith("_") and not o.endswith("_schema")]
+        near = difflib.get_close_matches(name, choices, n=1)
+        return (f"{group}={name} is not a choice of {group}: {f'did you mean {group}={near[0]}? ' if near else ''}"
+                f"choose from {', '.join(choices)}")
+    if isinstance(err, OverrideParseException) and err.override:
+        what, *see = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()]
+        return f"{err.override} does not parse ({what}){''.join(f'; {line[0].lower()}{line[1:]}' for line in see)}"
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    if isinstance(err, OmegaConfBaseException):
+        cause = err
+    if (isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key
+            and dataclasses.is_dataclass(cause.object_type)):
+        parent, _, key = str(cause.full_key).rpartition(".")
+        names = [f.name for f in dataclasses.fields(cause.object_type)]
+        near = difflib.get_close_matches(key, names, n=1)
+        where = f"{parent}." if parent else ""
+        hint = f"did you mean {where}{near[0]}?" if near else f"its keys are {', '.join(names)}"
+        return f"{cause.full_key} is not a setting of {parent or 'the config'}: {hint}"
+    parts: list[str] = []
+    for exc in (err, cause) if cause is not err else (err,):
+        if exc is None:
+            continue
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+        options = [line.strip() for line in str(exc).splitlines() if line.startswith("\t")]
+        text = "; ".join(line.rstrip(".:") for line in lines if line not in options)
+        if options:
+            text += ": " + ", ".join(options)
+        if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
+            text = f"{exc.full_key}: {text}"
+        parts.append(text)
+    return "; ".join(p for p in parts if p) or type(err).__name__
+
+
 def launchers_checked(main: Callable[..., Any]) -> Callable[..., Any]:
     """Before Hydra composes the config of a command's ``main``: :func:`check_launcher` on the command
-    line, and ``<group>=null`` rewritten by :func:`null_groups`."""
+    line, and ``<group>=null`` rewritten by :func:`null_groups`. A config that cannot be composed from the
+    command line (a key that is not a setting, a value of the wrong type, an unknown choice) is one
+    ``error:`` line and exit status 2 (:func:`composition_error`), as for the settings checked after
+    composition, instead of Hydra's message over several lines and status 1.
+
+    Hydra only raises what it would print when :data:`FULL_ERROR` is 1: it is set while the config is
+    composed, and given back its value as the command's function starts (:func:`user_errors_exit`), so a
+    failure of the run is reported by Hydra as before. A sweep (``-m``) composes each job's config in its
+    launcher, where Hydra keeps reporting; so does a user who set :data:`FULL_ERROR` to 1.
+    """
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         check_launcher(sys.argv[1:])
         sys.argv[1:] = null_groups(sys.argv[1:])
-        return main(*args, **kwargs)
+        if not {"-m", "--multirun"} & set(sys.argv[1:]) and os.environ.get(FULL_ERROR) != "1":
+            _composing["user"] = os.environ.get(FULL_ERROR)
+            os.environ[FULL_ERROR] = "1"
+        try:
+            return main(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            if "user" not in _composing:  # not while composing: as Hydra (or the user) would have it
+                raise
+            print(f"error: {composition_error(err)}", file=sys.stderr)
+            raise SystemExit(2) from err
+        finally:
+            _composed()
 
     return wrapper
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -94,3 +95,85 @@ def test_the_commands_rewrite_the_command_line_before_hydra(monkeypatch, tmp_pat
     assert sanity_settings(cfg) is None and list(cfg.evaluation.orders) == ["morf", "lerf"]
     door = plumbing.launchers_checked(print).__code__  # the wrapper every Hydra command goes through
     assert all(main.__code__ is door for main in (evaluate.main, train.main, roar.main, command.main))
+
+
+# -- a config Hydra cannot compose from the command line ---------------------------------------------
+def _command_line(monkeypatch, tmp_path, command, *argv):
+    """Run a command's real entry point on ``argv``: (exit status, stderr lines)."""
+    import importlib
+
+    main = importlib.import_module(f"heatmapbench.app.{command}").main
+    monkeypatch.setattr("sys.argv", [f"heatmapbench-{command}", *argv, f"hydra.run.dir={tmp_path}/out",
+                                     f"hydra.sweep.dir={tmp_path}/sweep", f"paths.mlruns_dir={tmp_path}/mlruns"])
+    monkeypatch.chdir(tmp_path)
+    return main
+
+
+@pytest.mark.parametrize("command, argv, line", [
+    ("train", ["trainer.max_epoch=1"],
+     "error: trainer.max_epoch is not a setting of trainer: did you mean trainer.max_epochs?"),
+    ("evaluate", ["evaluation.step=3"],
+     "error: evaluation.step is not a setting of evaluation: did you mean evaluation.steps?"),
+    ("train", ["model.lr=0.1"],
+     "error: model.lr is not a setting of model: its keys are _target_, net, num_classes, optimizer, scheduler"),
+    ("evaluate", ["model=small_cn"], "error: model=small_cn is not a choice of model: did you mean model=small_cnn? "
+                                     "choose from alexnet, checkpoint, convnext_tiny, efficientnet_lite0, googlenet, "
+                                     "hf, resnet50, small_cnn, small_vit, swin_t, timm, vgg16, vgg_small, vit_b_16"),
+    ("evaluate", ["evaluation.orders=[morf"],
+     "error: evaluation.orders=[morf does not parse (no viable alternative at input '[morf'); see "
+     "https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+], ids=["key", "near-key", "far-key", "choice", "grammar"])
+@pytest.mark.parametrize("user", [None, "0"], ids=["unset", "full-error-0"])
+def test_a_config_that_does_not_compose_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, command, argv, line,
+                                                               user):
+    if user is None:
+        monkeypatch.delenv(plumbing.FULL_ERROR, raising=False)
+    else:
+        monkeypatch.setenv(plumbing.FULL_ERROR, user)
+    main = _command_line(monkeypatch, tmp_path, command, *argv)
+    with pytest.raises(SystemExit) as err:
+        main()
+    assert err.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert os.environ.get(plumbing.FULL_ERROR) == user  # the user's setting is given back
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()  # no output folder, no run
+
+
+def test_the_run_itself_is_reported_by_hydra_as_before(monkeypatch, tmp_path):
+    from heatmapbench.app import evaluate
+
+    monkeypatch.delenv(plumbing.FULL_ERROR, raising=False)
+    seen = []
+    monkeypatch.setattr(evaluate, "run_evaluate", lambda cfg: seen.append(os.environ.get(plumbing.FULL_ERROR)) or {})
+    main = _command_line(monkeypatch, tmp_path, "evaluate", "hydra/job_logging=none", "hydra/hydra_logging=none")
+    main()
+    assert seen == [None]  # while the command runs, Hydra's switch is the user's (unset): Hydra reports as always
+    assert os.environ.get(plumbing.FULL_ERROR) is None
+
+
+def test_a_user_who_asked_for_full_errors_and_a_sweep_get_hydras_report(monkeypatch, tmp_path, capsys):
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setenv(plumbing.FULL_ERROR, "1")
+    main = _command_line(monkeypatch, tmp_path, "train", "trainer.max_epoch=1")
+    with pytest.raises(ConfigCompositionException, match="Could not override 'trainer.max_epoch'"):
+        main()  # HYDRA_FULL_ERROR=1: Hydra raises what failed, with its traceback
+    monkeypatch.delenv(plumbing.FULL_ERROR)
+    main = _command_line(monkeypatch, tmp_path, "train", "-m", "trainer.max_epoch=1")
+    with pytest.raises(SystemExit) as err:
+        main()  # a sweep composes each job in its launcher: Hydra's own message and status
+    assert err.value.code == 1
+    assert "Could not override 'trainer.max_epoch'" in capsys.readouterr().err
+    assert os.environ.get(plumbing.FULL_ERROR) is None
+
+
+def test_composition_error_lines_without_a_command():
+    from hydra.errors import MissingConfigException
+
+    err = MissingConfigException("Could not find 'data/fashion'", missing_cfg_file="data/fashion",
+                                 options=["_base", "fashion_mnist", "imagefolder", "data_schema"])
+    assert plumbing.composition_error(err) == ("data=fashion is not a choice of data: did you mean data=fashion_mnist? "
+                                               "choose from fashion_mnist, imagefolder")
+    far = MissingConfigException("Could not find 'data/zzz'", missing_cfg_file="data/zzz", options=["imagefolder"])
+    assert plumbing.composition_error(far) == "data=zzz is not a choice of data: choose from imagefolder"
+    assert plumbing.composition_error(ValueError("a\n  b.\n")) == "a; b"  # any other message: its lines joined
