@@ -82,11 +82,14 @@ def test_written_evaluation_logs_the_in_memory_metrics_bit_for_bit(tmp_path, dat
     assert {k: logged[k] for k in reference} == reference
 
 
-def _cli(tmp: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _cli(tmp: Path, images: Path, *overrides: str, threads: int | None = None) -> subprocess.CompletedProcess:
+    """The command on the images; ``threads``: OMP_NUM_THREADS of its processes (Lightning's DDP on CPU gives
+    each rank cores // ranks threads unless it is set)."""
     tmp.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "heatmapbench.app.evaluate", *EVAL, f"data.path={images}",
             f"paths.mlruns_dir={tmp}/mlruns", f"hydra.run.dir={tmp}/out", *overrides]
-    return subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=600, cwd=tmp)
+    env = cli_env(**({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
 
 
 def _only_run(mlruns: Path):
@@ -101,7 +104,7 @@ def test_two_processes_score_every_image_once_with_one_process_numbers(tmp_path,
     numbers of one process, per image and in every metric."""
     from heatmapbench.app.evaluate import run_evaluate
 
-    proc = _cli(tmp_path / "two", images, "trainer.devices=2", "trainer.strategy=ddp")
+    proc = _cli(tmp_path / "two", images, "trainer.devices=2", "trainer.strategy=ddp", threads=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = shard_files(tmp_path / "two" / "out" / "batches")
     assert [p.name for p in shards] == ["batch-000000000-r0.npz", "batch-000000004-r1.npz", "batch-000000008-r0.npz"]
@@ -109,7 +112,12 @@ def test_two_processes_score_every_image_once_with_one_process_numbers(tmp_path,
     assert two.info.status == "FINISHED"
 
     cfg = compose_config("evaluate", EVAL + [f"data.path={images}"], tmp_path / "one", data_dir)
-    one = logged_metrics(cfg, run_evaluate(cfg)["run_id"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): a CPU's sums depend on how many threads split them
+    try:
+        one = logged_metrics(cfg, run_evaluate(cfg)["run_id"])
+    finally:
+        torch.set_num_threads(threads)
     per_image = [pd.read_parquet(root / "out" / "evaluation" / "per_image.parquet") for root in
                  (tmp_path / "one", tmp_path / "two")]
     pd.testing.assert_frame_equal(per_image[0], per_image[1], check_exact=True)
