@@ -95,12 +95,22 @@ def _field_default(value: Any, typed: bool) -> Any:
     raise TypeError(f"default {value!r} cannot be a config value")
 
 
-def signature_schema(cls: type, name: str, *, defaults: dict[str, Any] | None = None, typed: bool = True,
+def _initialisers(built: Any) -> list[Any]:
+    """The callables whose signatures a config of ``built`` fills: a function itself; a class's ``__init__``
+    and, along its MRO, its bases' (read while each passes ``**kwargs`` on)."""
+    if not inspect.isclass(built):
+        return [built]
+    return [klass.__dict__["__init__"] for klass in built.__mro__
+            if klass is not object and "__init__" in klass.__dict__]
+
+
+def signature_schema(cls: Any, name: str, *, defaults: dict[str, Any] | None = None, typed: bool = True,
                      target: str | None = None, skip: tuple[str, ...] = (), bases: tuple[type, ...] = ()) -> type:
-    """The schema of a config that builds ``cls``, read from its signature: one field per keyword
-    argument of its ``__init__`` (and, through ``**kwargs``, of its bases'), with the signature's
-    default (``???`` where it has none; ``defaults`` replace some) and ``_target_`` the class (or
-    ``target``); the arguments in ``skip`` are left out (the config does not set them).
+    """The schema of a config that builds ``cls`` (a class or a function), read from its signature: one
+    field per keyword argument of the function or of the class's ``__init__`` (and, through ``**kwargs``,
+    of its bases'), with the signature's default (``???`` where it has none; ``defaults`` replace some)
+    and ``_target_`` the class or function (or ``target``); the arguments in ``skip`` are left out (the
+    config does not set them).
 
     Each default is declared once, in Python; the YAML files typed by such a schema set only what
     differs. Fields are typed by their annotations where OmegaConf can hold them, else ``Any``
@@ -110,12 +120,7 @@ def signature_schema(cls: type, name: str, *, defaults: dict[str, Any] | None = 
     defaults = defaults or {}
     target = class_path(cls) if target is None else target
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if klass is object:
-            break
-        if init is None:
-            continue
+    for init in _initialisers(cls):
         try:
             hints = typing.get_type_hints(init) if typed else {}
         except Exception:  # noqa: BLE001 - an annotation that does not resolve: that field is Any
