@@ -29,7 +29,7 @@ from heatmapbench.data.base import DataNotFoundError, check_loader_args, check_n
 from heatmapbench.data.imagefolder import check_val_fraction
 from heatmapbench.errors import ArgumentError
 from heatmapbench.evaluation.settings import EvaluationSettings
-from heatmapbench.models import ClassifierModule
+from heatmapbench.models import ClassifierModule, SmallCNN, SmallViT, VGGSmall, hf_models, timm_models, zoo
 from heatmapbench.models.classifier import FINE_TUNING
 from heatmapbench.perturbation.presets import PERTURBATIONS
 from heatmapbench.registry import available, class_path, project_root
@@ -366,6 +366,24 @@ class RoarSettings:
         return list(dict.fromkeys(list(self.explainers) + ([self.baseline] if self.baseline else [])))
 
 
+#: ``model/net``: the network builders, by schema name, with the arguments no model config sets. Each model
+#: YAML lists its builder's schema (``- net: small_cnn_schema``), so the builder's defaults are declared once,
+#: in its signature, and a mistyped key fails at composition. The arguments left out are architecture sizes
+#: no model config sets (and ``from_checkpoint``'s ``prefix``): they stay out of the composed config, so its
+#: logged params and roar ids keep their keys, and a command line adds them as before (``+model.net.width=64``).
+NET_BUILDERS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    **{f"{name}_schema": (getattr(zoo, name), ("transform_input",) if name == "googlenet" else ())
+       for name in ("alexnet", "vgg16", "resnet50", "googlenet", "vit_b_16", "swin_t", "convnext_tiny")},
+    "efficientnet_lite0_schema": (zoo.efficientnet_lite0, ()),
+    "from_checkpoint_schema": (zoo.from_checkpoint, ("prefix",)),
+    "hf_model_schema": (hf_models.hf_model, ()),
+    "timm_model_schema": (timm_models.timm_model, ()),
+    "small_cnn_schema": (SmallCNN, ("width", "hidden", "dropout", "image_size")),
+    "vgg_small_schema": (VGGSmall, ("width", "hidden", "dropout", "batch_norm", "image_size")),
+    "small_vit_schema": (SmallViT, ("image_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "dropout")),
+}
+
+
 #: group -> (schema name, dataclass); the group "" holds the root configs' own blocks (``roar_schema@roar``)
 SCHEMAS: dict[str, dict[str, type]] = {
     "": {"roar_schema": RoarSettings},
@@ -377,6 +395,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
     # fine-tuning ones only for pretrained nets: ClassifierModule refuses them for a net that names no head
     "model": {"classifier_schema": signature_schema(ClassifierModule, "ClassifierModuleConfig", skip=FINE_TUNING),
               "finetune_classifier_schema": signature_schema(ClassifierModule, "FineTuneClassifierModuleConfig")},
+    # their networks' (model.net): each builder's arguments; a user's own net config names no schema and stays Any
+    "model/net": {name: signature_schema(builder, f"{builder.__name__}NetConfig", skip=skip)
+                  for name, (builder, skip) in NET_BUILDERS.items()},
     "trainer": {"trainer_schema": TrainerConfig},
     "logger": {"mlflow_logger_schema": MLflowLoggerConfig},
     "evaluation": {"evaluation_schema": EvaluationSettings},

@@ -437,6 +437,18 @@ def from_checkpoint(ckpt_path: str, net: nn.Module, prefix: str = "net.", adapt_
     ``net.adapted_head = (checkpoint's width, new width)``; without, a ``CheckpointError``
     says so.
 
+    Parameters
+    ----------
+    ckpt_path
+        The ``.ckpt`` file (``heatmapbench-train`` writes ``checkpoints/last.ckpt`` and ``best.ckpt``).
+    net
+        The network trained, built from its training config; its weights are replaced by the checkpoint's.
+    prefix
+        The start of the network's keys in the checkpoint's state dict (``ClassifierModule`` holds it as ``net``).
+    adapt_head
+        A checkpoint whose head has another width than ``net``'s: ``False`` refuses it; ``True`` keeps
+        ``net``'s fresh head and loads every other weight (``heatmapbench-train head=adapt`` sets it).
+
     Raises
     ------
     WeightsNotFoundError

@@ -206,9 +206,16 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _inherited(conf: Path, group: str, data: dict) -> DictConfig:
     """What a config of ``group`` reads without its own keys: its defaults list composed (the schemas
-    of ``heatmapbench.app.schema`` and the group's other files)."""
+    of ``heatmapbench.app.schema`` and the group's other files; ``- net: <schema>`` from ``<group>/net``)."""
     base = OmegaConf.create()
     for entry in data.get("defaults", []):
+        if isinstance(entry, dict) and len(entry) == 1:  # a subgroup's schema: ``net: vgg16_schema`` at net
+            (sub, name), = entry.items()
+            sub, _, package = str(sub).partition("@")
+            if name in SCHEMAS.get(f"{group}/{sub}", {}):
+                node = OmegaConf.structured(SCHEMAS[f"{group}/{sub}"][name])
+                base = OmegaConf.merge(base, OmegaConf.create({package or sub: node}))
+            continue
         if not isinstance(entry, str) or entry == "_self_":
             continue
         name, _, package = entry.partition("@")
@@ -222,13 +229,46 @@ def _inherited(conf: Path, group: str, data: dict) -> DictConfig:
     return base
 
 
+def _bases(conf: Path, group: str, path: Path) -> list[Path]:
+    """``path`` after the files of its group it reads through its defaults list (bases first)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    files = [conf / group / f"{entry.partition('@')[0]}.yaml" for entry in data.get("defaults", [])
+             if isinstance(entry, str)]
+    return [base for file in files if file.is_file() for base in _bases(conf, group, file)] + [path]
+
+
+def _net_schemas(conf: Path, path: Path) -> list[type]:
+    """The schemas of the network builders whose ``net`` keys the model config ``path`` sets: the builder of
+    each model option that reads it (itself, or a base file such as ``_torchvision.yaml``), found by the
+    ``net._target_`` the option composes; none where one of them builds a net without a schema (a user's own)."""
+    by_target = {OmegaConf.structured(schema)._target_: schema for schema in SCHEMAS["model/net"].values()}
+    schemas = []
+    for option in sorted((conf / "model").glob("*.yaml")):
+        chain = _bases(conf, "model", option)
+        if option.name.startswith("_") or path not in chain:
+            continue
+        targets = [net.get("_target_") for file in chain
+                   if isinstance(net := (yaml.safe_load(file.read_text()) or {}).get("net"), dict)]
+        target = next((t for t in reversed(targets) if t), None)
+        if target not in by_target:
+            return []
+        schemas.append(by_target[target])
+    return schemas
+
+
 def restated_defaults(conf: Path, group: str, path: Path) -> list[str]:
-    """The keys of ``path`` that set the value they would have anyway (a default restated)."""
+    """The keys of ``path`` that set the value they would have anyway (a default restated); in a model config,
+    a ``net`` key also where it sets its builder's default (for every model that reads the file), whether or
+    not the file names the builder's schema."""
     data = yaml.safe_load(path.read_text()) or {}
     inherited = _leaves(OmegaConf.to_container(_inherited(conf, group, data), resolve=False))
     own = _leaves({k: v for k, v in data.items() if k != "defaults"})
+    nets = [_leaves({"net": OmegaConf.to_container(OmegaConf.structured(schema))})
+            for schema in (_net_schemas(conf, path) if group == "model" else [])]
     return sorted(key for key, value in own.items() if key.rsplit(".", 1)[-1] != "_target_"
-                  and not (isinstance(value, str) and "${" in value) and key in inherited and inherited[key] == value)
+                  and not (isinstance(value, str) and "${" in value)
+                  and ((key in inherited and inherited[key] == value)
+                       or (nets and all(key in net and net[key] == value for net in nets))))
 
 
 #: Groups of whole recipes (``# @package _global_``) and Hydra's own settings: not typed by a schema.
@@ -264,6 +304,22 @@ def test_the_restated_default_check_sees_one(tmp_path):
     path.write_text("defaults:\n  - finetune_classifier_schema\n\nnum_classes: 1000\nfreeze_backbone_epochs: 0\n"
                     "backbone_lr_factor: 0.1\nbackbone_bn: train\n")
     assert restated_defaults(tmp_path, "model", path) == ["backbone_bn", "freeze_backbone_epochs"]
+    # the net blocks as they were before the builders' schemas (model/net): found by their builder
+    path = tmp_path / "model" / "small_cnn.yaml"
+    path.write_text("defaults:\n  - classifier_schema\n\nnum_classes: 10\nnet:\n  _target_: heatmapbench.models.SmallCNN\n"
+                    "  in_channels: 1\n  num_classes: ${model.num_classes}\n  dropout: 0.5\n")
+    assert restated_defaults(tmp_path, "model", path) == ["net.in_channels"]
+    (tmp_path / "model" / "_torchvision.yaml").write_text(
+        "defaults:\n  - _imagenet\n\nnet:\n  weights: IMAGENET1K_V1\n  weights_path: null\n  allow_download: true\n")
+    for name in ("vgg16", "resnet50"):
+        (tmp_path / "model" / f"{name}.yaml").write_text(
+            f"defaults:\n  - _torchvision\n\nnet:\n  _target_: heatmapbench.models.zoo.{name}\n  weights_path: null\n")
+    assert restated_defaults(tmp_path, "model", tmp_path / "model" / "_torchvision.yaml") == [
+        "net.weights", "net.weights_path"]
+    assert restated_defaults(tmp_path, "model", tmp_path / "model" / "vgg16.yaml") == ["net.weights_path"]
+    (tmp_path / "model" / "mine.yaml").write_text(  # a user's own net reads the base file: no schema to compare
+        "defaults:\n  - _torchvision\n\nnet:\n  _target_: my.module.Net\n")
+    assert restated_defaults(tmp_path, "model", tmp_path / "model" / "_torchvision.yaml") == []
     path = tmp_path / "roar.yaml"
     path.write_text("defaults:\n  - roar_schema@roar\n  - _self_\n  - data: fashion_mnist\n\nseed: 0\n"
                     "roar:\n  explainers: [random]\n  seeds: [0, 1]\n  fill: road\n")
@@ -313,6 +369,52 @@ def test_model_schemas_are_classifier_modules_signature(train_cfg, name):
     if pretrained:
         with pytest.raises((ConfigCompositionException, ValidationError), match="freeze_backbone_epochs"):
             train_cfg(f"model={name}", "model.freeze_backbone_epochs=one")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_nets_are_their_builders_signature(train_cfg, name):
+    """Every model option's ``model.net`` is typed by its builder's schema (``model/net``), read from the builder's
+    signature: each argument but those it leaves out (:data:`~heatmapbench.app.schema.NET_BUILDERS`), with the
+    signature's default where no model file sets it; a typo fails at composition."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from heatmapbench.app.schema import NET_BUILDERS
+
+    cfg = train_cfg(f"model={name}")
+    schema = OmegaConf.get_type(cfg.model.net)
+    (builder, left_out), = [NET_BUILDERS[n] for n, s in SCHEMAS["model/net"].items() if s is schema]
+    assert builder is get_object(cfg.model.net._target_)
+    params = inspect.signature(builder).parameters
+    assert set(cfg.model.net) - {"_target_"} == set(params) - set(left_out)
+    conf = conf_dir()
+    set_here = {key for file in _bases(conf, "model", conf / "model" / f"{name}.yaml")
+                for key in (yaml.safe_load(file.read_text()) or {}).get("net", {})}
+    for key in set(cfg.model.net) - set_here - {"_target_"}:
+        default = params[key].default
+        assert (OmegaConf.is_missing(cfg.model.net, key) if default is inspect.Parameter.empty
+                else cfg.model.net[key] == default), key
+    with pytest.raises(ConfigCompositionException, match="allow_downlod"):
+        train_cfg(f"model={name}", "model.net.allow_downlod=true")  # a typo
+    key = next(k for k in ("allow_download", "pretrained", "in_channels", "adapt_head") if k in cfg.model.net)
+    with pytest.raises(ConfigCompositionException, match=key):
+        train_cfg(f"model={name}", f"model.net.{key}=[1]")  # a value of the wrong type
+    if left_out:  # an argument the schema leaves out goes in with +, as before
+        assert train_cfg(f"model={name}", f"+model.net.{left_out[0]}=1").model.net[left_out[0]] == 1
+
+
+def test_a_users_own_net_is_any_node(train_cfg, tmp_path):
+    """A model config whose net names no schema (the user's own class) composes as before: ``model.net`` untyped,
+    its keys the file's, another added with ``+``."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text(
+        "defaults:\n  - classifier_schema\n\n_target_: heatmapbench.models.ClassifierModule\nnum_classes: 10\n"
+        "net:\n  _target_: my.module.Net\n  depth: 3\noptimizer:\n  _target_: torch.optim.Adam\n  _partial_: true\n")
+    cfg = train_cfg(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=mine", "model.net.depth=4",
+                    "+model.net.width=8")
+    assert OmegaConf.get_type(cfg.model.net) is dict
+    assert OmegaConf.to_container(cfg.model.net) == {"_target_": "my.module.Net", "depth": 4, "width": 8}
 
 
 def test_roar_block_is_roar_settings_and_what_roar_yaml_sets(tmp_path, data_dir):
