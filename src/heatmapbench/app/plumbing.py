@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from omegaconf import open_dict
 
-from heatmapbench.app.schema import ConfigError, config_error
+from heatmapbench.app.schema import ConfigError, config_error, left_out_by
 from heatmapbench.data import DataError
 from heatmapbench.errors import ArgumentError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
@@ -141,6 +141,9 @@ def composition_error(err: BaseException) -> str:
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, name = str(err.missing_cfg_file).rpartition("/")
         choices = [o for o in err.options if not o.startswith("_") and not o.endswith("_schema")]
+        if not choices:  # model/net: the builders' schemas, which the model configs name
+            return (f"{group}={name} is not a choice: {group} holds only the schemas that the "
+                    f"{group.partition('/')[0]} configs name")
         near = difflib.get_close_matches(name, choices, n=1)
         return (f"{group}={name} is not a choice of {group}: {f'did you mean {group}={near[0]}? ' if near else ''}"
                 f"choose from {', '.join(choices)}")
@@ -154,6 +157,10 @@ def composition_error(err: BaseException) -> str:
             and dataclasses.is_dataclass(cause.object_type)):
         parent, _, key = str(cause.full_key).rpartition(".")
         names = [f.name for f in dataclasses.fields(cause.object_type)]
+        builder = left_out_by(cause.object_type)
+        if key in builder[1]:
+            return (f"{cause.full_key} is an argument of {builder[0]} that the config does not list: "
+                    f"add it with +{cause.full_key}=...")
         near = difflib.get_close_matches(key, names, n=1)
         where = f"{parent}." if parent else ""
         hint = f"did you mean {where}{near[0]}?" if near else f"its keys are {', '.join(names)}"

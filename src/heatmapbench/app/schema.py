@@ -410,6 +410,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
+def left_out_by(schema: Any) -> tuple[str, tuple[str, ...]]:
+    """``(builder, arguments)``: the builder of a ``model/net`` schema and the arguments it leaves out
+    (:data:`NET_BUILDERS`); ``("", ())`` for any other schema."""
+    for name, (builder, skip) in NET_BUILDERS.items():
+        if SCHEMAS["model/net"][name] is schema:
+            return class_path(builder), skip
+    return "", ()
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (group/name), once per process."""
     cs = ConfigStore.instance()

@@ -116,13 +116,17 @@ def _command_line(monkeypatch, tmp_path, command, *argv):
      "error: evaluation.step is not a setting of evaluation: did you mean evaluation.steps?"),
     ("train", ["model.lr=0.1"],
      "error: model.lr is not a setting of model: its keys are _target_, net, num_classes, optimizer, scheduler"),
+    ("evaluate", ["model=vgg16", "model.net.allow_downlod=true"],
+     "error: model.net.allow_downlod is not a setting of model.net: did you mean model.net.allow_download?"),
+    ("train", ["model.net.image_size=32"], "error: model.net.image_size is an argument of heatmapbench.models.SmallCNN "
+                                           "that the config does not list: add it with +model.net.image_size=..."),
     ("evaluate", ["model=small_cn"], "error: model=small_cn is not a choice of model: did you mean model=small_cnn? "
                                      "choose from alexnet, checkpoint, convnext_tiny, efficientnet_lite0, googlenet, "
                                      "hf, resnet50, small_cnn, small_vit, swin_t, timm, vgg16, vgg_small, vit_b_16"),
     ("evaluate", ["evaluation.orders=[morf"],
      "error: evaluation.orders=[morf does not parse (no viable alternative at input '[morf'); see "
      "https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
-], ids=["key", "near-key", "far-key", "choice", "grammar"])
+], ids=["key", "near-key", "far-key", "net-key", "net-argument-left-out", "choice", "grammar"])
 @pytest.mark.parametrize("user", [None, "0"], ids=["unset", "full-error-0"])
 def test_a_config_that_does_not_compose_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys, command, argv, line,
                                                                user):
@@ -176,4 +180,8 @@ def test_composition_error_lines_without_a_command():
                                                "choose from fashion_mnist, imagefolder")
     far = MissingConfigException("Could not find 'data/zzz'", missing_cfg_file="data/zzz", options=["imagefolder"])
     assert plumbing.composition_error(far) == "data=zzz is not a choice of data: choose from imagefolder"
+    nets = MissingConfigException("Could not find 'model/net/mine'", missing_cfg_file="model/net/mine",
+                                  options=["small_cnn_schema", "vgg16_schema"])
+    assert plumbing.composition_error(nets) == ("model/net=mine is not a choice: model/net holds only the schemas that "
+                                                "the model configs name")
     assert plumbing.composition_error(ValueError("a\n  b.\n")) == "a; b"  # any other message: its lines joined
