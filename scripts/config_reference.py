@@ -227,6 +227,15 @@ def chain(group: str, option: str) -> tuple[list[Path], list[str]]:
     return files, schemas
 
 
+def subgroup_schemas(group: str, files: list[Path]) -> list[tuple[str, str]]:
+    """``(package, schema)`` of the subgroups' schemas the files list (``- net: vgg16_schema`` in a model config)."""
+    from heatmapbench.app.schema import SCHEMAS
+
+    return [(sub, name) for path in files
+            for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if isinstance(entry, dict)
+            for sub, name in entry.items() if name in SCHEMAS.get(f"{group}/{sub}", {})]
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -331,6 +340,10 @@ def option_section(group: str, option: str) -> list[str]:
     if schemas:
         lines += [f"Typed by the schema `{'`, `'.join(schemas)}` (`heatmapbench.app.schema`): a mistyped key "
                   "or a value out of range fails before any work starts.", ""]
+    for sub, name in subgroup_schemas(group, files):
+        target = node.get(sub, {}).get("_target_", "")
+        lines += [f"`{group}.{sub}` is typed by the schema `{name}`, read from the signature of `{target}`: its "
+                  "defaults are the builder's, and a mistyped key fails while Hydra composes.", ""]
     inherited: dict[str, Any] = {}
     for path in files[1:]:
         if path.parent.name == group and not path.stem.startswith("_"):

@@ -156,6 +156,11 @@ def test_config_reference_lists_every_option_with_defaults():
         row = next(line for line in page.splitlines() if line.startswith(f"| `evaluation.{f.name}` |"))
         assert row.count("|") >= 4 and not row.rstrip().endswith("|  |"), row
     assert "| `evaluation.region_size` | `9` |" in page and "| `evaluation.steps` | `100` |" in page
+    # the network builders' defaults, from their schemas (model/net), with the builder's docstring as meaning
+    vgg16 = page.split("### `model=vgg16`")[1].split("### ")[0]
+    assert "`model.net` is typed by the schema `vgg16_schema`" in vgg16 and "| `model.net.allow_download` | `false` |" in vgg16
+    row = next(line for line in page.splitlines() if line.startswith("| `model.net.adapt_head` | `false` |"))
+    assert "head=adapt" in row, row
 
 
 def test_offline_check_finds_what_a_page_would_fetch(tmp_path):
