@@ -77,6 +77,8 @@ def config_keys() -> set[str]:
         if group in _groups():  # a schema placed at <group>.<name> too (callbacks: aopc_schema@aopc)
             for prefix in (group, f"{group}.{node.name.removesuffix('_schema.yaml')}"):
                 keys |= _keys(node.node, prefix)
+        elif group.partition("/")[0] in _groups():  # a subgroup's schema, at its package (model/net: model.net)
+            keys |= _keys(node.node, group.replace("/", "."))
     return keys
 
 
