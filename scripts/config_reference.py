@@ -175,6 +175,10 @@ def target_parameters(target: str) -> dict[str, str]:
             for d in [inspect.getdoc(k)] + ([inspect.getdoc(k.__init__)] if inspect.isclass(k) else [])]
     params: dict[str, str] = {}
     for doc in reversed(docs):
+        # "parameters as :func:`alexnet`", "; as :func:`alexnet`" (the torchvision builders): that function's
+        # parameters, then this one's own
+        for other in re.findall(r"(?:[Pp]arameters\s+|;\s+)as\s+:func:`~?([\w.]+)`", doc or ""):
+            params.update(target_parameters(other if "." in other else f"{module}.{other}"))
         params.update(google_args(doc))
         params.update(numpy_parameters(doc))
     if not target.startswith("heatmapbench."):  # another library's docstring: its first sentence

@@ -159,6 +159,8 @@ def test_config_reference_lists_every_option_with_defaults():
     # the network builders' defaults, from their schemas (model/net), with the builder's docstring as meaning
     vgg16 = page.split("### `model=vgg16`")[1].split("### ")[0]
     assert "`model.net` is typed by the schema `vgg16_schema`" in vgg16 and "| `model.net.allow_download` | `false` |" in vgg16
+    # vgg16's docstring says "parameters as alexnet": the meanings are alexnet's
+    assert "| `model.net.weights_path` | `null` | A state dict file to load instead of the hub cache. |" in vgg16, vgg16
     row = next(line for line in page.splitlines() if line.startswith("| `model.net.adapt_head` | `false` |"))
     assert "head=adapt" in row, row
 
