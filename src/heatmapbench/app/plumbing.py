@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from omegaconf import open_dict
 
-from heatmapbench.app.schema import ConfigError, config_error, left_out_by
+from heatmapbench.app.schema import ConfigError, config_error, left_out_by, not_a_setting
 from heatmapbench.data import DataError
 from heatmapbench.errors import ArgumentError
 from heatmapbench.models.errors import CheckpointError, ModelConfigError
@@ -155,16 +155,11 @@ def composition_error(err: BaseException) -> str:
         cause = err
     if (isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key
             and dataclasses.is_dataclass(cause.object_type)):
-        parent, _, key = str(cause.full_key).rpartition(".")
-        names = [f.name for f in dataclasses.fields(cause.object_type)]
-        builder = left_out_by(cause.object_type)
-        if key in builder[1]:
-            return (f"{cause.full_key} is an argument of {builder[0]} that the config does not list: "
+        builder, left_out = left_out_by(cause.object_type)
+        if str(cause.full_key).rpartition(".")[2] in left_out:
+            return (f"{cause.full_key} is an argument of {builder} that the config does not list: "
                     f"add it with +{cause.full_key}=...")
-        near = difflib.get_close_matches(key, names, n=1)
-        where = f"{parent}." if parent else ""
-        hint = f"did you mean {where}{near[0]}?" if near else f"its keys are {', '.join(names)}"
-        return f"{cause.full_key} is not a setting of {parent or 'the config'}: {hint}"
+        return not_a_setting(str(cause.full_key), [f.name for f in dataclasses.fields(cause.object_type)])
     parts: list[str] = []
     for exc in (err, cause) if cause is not err else (err,):
         if exc is None:

@@ -427,6 +427,16 @@ def register_configs() -> None:
             cs.store(group=group or None, name=name, node=node)
 
 
+def not_a_setting(full_key: str, keys: list[str]) -> str:
+    """The line for ``full_key`` that its node's schema (``keys``) does not hold: the nearest key, else
+    every key; one wording whether Hydra refused it while composing or :func:`validate` found it added with +."""
+    parent, _, key = full_key.rpartition(".")
+    near = difflib.get_close_matches(key, keys, n=1)
+    hint = (f"did you mean {full_key[:len(full_key) - len(key)]}{near[0]}?" if near
+            else f"its keys are {', '.join(k for k in keys if k != '_target_')}")
+    return f"{full_key} is not a setting of {parent or 'the config'}: {hint}"
+
+
 def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "trainer", "logger", "evaluation")) -> None:
     """Check types and ranges of every typed group in ``cfg``; raise ``ConfigError`` on the first problem."""
     for group in groups:
@@ -438,10 +448,7 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = ("paths", "data", "train
         keys = [f.name for f in dataclasses.fields(OmegaConf.get_type(node))]
         extra = [k for k in node.keys() if k not in keys]  # added with +group.key=..., which Hydra lets through
         if extra:
-            close = difflib.get_close_matches(str(extra[0]), keys, n=1)
-            hint = f"did you mean {group}.{close[0]}? " if close else ""
-            raise ConfigError(f"{group}.{extra[0]} is not a setting of {group}: {hint}its keys are "
-                              f"{', '.join(k for k in keys if k != '_target_')}")
+            raise ConfigError(not_a_setting(f"{group}.{extra[0]}", keys))
         missing = sorted(k for k in node.keys() if OmegaConf.is_missing(node, k))
         if missing:
             raise ConfigError(f"{group}.{missing[0]} is required but not set; pass {group}.{missing[0]}=...")

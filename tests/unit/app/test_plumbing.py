@@ -99,7 +99,7 @@ def test_the_commands_rewrite_the_command_line_before_hydra(monkeypatch, tmp_pat
 
 # -- a config Hydra cannot compose from the command line ---------------------------------------------
 def _command_line(monkeypatch, tmp_path, command, *argv):
-    """Run a command's real entry point on ``argv``: (exit status, stderr lines)."""
+    """A command's real entry point, with ``argv`` (and folders in ``tmp_path``) as its command line."""
     import importlib
 
     main = importlib.import_module(f"heatmapbench.app.{command}").main
@@ -115,7 +115,7 @@ def _command_line(monkeypatch, tmp_path, command, *argv):
     ("evaluate", ["evaluation.step=3"],
      "error: evaluation.step is not a setting of evaluation: did you mean evaluation.steps?"),
     ("train", ["model.lr=0.1"],
-     "error: model.lr is not a setting of model: its keys are _target_, net, num_classes, optimizer, scheduler"),
+     "error: model.lr is not a setting of model: its keys are net, num_classes, optimizer, scheduler"),
     ("evaluate", ["model=vgg16", "model.net.allow_downlod=true"],
      "error: model.net.allow_downlod is not a setting of model.net: did you mean model.net.allow_download?"),
     ("train", ["model.net.image_size=32"], "error: model.net.image_size is an argument of heatmapbench.models.SmallCNN "
